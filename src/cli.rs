@@ -1,0 +1,155 @@
+//! The `helios` command line: one subcommand per job, each parsing its options (flags, then
+//! environment, then defaults), doing its work through the library, and reporting clearly.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{IngressArgs, IngressConfig, KafkaArgs};
+use crate::kafka::TopicAction;
+use crate::shutdown::Shutdown;
+use crate::topology::Topology;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "helios",
+    version,
+    about = "Multi-cloud events into one trustworthy Kafka stream"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP ingress: land every cloud push untouched in helios.raw.<source>.
+    Ingress {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        ingress: Box<IngressArgs>,
+    },
+    /// Check or create the topics that topology.yaml declares.
+    Topology {
+        #[command(subcommand)]
+        action: TopologyAction,
+    },
+    /// Benchmarks (numbers for the README; never run as tests).
+    Bench {
+        #[command(subcommand)]
+        what: crate::bench::BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopologyAction {
+    /// Check the file (syntax, names, rules) without a broker.
+    Validate {
+        /// The topology file.
+        #[arg(long, env = "HELIOS_TOPOLOGY", default_value = "topology.yaml")]
+        topology: std::path::PathBuf,
+    },
+    /// Create every declared topic that is missing (idempotent) and report what was done.
+    Apply {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Only report what would be created.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    // A .env in the working directory is read first; real environment variables win.
+    let dotenv_result = dotenvy::dotenv();
+    let cli = Cli::parse();
+    crate::telemetry::init();
+    if let Err(e) = &dotenv_result {
+        if !e.not_found() {
+            tracing::warn!(error = %e, ".env could not be read");
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Ingress { kafka, ingress } => {
+            let cfg = IngressConfig::from_args(&kafka, &ingress)?;
+            let running = crate::ingress::start(cfg, Shutdown::on_signals()).await?;
+            println!(
+                "HELIOS ingress listening on http://{} (docs: /docs, metrics: /metrics)",
+                running.addr
+            );
+            running.wait().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topology { action } => match action {
+            TopologyAction::Validate { topology } => {
+                let t = Topology::load(&topology)?;
+                println!("{} is valid:", topology.display());
+                for p in t.planned_topics() {
+                    println!(
+                        "  {:<40} {:>3} partitions  {}",
+                        p.name, p.partitions, p.role
+                    );
+                }
+                println!("  consumer group: {}", t.consumer_group);
+                for (name, spec) in &t.event_types {
+                    println!("  rule {name}: requires {}", spec.required.join(", "));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            TopologyAction::Apply { kafka, dry_run } => {
+                let (topology, settings) = kafka.resolve()?;
+                let reports = crate::kafka::apply_topology(&settings, &topology, dry_run).await?;
+                let mut created = 0;
+                for r in &reports {
+                    let what = match &r.action {
+                        TopicAction::Created => {
+                            created += 1;
+                            "created".to_string()
+                        }
+                        TopicAction::WouldCreate => {
+                            created += 1;
+                            "would create".to_string()
+                        }
+                        TopicAction::Exists { partitions } => {
+                            format!("exists ({partitions} partitions)")
+                        }
+                    };
+                    println!("  {:<40} {:<24} {}", r.topic.name, what, r.topic.role);
+                    if let Some(w) = &r.warning {
+                        println!("    warning: {w}");
+                    }
+                }
+                println!(
+                    "{} {created} topic(s), {} already present, on {}",
+                    if dry_run { "would create" } else { "created" },
+                    reports.len() - created,
+                    settings.bootstrap_servers
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Command::Bench { what } => crate::bench::run(what).await,
+    }
+}

@@ -1,0 +1,179 @@
+//! Event Grid webhooks. Event Grid schema bodies are always arrays; CloudEvents-schema bodies are
+//! one object (an array when output batching is on). Two handshakes:
+//! - `Microsoft.EventGrid.SubscriptionValidationEvent` (Event Grid schema): answer **200** (202
+//!   is not accepted) with `{"validationResponse": "<validationCode>"}`;
+//! - CloudEvents abuse protection: `OPTIONS` with `WebHook-Request-Origin`, answered by echoing
+//!   it in `WebHook-Allowed-Origin` (never hard-coded: sovereign clouds use other hosts).
+//!
+//! Both handshakes are also landed raw for the audit trail and never become business events.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::ingress::landing::RecordKind;
+use crate::ingress::{accepted, parse_json, secret_matches, App, Incoming, IngressError};
+use crate::source::Source;
+
+const ENDPOINT: &str = "eventgrid";
+/// Event type of the Event Grid schema validation handshake.
+pub const VALIDATION_EVENT: &str = "Microsoft.EventGrid.SubscriptionValidationEvent";
+
+/// `POST /api/v1/webhooks/azure/eventgrid`
+pub async fn handle_post(State(app): State<Arc<App>>, inc: Incoming) -> Response {
+    let result = process_post(&app, &inc).await;
+    app.finish(Source::Azure, ENDPOINT, &inc, result)
+}
+
+/// `OPTIONS /api/v1/webhooks/azure/eventgrid` (CloudEvents webhook validation)
+pub async fn handle_options(State(app): State<Arc<App>>, inc: Incoming) -> Response {
+    let result = process_options(&app, &inc).await;
+    app.finish(Source::Azure, ENDPOINT, &inc, result)
+}
+
+fn subscription_label(inc: &Incoming) -> String {
+    inc.header("aeg-subscription-name")
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+fn handshake_metric(kind: &'static str, subscription: String, outcome: &'static str) {
+    metrics::counter!("helios_ingress_handshakes_total",
+        "source" => "azure", "kind" => kind, "subscription" => subscription, "outcome" => outcome)
+    .increment(1);
+}
+
+fn check_secret(app: &App, inc: &Incoming) -> Result<(), IngressError> {
+    let cfg = &app.cfg.eventgrid;
+    let Some(expected) = &cfg.secret else {
+        return Ok(());
+    };
+    let from_query = inc.query_param(&cfg.secret_param);
+    let from_header = inc.header(&cfg.secret_header).map(str::to_string);
+    let ok = [from_query, from_header]
+        .into_iter()
+        .flatten()
+        .any(|p| secret_matches(p.as_bytes(), expected.as_bytes()));
+    if ok {
+        Ok(())
+    } else {
+        metrics::counter!("helios_ingress_auth_failures_total", "source" => "azure", "reason" => "eventgrid_secret")
+            .increment(1);
+        Err(IngressError::Unauthorized(format!(
+            "missing or wrong Event Grid secret (query parameter `{}` or header `{}`)",
+            cfg.secret_param, cfg.secret_header
+        )))
+    }
+}
+
+async fn process_options(app: &App, inc: &Incoming) -> Result<Response, IngressError> {
+    let kind = "cloudevents_webhook_validation";
+    if let Err(e) = check_secret(app, inc) {
+        handshake_metric(kind, subscription_label(inc), "refused");
+        return Err(e);
+    }
+    let origin = inc
+        .headers
+        .get("webhook-request-origin")
+        .cloned()
+        .ok_or_else(|| {
+            IngressError::BadRequest(
+                "OPTIONS without WebHook-Request-Origin: not a CloudEvents webhook validation"
+                    .into(),
+            )
+        })?;
+    app.land(
+        Source::Azure,
+        ENDPOINT,
+        inc,
+        &[],
+        RecordKind::Handshake("cloudevents-webhook-validation"),
+        false,
+    )
+    .await
+    .inspect_err(|_| handshake_metric(kind, subscription_label(inc), "failed"))?;
+    handshake_metric(kind, subscription_label(inc), "validated");
+    tracing::info!(origin = ?origin, "CloudEvents webhook validation answered");
+    let mut resp = StatusCode::OK.into_response();
+    let h = resp.headers_mut();
+    h.insert("webhook-allowed-origin", origin);
+    h.insert("webhook-allowed-rate", HeaderValue::from_static("*"));
+    h.insert("allow", HeaderValue::from_static("POST, OPTIONS"));
+    Ok(resp)
+}
+
+async fn process_post(app: &App, inc: &Incoming) -> Result<Response, IngressError> {
+    let validation_header = inc
+        .header("aeg-event-type")
+        .is_some_and(|v| v.eq_ignore_ascii_case("SubscriptionValidation"));
+    if let Err(e) = check_secret(app, inc) {
+        if validation_header {
+            handshake_metric(
+                "eventgrid_subscription_validation",
+                subscription_label(inc),
+                "refused",
+            );
+        }
+        return Err(e);
+    }
+    let body = inc.body()?;
+    let v = parse_json(body)?;
+    let events: Vec<&serde_json::Value> = match &v {
+        serde_json::Value::Array(a) => a.iter().collect(),
+        serde_json::Value::Object(_) => vec![&v],
+        _ => return Err(IngressError::BadRequest(
+            "Event Grid body must be an array of events (Event Grid schema) or a CloudEvent object"
+                .into(),
+        )),
+    };
+    if events.is_empty() {
+        return Err(IngressError::BadRequest(
+            "Event Grid body is an empty array".into(),
+        ));
+    }
+    if events.iter().any(|e| !e.is_object()) {
+        return Err(IngressError::BadRequest(
+            "every element of an Event Grid array must be an event object".into(),
+        ));
+    }
+    let validation = events
+        .iter()
+        .find(|e| e.get("eventType").and_then(|t| t.as_str()) == Some(VALIDATION_EVENT));
+    if validation_header || validation.is_some() {
+        let kind = "eventgrid_subscription_validation";
+        let code = validation
+            .and_then(|e| e.get("data"))
+            .and_then(|d| d.get("validationCode"))
+            .and_then(|c| c.as_str())
+            .ok_or_else(|| {
+                handshake_metric(kind, subscription_label(inc), "refused");
+                IngressError::BadRequest(
+                    "SubscriptionValidation without data.validationCode".into(),
+                )
+            })?
+            .to_string();
+        app.land(
+            Source::Azure,
+            ENDPOINT,
+            inc,
+            body,
+            RecordKind::Handshake("eventgrid-subscription-validation"),
+            false,
+        )
+        .await
+        .inspect_err(|_| handshake_metric(kind, subscription_label(inc), "failed"))?;
+        handshake_metric(kind, subscription_label(inc), "validated");
+        tracing::info!(subscription = %subscription_label(inc), "Event Grid subscription validation answered");
+        return Ok((
+            StatusCode::OK,
+            Json(serde_json::json!({ "validationResponse": code })),
+        )
+            .into_response());
+    }
+    app.land(Source::Azure, ENDPOINT, inc, body, RecordKind::Event, false)
+        .await?;
+    Ok(accepted(inc, StatusCode::OK))
+}

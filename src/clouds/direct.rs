@@ -1,0 +1,75 @@
+//! Direct ingestion (`POST /api/v1/events/ingest`): one event object or an array of them, from
+//! systems that are not a cloud push. Protected by an API key header.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::ingress::landing::RecordKind;
+use crate::ingress::{parse_json, secret_matches, App, Incoming, IngressError};
+use crate::source::Source;
+
+const ENDPOINT: &str = "ingest";
+
+/// `POST /api/v1/events/ingest`
+pub async fn handle(State(app): State<Arc<App>>, inc: Incoming) -> Response {
+    let result = process(&app, &inc).await;
+    app.finish(Source::Direct, ENDPOINT, &inc, result)
+}
+
+async fn process(app: &App, inc: &Incoming) -> Result<Response, IngressError> {
+    let auth = &app.cfg.ingest;
+    if let Some(expected) = &auth.api_key {
+        let ok = inc
+            .headers
+            .get(auth.header.as_str())
+            .is_some_and(|v| secret_matches(v.as_bytes(), expected.as_bytes()));
+        if !ok {
+            metrics::counter!("helios_ingress_auth_failures_total", "source" => "direct", "reason" => "api_key")
+                .increment(1);
+            return Err(IngressError::Unauthorized(format!(
+                "missing or wrong API key (header `{}`)",
+                auth.header
+            )));
+        }
+    }
+    let body = inc.body()?;
+    let count = match parse_json(body)? {
+        serde_json::Value::Object(_) => 1,
+        serde_json::Value::Array(a) if a.is_empty() => {
+            return Err(IngressError::BadRequest(
+                "empty array: nothing to ingest".into(),
+            ))
+        }
+        serde_json::Value::Array(a) => {
+            if let Some(i) = a.iter().position(|e| !e.is_object()) {
+                return Err(IngressError::BadRequest(format!(
+                    "element {i} of the array is not an event object"
+                )));
+            }
+            a.len()
+        }
+        _ => {
+            return Err(IngressError::BadRequest(
+                "body must be an event object or an array of event objects".into(),
+            ))
+        }
+    };
+    app.land(
+        Source::Direct,
+        ENDPOINT,
+        inc,
+        body,
+        RecordKind::Event,
+        false,
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"status": "accepted", "events": count, "request_id": inc.request_id})),
+    )
+        .into_response())
+}

@@ -1,0 +1,209 @@
+//! Raw landing: the request body, byte for byte, to `helios.raw.<source>` with the headers the
+//! contract lists. The caller answers 2xx only after `land` returned Ok, i.e. after Kafka
+//! acknowledged the record with acks=all.
+
+use std::time::Instant;
+
+use axum::http::HeaderMap;
+use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::message::{Header, OwnedHeaders};
+
+use crate::ingress::error::IngressError;
+use crate::kafka::{ProduceError, RawProducer};
+use crate::source::Source;
+use crate::topology::Topology;
+
+/// Header names of the raw-record contract.
+pub mod headers {
+    pub const SOURCE: &str = "helios-source";
+    pub const RECEIVED_AT: &str = "helios-received-at";
+    pub const REQUEST_ID: &str = "helios-request-id";
+    /// Which endpoint received it (`eventbridge`, `sns`, `pubsub`, `eventgrid`, `ingest`).
+    pub const ENDPOINT: &str = "helios-endpoint";
+    /// `event` or `handshake`.
+    pub const KIND: &str = "helios-kind";
+    /// For handshakes: which one (`sns-subscription-confirmation`, `eventgrid-validation`, ...).
+    pub const HANDSHAKE: &str = "helios-handshake";
+    pub const CONTENT_TYPE: &str = "content-type";
+}
+
+/// Prefixes of the cloud delivery headers that the processor needs later.
+const FORWARDED_PREFIXES: &[&str] = &["x-amz-sns-", "aeg-", "ce-", "x-goog-"];
+
+/// Standard or sensitive headers never copied, even where attributes travel as headers.
+const NEVER_FORWARDED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "host",
+    "content-length",
+    "connection",
+    "accept",
+    "accept-encoding",
+    "user-agent",
+    "range",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "expect",
+    "forwarded",
+    "via",
+];
+
+/// One received request, as it will be landed.
+pub struct Delivery<'a> {
+    pub source: Source,
+    pub endpoint: &'static str,
+    pub request_id: &'a str,
+    pub received_at: DateTime<Utc>,
+    pub headers: &'a HeaderMap,
+    pub body: &'a [u8],
+}
+
+/// Whether a raw record is a business delivery or a handshake kept for the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    Event,
+    Handshake(&'static str),
+}
+
+/// Lands deliveries in their source's raw topic.
+#[derive(Clone)]
+pub struct Landing {
+    producer: RawProducer,
+    topics: [String; 4],
+    /// Header names carrying secrets (configured per deployment): never copied.
+    secret_headers: Vec<String>,
+}
+
+impl Landing {
+    pub fn new(producer: RawProducer, topology: &Topology, secret_headers: Vec<String>) -> Self {
+        Landing {
+            producer,
+            topics: Source::ALL.map(|s| topology.raw_topic(s)),
+            secret_headers: secret_headers
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    /// The raw topic of a source.
+    pub fn topic(&self, source: Source) -> &str {
+        &self.topics[Source::ALL.iter().position(|s| *s == source).unwrap_or(0)]
+    }
+
+    /// Produces the delivery and waits for Kafka's acknowledgement.
+    /// `extra_attribute_headers`: also copy non-standard headers (Pub/Sub unwrapped attributes).
+    pub async fn land(
+        &self,
+        d: &Delivery<'_>,
+        kind: RecordKind,
+        extra_attribute_headers: bool,
+    ) -> Result<(), IngressError> {
+        let hdrs = self.record_headers(d, kind, extra_attribute_headers);
+        let topic = self.topic(d.source);
+        let started = Instant::now();
+        let result = self.producer.send(topic, None, d.body, hdrs).await;
+        let source = d.source.as_str();
+        metrics::histogram!("helios_ingress_produce_duration_seconds", "source" => source)
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok((partition, offset)) => {
+                let kind_label = match kind {
+                    RecordKind::Event => "event",
+                    RecordKind::Handshake(_) => "handshake",
+                };
+                metrics::counter!("helios_ingress_raw_records_total", "source" => source, "kind" => kind_label)
+                    .increment(1);
+                metrics::counter!("helios_ingress_raw_bytes_total", "source" => source)
+                    .increment(d.body.len() as u64);
+                tracing::debug!(request_id = %d.request_id, topic, partition, offset, "landed raw record");
+                Ok(())
+            }
+            Err(e) => {
+                let reason = match &e {
+                    ProduceError::Timeout(_) => "timeout",
+                    ProduceError::QueueFull => "queue_full",
+                    ProduceError::Refused(_) => "refused",
+                    ProduceError::Failed(_) => "failed",
+                };
+                metrics::counter!("helios_ingress_produce_failures_total", "source" => source, "reason" => reason)
+                    .increment(1);
+                tracing::warn!(request_id = %d.request_id, topic, error = %e, "raw record not acknowledged");
+                Err(match e {
+                    // A record the broker refuses for its size can never succeed.
+                    ProduceError::Refused(err) => IngressError::RefusedByKafka(err.to_string()),
+                    other => IngressError::Unavailable(format!(
+                        "the event was not stored, retry later: {other}"
+                    )),
+                })
+            }
+        }
+    }
+
+    fn record_headers(
+        &self,
+        d: &Delivery<'_>,
+        kind: RecordKind,
+        extra_attribute_headers: bool,
+    ) -> OwnedHeaders {
+        let received = d.received_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut h = OwnedHeaders::new_with_capacity(8 + d.headers.len())
+            .insert(Header {
+                key: headers::SOURCE,
+                value: Some(d.source.as_str()),
+            })
+            .insert(Header {
+                key: headers::RECEIVED_AT,
+                value: Some(received.as_str()),
+            })
+            .insert(Header {
+                key: headers::REQUEST_ID,
+                value: Some(d.request_id),
+            })
+            .insert(Header {
+                key: headers::ENDPOINT,
+                value: Some(d.endpoint),
+            });
+        h = match kind {
+            RecordKind::Event => h.insert(Header {
+                key: headers::KIND,
+                value: Some("event"),
+            }),
+            RecordKind::Handshake(which) => h
+                .insert(Header {
+                    key: headers::KIND,
+                    value: Some("handshake"),
+                })
+                .insert(Header {
+                    key: headers::HANDSHAKE,
+                    value: Some(which),
+                }),
+        };
+        for (name, value) in d.headers.iter() {
+            let n = name.as_str(); // lower-case already
+            let wanted = n == headers::CONTENT_TYPE
+                || n == "webhook-request-origin"
+                || FORWARDED_PREFIXES.iter().any(|p| n.starts_with(p))
+                || (extra_attribute_headers
+                    && !NEVER_FORWARDED.contains(&n)
+                    && !n.starts_with("x-forwarded-")
+                    && !n.starts_with("helios-"));
+            if wanted && !self.secret_headers.iter().any(|s| s == n) {
+                h = h.insert(Header {
+                    key: n,
+                    value: Some(value.as_bytes()),
+                });
+            }
+        }
+        h
+    }
+
+    /// Waits for in-flight records (graceful shutdown).
+    pub fn flush(&self, timeout: std::time::Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::warn!(error = %e, "producer flush did not complete");
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Kafka plumbing shared by every command: the raw-landing producer, the broker health probe,
+//! and `topology apply` through the admin API. Producer settings are plain librdkafka
+//! properties; HELIOS only pins the one its guarantee depends on (`acks=all`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::config::KafkaSettings;
+use crate::topology::{PlannedTopic, Topology};
+
+/// Why a record could not be landed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// Kafka did not acknowledge in time (broker down, slow, or partition leaderless).
+    #[error("Kafka did not acknowledge the record within {0:?}")]
+    Timeout(Duration),
+    /// The local producer queue is full: too much is waiting for the broker.
+    #[error("the Kafka producer queue is full")]
+    QueueFull,
+    /// The record can never be accepted (too large for the broker, unknown topic, ...).
+    #[error("Kafka refused the record: {0}")]
+    Refused(KafkaError),
+    /// Any other delivery failure (retriable from the cloud's point of view).
+    #[error("Kafka delivery failed: {0}")]
+    Failed(KafkaError),
+}
+
+/// Producer for raw records: waits for acks=all before reporting success.
+#[derive(Clone)]
+pub struct RawProducer {
+    producer: FutureProducer,
+    timeout: Duration,
+}
+
+impl RawProducer {
+    /// Creates the producer; `timeout` bounds how long one record may wait for its ack.
+    pub fn new(
+        settings: &KafkaSettings,
+        timeout: Duration,
+        max_record_bytes: usize,
+    ) -> Result<Self, KafkaError> {
+        let mut cfg = settings.client_config();
+        // Defaults a user may override. Idempotence stays off by default (librdkafka's own
+        // default): a retried raw record is a duplicate the processor's dedup absorbs, and
+        // Tansu 0.6.0 panics on an idempotent producer that outlives a broker restart.
+        // Set KAFKA_ENABLE_IDEMPOTENCE=true on a real Kafka cluster if you want it.
+        for (k, v) in [
+            ("client.id", "helios-ingress"),
+            ("linger.ms", "2"),
+            ("compression.type", "lz4"),
+            ("enable.idempotence", "false"),
+        ] {
+            if !settings.properties.contains_key(k) {
+                cfg.set(k, v);
+            }
+        }
+        // What "ack means durable" depends on, which they may not override.
+        cfg.set("acks", "all");
+        cfg.set("message.timeout.ms", timeout.as_millis().to_string());
+        // Room for the body plus headers; librdkafka's default (1 MB) would refuse 1 MiB bodies.
+        cfg.set(
+            "message.max.bytes",
+            (max_record_bytes + 64 * 1024).max(1_000_000).to_string(),
+        );
+        let producer: FutureProducer = cfg.create()?;
+        Ok(RawProducer { producer, timeout })
+    }
+
+    /// Produces one record and waits for the broker's acknowledgement (or the timeout).
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<(i32, i64), ProduceError> {
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(topic).payload(payload).headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        // Queue timeout zero: a full local queue answers at once (503) instead of piling up.
+        let delivery = match self.producer.send_result(record) {
+            Ok(d) => d,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                return Err(ProduceError::QueueFull)
+            }
+            Err((e, _)) => return Err(classify(e)),
+        };
+        // message.timeout.ms makes librdkafka give up at the same deadline; the outer timeout
+        // is a backstop so a request never outlives it by much.
+        match tokio::time::timeout(self.timeout + Duration::from_millis(250), delivery).await {
+            Err(_) => Err(ProduceError::Timeout(self.timeout)),
+            Ok(Err(_canceled)) => Err(ProduceError::Timeout(self.timeout)),
+            Ok(Ok(Ok(delivered))) => Ok((delivered.partition, delivered.offset)),
+            Ok(Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _)))) => {
+                Err(ProduceError::Timeout(self.timeout))
+            }
+            Ok(Ok(Err((e, _)))) => Err(classify(e)),
+        }
+    }
+
+    /// Waits for everything in flight to be acknowledged (graceful shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)
+    }
+
+    /// The underlying client, for metadata probes.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+}
+
+fn classify(e: KafkaError) -> ProduceError {
+    use RDKafkaErrorCode::*;
+    match e.rdkafka_error_code() {
+        Some(MessageSizeTooLarge) | Some(InvalidMessageSize) | Some(MessageBatchTooLarge) => {
+            ProduceError::Refused(e)
+        }
+        _ => ProduceError::Failed(e),
+    }
+}
+
+/// Whether the broker answered recently, kept fresh by a background probe.
+#[derive(Clone)]
+pub struct KafkaHealth {
+    reachable: Arc<AtomicBool>,
+    last_ok_unix_ms: Arc<AtomicI64>,
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl KafkaHealth {
+    /// Starts probing the cluster behind `producer` every `every`; stops with the runtime.
+    pub fn start(producer: FutureProducer, every: Duration) -> KafkaHealth {
+        let h = KafkaHealth {
+            reachable: Arc::new(AtomicBool::new(false)),
+            last_ok_unix_ms: Arc::new(AtomicI64::new(0)),
+            last_error: Arc::new(std::sync::Mutex::new(Some("not probed yet".into()))),
+        };
+        let probe = h.clone();
+        tokio::spawn(async move {
+            loop {
+                let p = producer.clone();
+                let timeout = every.max(Duration::from_secs(2));
+                let res = tokio::task::spawn_blocking(move || {
+                    p.client()
+                        .fetch_metadata(None, timeout)
+                        .map(|m| m.brokers().len())
+                })
+                .await;
+                match res {
+                    Ok(Ok(n)) if n > 0 => probe.set_ok(),
+                    Ok(Ok(_)) => probe.set_err("metadata lists no brokers".into()),
+                    Ok(Err(e)) => probe.set_err(e.to_string()),
+                    Err(e) => probe.set_err(e.to_string()),
+                }
+                metrics::gauge!("helios_kafka_reachable").set(if probe.is_reachable() {
+                    1.0
+                } else {
+                    0.0
+                });
+                tokio::time::sleep(every).await;
+            }
+        });
+        h
+    }
+
+    fn set_ok(&self) {
+        if !self.reachable.swap(true, Ordering::SeqCst) {
+            tracing::info!("Kafka is reachable");
+        }
+        self.last_ok_unix_ms
+            .store(chrono::Utc::now().timestamp_millis(), Ordering::SeqCst);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn set_err(&self, e: String) {
+        if self.reachable.swap(false, Ordering::SeqCst) {
+            tracing::warn!(error = %e, "Kafka became unreachable");
+        }
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    /// True when the last metadata probe succeeded.
+    pub fn is_reachable(&self) -> bool {
+        self.reachable.load(Ordering::SeqCst)
+    }
+
+    /// JSON detail for the health endpoints.
+    pub fn detail(&self) -> serde_json::Value {
+        let last_ok = self.last_ok_unix_ms.load(Ordering::SeqCst);
+        serde_json::json!({
+            "reachable": self.is_reachable(),
+            "last_ok": (last_ok > 0).then(|| chrono::DateTime::from_timestamp_millis(last_ok).map(|t| t.to_rfc3339())),
+            "error": self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        })
+    }
+}
+
+/// What `topology apply` did (or, for `--dry-run`, would do) to one topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TopicAction {
+    Created,
+    WouldCreate,
+    Exists { partitions: i32 },
+}
+
+/// One line of the `topology apply` report.
+#[derive(Debug, Clone)]
+pub struct TopicReport {
+    pub topic: PlannedTopic,
+    pub action: TopicAction,
+    pub warning: Option<String>,
+}
+
+/// Existing topics and their partition counts.
+pub fn existing_topics(
+    settings: &KafkaSettings,
+    timeout: Duration,
+) -> Result<BTreeMap<String, i32>, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
+    let md = admin.inner().fetch_metadata(None, timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
+/// Creates every topic of the topology that is missing. Idempotent: existing topics are left
+/// alone (a partition-count difference is reported, never "fixed" silently).
+pub async fn apply_topology(
+    settings: &KafkaSettings,
+    topology: &Topology,
+    dry_run: bool,
+) -> anyhow::Result<Vec<TopicReport>> {
+    let timeout = Duration::from_secs(15);
+    let s = settings.clone();
+    let existing = tokio::task::spawn_blocking(move || existing_topics(&s, timeout))
+        .await?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the topic list from Kafka at {}: {e}",
+                settings.bootstrap_servers
+            )
+        })?;
+    let mut reports = vec![];
+    let mut to_create = vec![];
+    for t in topology.planned_topics() {
+        match existing.get(&t.name) {
+            Some(&partitions) => {
+                let warning = (partitions != t.partitions).then(|| {
+                    format!(
+                        "has {partitions} partitions, topology declares {}; HELIOS does not change partition counts",
+                        t.partitions
+                    )
+                });
+                reports.push(TopicReport {
+                    topic: t,
+                    action: TopicAction::Exists { partitions },
+                    warning,
+                });
+            }
+            None => to_create.push(t),
+        }
+    }
+    if dry_run {
+        for t in to_create {
+            reports.push(TopicReport {
+                topic: t,
+                action: TopicAction::WouldCreate,
+                warning: None,
+            });
+        }
+        return Ok(reports);
+    }
+    if !to_create.is_empty() {
+        let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
+        let new: Vec<NewTopic<'_>> = to_create
+            .iter()
+            .map(|t| {
+                let mut n = NewTopic::new(
+                    &t.name,
+                    t.partitions,
+                    TopicReplication::Fixed(t.replication_factor),
+                );
+                for (k, v) in &t.config {
+                    n = n.set(k, v);
+                }
+                n
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(timeout));
+        let results = admin.create_topics(new.iter(), &opts).await?;
+        let mut failures = vec![];
+        for (t, r) in to_create.into_iter().zip(results) {
+            match r {
+                Ok(_) => reports.push(TopicReport {
+                    topic: t,
+                    action: TopicAction::Created,
+                    warning: None,
+                }),
+                // Another `apply` (or a test) created it in between: that is the goal reached.
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => reports.push(TopicReport {
+                    action: TopicAction::Exists {
+                        partitions: t.partitions,
+                    },
+                    topic: t,
+                    warning: None,
+                }),
+                Err((name, code)) => failures.push(format!("{name}: {code}")),
+            }
+        }
+        if !failures.is_empty() {
+            anyhow::bail!("could not create topics: {}", failures.join("; "));
+        }
+    }
+    Ok(reports)
+}

@@ -1,0 +1,15 @@
+//! HELIOS: one trustworthy Kafka stream from AWS EventBridge/SNS, GCP Pub/Sub and Azure Event
+//! Grid pushes. The library holds everything; the `helios` binary only calls [`cli::main`], so
+//! tests and benchmarks use the same code paths as production.
+
+pub mod bench;
+pub mod cli;
+pub mod clouds;
+pub mod config;
+pub mod ingress;
+pub mod kafka;
+pub mod metrics;
+pub mod shutdown;
+pub mod source;
+pub mod telemetry;
+pub mod topology;

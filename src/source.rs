@@ -1,0 +1,38 @@
+//! The four places events come from. Each has its own raw topic, endpoints and knowledge
+//! (see `crate::clouds`).
+
+use std::fmt;
+
+/// Where a raw record came from: the value of the `helios-source` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    Aws,
+    Gcp,
+    Azure,
+    Direct,
+}
+
+impl Source {
+    pub const ALL: [Source; 4] = [Source::Aws, Source::Gcp, Source::Azure, Source::Direct];
+
+    /// The lower-case name used in topics, headers, metrics and the `events.source` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Aws => "aws",
+            Source::Gcp => "gcp",
+            Source::Azure => "azure",
+            Source::Direct => "direct",
+        }
+    }
+
+    /// Parses the lower-case name.
+    pub fn parse(s: &str) -> Option<Source> {
+        Source::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

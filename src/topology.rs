@@ -1,0 +1,412 @@
+//! `topology.yaml`: the topics HELIOS owns, the consumer group, and the business rules per event
+//! type. It is the one file an operator edits to add an event type or rename a topic; everything
+//! else (addresses, secrets) comes from the environment. `helios topology validate` checks it
+//! without a broker, `helios topology apply` creates what it declares.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::source::Source;
+
+/// Why a topology file cannot be used; every variant names the file and the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot read topology file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("topology file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("topology file {path}: `{key}` {problem}")]
+    Invalid {
+        path: String,
+        key: String,
+        problem: String,
+    },
+}
+
+/// One topic HELIOS creates: its name (before the prefix), partitions and topic configs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    pub name: String,
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Topic-level configs (`retention.ms`, `max.message.bytes`, ...), on top of `topic_config`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+/// The raw landing topic of each source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawTopics {
+    pub aws: TopicSpec,
+    pub gcp: TopicSpec,
+    pub azure: TopicSpec,
+    pub direct: TopicSpec,
+}
+
+/// How the fan-out topics are named and sized.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EventTopics {
+    /// Must contain `{event_type}`.
+    #[serde(default = "default_event_template")]
+    pub name_template: String,
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+/// Business rules of one event type.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EventTypeSpec {
+    /// Fields of the business payload that must be present and not null/empty.
+    #[serde(default)]
+    pub required: Vec<String>,
+    /// Avro schema file (relative to the topology file); default `schemas/<Type>.avsc` when present.
+    #[serde(default)]
+    pub schema: Option<String>,
+}
+
+/// What the processor does with an event type the topology does not declare.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownEventTypePolicy {
+    /// Fan out when `helios.events.<Type>` exists on the broker, else DLQ (`unknown_event_type`).
+    #[default]
+    FanOutIfTopicExists,
+    /// Always DLQ with reason `unknown_event_type`.
+    Dlq,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// Prepended to every topic name (environments, tenants, tests). `HELIOS_TOPIC_PREFIX` wins.
+    #[serde(default)]
+    pub topic_prefix: String,
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// Topic configs applied to every topic HELIOS creates.
+    #[serde(default)]
+    pub topic_config: BTreeMap<String, String>,
+    pub raw_topics: RawTopics,
+    pub dlq: TopicSpec,
+    #[serde(default = "default_event_topics")]
+    pub event_topics: EventTopics,
+    #[serde(default = "default_group")]
+    pub consumer_group: String,
+    /// librdkafka properties for every Kafka client (SASL, TLS, tuning). Environment `KAFKA_*` wins.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, String>,
+    #[serde(default)]
+    pub event_types: BTreeMap<String, EventTypeSpec>,
+    #[serde(default)]
+    pub unknown_event_types: UnknownEventTypePolicy,
+}
+
+fn default_partitions() -> i32 {
+    4
+}
+fn default_replication() -> i32 {
+    1
+}
+fn default_group() -> String {
+    "helios-processor".into()
+}
+fn default_event_template() -> String {
+    "helios.events.{event_type}".into()
+}
+fn default_event_topics() -> EventTopics {
+    EventTopics {
+        name_template: default_event_template(),
+        partitions: default_partitions(),
+        config: BTreeMap::new(),
+    }
+}
+
+/// A topic as it should exist on the broker: full name (prefix applied) and settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTopic {
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub config: BTreeMap<String, String>,
+    pub role: String,
+}
+
+impl Topology {
+    /// Reads and validates a topology file.
+    pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        Self::parse(&text, &p)
+    }
+
+    /// Parses and validates topology text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Topology, TopologyError> {
+        let topo: Topology = serde_norway::from_str(text).map_err(|e| TopologyError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        topo.validate(origin)?;
+        Ok(topo)
+    }
+
+    /// The built-in topology (same as the repository's `topology.yaml`), for the demo and tests.
+    pub fn builtin() -> Topology {
+        Self::parse(include_str!("../topology.yaml"), "built-in topology.yaml")
+            .expect("the built-in topology.yaml is valid (checked by a unit test)")
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), TopologyError> {
+        let bad = |key: &str, problem: String| TopologyError::Invalid {
+            path: origin.to_string(),
+            key: key.to_string(),
+            problem,
+        };
+        if self.replication_factor < 1 && self.replication_factor != -1 {
+            return Err(bad(
+                "replication_factor",
+                format!(
+                    "is {}; use a positive number, or -1 for the broker's default",
+                    self.replication_factor
+                ),
+            ));
+        }
+        if !self.topic_prefix.is_empty() {
+            check_topic_name(&self.topic_prefix).map_err(|p| bad("topic_prefix", p))?;
+        }
+        let mut specs: Vec<(String, &TopicSpec)> = Source::ALL
+            .iter()
+            .map(|s| (format!("raw_topics.{}", s.as_str()), self.raw_spec(*s)))
+            .collect();
+        specs.push(("dlq".into(), &self.dlq));
+        let mut seen = BTreeMap::new();
+        for (key, spec) in &specs {
+            check_topic_name(&spec.name).map_err(|p| bad(&format!("{key}.name"), p))?;
+            if spec.partitions < 1 {
+                return Err(bad(
+                    &format!("{key}.partitions"),
+                    format!("is {}; a topic needs at least 1 partition", spec.partitions),
+                ));
+            }
+            if let Some(other) = seen.insert(spec.name.clone(), key.clone()) {
+                return Err(bad(
+                    &format!("{key}.name"),
+                    format!("`{}` is already used by `{other}`", spec.name),
+                ));
+            }
+        }
+        if !self.event_topics.name_template.contains("{event_type}") {
+            return Err(bad(
+                "event_topics.name_template",
+                "must contain `{event_type}`, e.g. `helios.events.{event_type}`".into(),
+            ));
+        }
+        if self.event_topics.partitions < 1 {
+            return Err(bad("event_topics.partitions", "must be at least 1".into()));
+        }
+        if self.consumer_group.trim().is_empty() {
+            return Err(bad("consumer_group", "must not be empty".into()));
+        }
+        for (name, spec) in &self.event_types {
+            let key = format!("event_types.{name}");
+            if name.is_empty()
+                || !name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(bad(
+                    &key,
+                    "is not a valid event type name: use letters, digits and `_`, starting with a letter (e.g. OrderPlaced)".into(),
+                ));
+            }
+            let topic = self.event_topic_unprefixed(name);
+            check_topic_name(&topic)
+                .map_err(|p| bad(&key, format!("gives topic `{topic}`: {p}")))?;
+            if let Some(other) = seen.insert(topic.clone(), key.clone()) {
+                return Err(bad(
+                    &key,
+                    format!("topic `{topic}` is already used by `{other}`"),
+                ));
+            }
+            for (i, field) in spec.required.iter().enumerate() {
+                if field.trim().is_empty() {
+                    return Err(bad(&format!("{key}.required[{i}]"), "is empty".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn raw_spec(&self, source: Source) -> &TopicSpec {
+        match source {
+            Source::Aws => &self.raw_topics.aws,
+            Source::Gcp => &self.raw_topics.gcp,
+            Source::Azure => &self.raw_topics.azure,
+            Source::Direct => &self.raw_topics.direct,
+        }
+    }
+
+    fn event_topic_unprefixed(&self, event_type: &str) -> String {
+        self.event_topics
+            .name_template
+            .replace("{event_type}", event_type)
+    }
+
+    /// Full name of a source's raw topic.
+    pub fn raw_topic(&self, source: Source) -> String {
+        format!("{}{}", self.topic_prefix, self.raw_spec(source).name)
+    }
+
+    /// Full name of the dead-letter topic.
+    pub fn dlq_topic(&self) -> String {
+        format!("{}{}", self.topic_prefix, self.dlq.name)
+    }
+
+    /// Full name of an event type's fan-out topic.
+    pub fn event_topic(&self, event_type: &str) -> String {
+        format!(
+            "{}{}",
+            self.topic_prefix,
+            self.event_topic_unprefixed(event_type)
+        )
+    }
+
+    /// Every topic the topology declares, with its final name and settings.
+    pub fn planned_topics(&self) -> Vec<PlannedTopic> {
+        let plan = |spec: &TopicSpec, role: String| PlannedTopic {
+            name: format!("{}{}", self.topic_prefix, spec.name),
+            partitions: spec.partitions,
+            replication_factor: self.replication_factor,
+            config: merged(&self.topic_config, &spec.config),
+            role,
+        };
+        let mut out: Vec<PlannedTopic> = Source::ALL
+            .iter()
+            .map(|s| plan(self.raw_spec(*s), format!("raw ({})", s.as_str())))
+            .collect();
+        out.push(plan(&self.dlq, "dead-letter".into()));
+        for name in self.event_types.keys() {
+            out.push(PlannedTopic {
+                name: self.event_topic(name),
+                partitions: self.event_topics.partitions,
+                replication_factor: self.replication_factor,
+                config: merged(&self.topic_config, &self.event_topics.config),
+                role: format!("events ({name})"),
+            });
+        }
+        out
+    }
+}
+
+fn merged(
+    base: &BTreeMap<String, String>,
+    over: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut m = base.clone();
+    m.extend(over.iter().map(|(k, v)| (k.clone(), v.clone())));
+    m
+}
+
+/// Kafka's own rule: 1–249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn check_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if name.len() > 249 {
+        return Err(format!("is {} characters; Kafka allows 249", name.len()));
+    }
+    if name == "." || name == ".." {
+        return Err("cannot be `.` or `..`".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "`{name}` has `{c}`; Kafka topic names use only letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_topology_is_valid_and_has_the_original_rules() {
+        let t = Topology::builtin();
+        assert_eq!(t.raw_topic(Source::Aws), "helios.raw.aws");
+        assert_eq!(t.dlq_topic(), "helios.dlq");
+        assert_eq!(t.event_topic("OrderPlaced"), "helios.events.OrderPlaced");
+        assert_eq!(
+            t.event_types["OrderPlaced"].required,
+            vec!["customer_id", "order_id"]
+        );
+        assert_eq!(
+            t.event_types["PaymentProcessed"].required,
+            vec!["amount", "order_id"]
+        );
+        assert_eq!(
+            t.event_types["InventoryReserved"].required,
+            vec!["order_id"]
+        );
+        let names: Vec<_> = t.planned_topics().into_iter().map(|p| p.name).collect();
+        assert!(names.contains(&"helios.raw.direct".to_string()));
+        assert!(names.contains(&"helios.events.PaymentProcessed".to_string()));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = include_str!("../topology.yaml").replace("consumer_group:", "consumer_grup:");
+        let err = Topology::parse(&text, "t.yaml").unwrap_err().to_string();
+        assert!(err.contains("consumer_grup"), "{err}");
+        assert!(err.contains("t.yaml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let base = include_str!("../topology.yaml");
+        let cases = [
+            (
+                base.replacen("name: helios.dlq", "name: helios dlq", 1),
+                "dlq.name",
+            ),
+            (
+                base.replacen("name: helios.raw.gcp", "name: helios.raw.aws", 1),
+                "raw_topics.gcp.name",
+            ),
+            (
+                base.replacen("OrderPlaced:", "Order-Placed:", 1),
+                "event_types.Order-Placed",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Topology::parse(&text, "t.yaml").unwrap_err().to_string();
+            assert!(err.contains(key), "expected `{key}` in: {err}");
+        }
+    }
+
+    #[test]
+    fn prefix_applies_to_every_topic() {
+        let mut t = Topology::builtin();
+        t.topic_prefix = "test1.".into();
+        assert!(t
+            .planned_topics()
+            .iter()
+            .all(|p| p.name.starts_with("test1.")));
+    }
+}

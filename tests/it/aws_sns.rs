@@ -1,0 +1,389 @@
+//! SNS: signature versions 1 and 2 with a certificate generated here and served from a local
+//! "SNS host", subscription confirmation, and every refusal (tampered, wrong topic, cert or
+//! SubscribeURL off the host pattern: nothing is fetched from a bad URL).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::routing::get;
+use base64::Engine;
+use helios::source::Source;
+use openssl::asn1::Asn1Time;
+use openssl::hash::MessageDigest;
+use openssl::pkey::{PKey, Private};
+use openssl::rsa::Rsa;
+use openssl::sign::Signer;
+use openssl::x509::{X509Builder, X509NameBuilder};
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const PATH: &str = "/api/v1/webhooks/aws/sns";
+const TOPIC: &str = "arn:aws:sns:us-west-2:123456789012:MyTopic";
+
+/// A fake SNS host on loopback: serves the signing certificate and the SubscribeURL, and counts hits.
+struct FakeSns {
+    origin: String,
+    key: PKey<Private>,
+    cert_hits: Arc<AtomicUsize>,
+    confirm_hits: Arc<AtomicUsize>,
+}
+
+async fn fake_sns() -> FakeSns {
+    let rsa = Rsa::generate(2048).unwrap();
+    let key = PKey::from_rsa(rsa).unwrap();
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", "sns.us-west-2.amazonaws.com")
+        .unwrap();
+    let name = name.build();
+    let mut b = X509Builder::new().unwrap();
+    b.set_version(2).unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(30).unwrap())
+        .unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    let pem = b.build().to_pem().unwrap();
+    let cert_hits = Arc::new(AtomicUsize::new(0));
+    let confirm_hits = Arc::new(AtomicUsize::new(0));
+    let (ch, fh) = (cert_hits.clone(), confirm_hits.clone());
+    let router = axum::Router::new()
+        .route(
+            "/SimpleNotificationService-test.pem",
+            get(move || {
+                ch.fetch_add(1, Ordering::SeqCst);
+                let pem = pem.clone();
+                async move { pem }
+            }),
+        )
+        .route(
+            "/",
+            get(move || {
+                fh.fetch_add(1, Ordering::SeqCst);
+                async { "<ConfirmSubscriptionResponse/>" }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    FakeSns {
+        origin: format!("http://127.0.0.1:{}", addr.port()),
+        key,
+        cert_hits,
+        confirm_hits,
+    }
+}
+
+impl FakeSns {
+    fn host_pattern(&self) -> String {
+        format!("^{}$", regex_escape(&self.origin))
+    }
+
+    /// Builds and signs an envelope, independently of HELIOS's own string-to-sign code.
+    fn signed(&self, mut v: Value, version: &str) -> Value {
+        v["SignatureVersion"] = json!(version);
+        v["SigningCertURL"] = json!(format!(
+            "{}/SimpleNotificationService-test.pem",
+            self.origin
+        ));
+        let order: &[&str] = if v["Type"] == "Notification" {
+            &[
+                "Message",
+                "MessageId",
+                "Subject",
+                "Timestamp",
+                "TopicArn",
+                "Type",
+            ]
+        } else {
+            &[
+                "Message",
+                "MessageId",
+                "SubscribeURL",
+                "Timestamp",
+                "Token",
+                "TopicArn",
+                "Type",
+            ]
+        };
+        let mut s = String::new();
+        for k in order {
+            if let Some(val) = v.get(*k).and_then(|x| x.as_str()) {
+                s.push_str(&format!("{k}\n{val}\n"));
+            }
+        }
+        let md = if version == "1" {
+            MessageDigest::sha1()
+        } else {
+            MessageDigest::sha256()
+        };
+        let mut signer = Signer::new(md, &self.key).unwrap();
+        signer.update(s.as_bytes()).unwrap();
+        v["Signature"] =
+            json!(base64::engine::general_purpose::STANDARD.encode(signer.sign_to_vec().unwrap()));
+        v
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_string()
+            } else {
+                format!("\\{c}")
+            }
+        })
+        .collect()
+}
+
+fn notification(message: &str) -> Value {
+    json!({
+        "Type": "Notification",
+        "MessageId": uuid::Uuid::new_v4().to_string(),
+        "TopicArn": TOPIC,
+        "Message": message,
+        "Timestamp": "2012-05-02T00:54:06.655Z",
+        "UnsubscribeURL": "https://sns.us-west-2.amazonaws.com/?Action=Unsubscribe&SubscriptionArn=x",
+        "MessageAttributes": { "tenant": { "Type": "String", "Value": "acme" } }
+    })
+}
+
+fn confirmation(kind: &str, subscribe_url: &str) -> Value {
+    json!({
+        "Type": kind,
+        "MessageId": uuid::Uuid::new_v4().to_string(),
+        "Token": "2336412f37fb687f5d51e6e241d09c805a5a57b30d712f794cc5f6a988666d92768dd60a747ba6f3beb71854e285d6ad02428b09ceece29417f1f02d609c582afbacc99c583a916b9981dd2728f4ae6fdb82efd087cc3b7849e05798d2d2785c03b0879594eeac82c01f235d0e717736",
+        "TopicArn": TOPIC,
+        "Message": "You have chosen to subscribe to the topic arn:aws:sns:us-west-2:123456789012:MyTopic.\nTo confirm the subscription, visit the SubscribeURL included in this message.",
+        "SubscribeURL": subscribe_url,
+        "Timestamp": "2012-04-26T20:45:04.751Z"
+    })
+}
+
+/// SNS-style pretty JSON (`"Key" : "value"`), as the service sends it.
+fn sns_body(v: &Value) -> Vec<u8> {
+    serde_json::to_string_pretty(v)
+        .unwrap()
+        .replace("\": ", "\" : ")
+        .into_bytes()
+}
+
+async fn post_sns(app: &TestApp, v: &Value) -> reqwest::Response {
+    app.client
+        .post(app.url(PATH))
+        .header("content-type", "text/plain; charset=UTF-8")
+        .header("x-amz-sns-message-type", v["Type"].as_str().unwrap())
+        .header("x-amz-sns-message-id", v["MessageId"].as_str().unwrap())
+        .header("x-amz-sns-topic-arn", v["TopicArn"].as_str().unwrap())
+        .header("user-agent", "Amazon Simple Notification Service Agent")
+        .body(sns_body(v))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn sns_app(fake: &FakeSns) -> TestApp {
+    let pattern = fake.host_pattern();
+    spawn_app(move |c| {
+        c.sns.host_pattern = pattern;
+        c.sns.topic_arns = vec![TOPIC.into()];
+    })
+    .await
+}
+
+#[tokio::test]
+async fn signed_notifications_v1_and_v2_are_accepted_as_text_plain() {
+    let fake = fake_sns().await;
+    let app = sns_app(&fake).await;
+    let eb_event = r#"{"version":"0","id":"6a7e8feb-b491-4cf7-a9f1-bf3703467718","detail-type":"EC2 Instance State-change Notification","source":"aws.ec2","account":"123456789012","time":"2017-12-22T18:43:48Z","region":"us-west-2","resources":[],"detail":{"state":"terminated"}}"#;
+    let mut with_subject = notification("My Test Message\nwith a newline");
+    with_subject["Subject"] = json!("My subject");
+    let n1 = fake.signed(with_subject, "1");
+    let n2 = fake.signed(notification(eb_event), "2");
+    for n in [&n1, &n2] {
+        let resp = post_sns(&app, n).await;
+        assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    }
+    let recs = read_exactly(&app.kafka.bootstrap_servers, &app.raw_topic(Source::Aws), 2).await;
+    for (r, n) in recs.iter().zip([&n1, &n2]) {
+        assert_eq!(r.value, sns_body(n));
+        assert_raw_headers(r, "aws", "sns", "event");
+        assert_eq!(r.header("x-amz-sns-message-type"), Some("Notification"));
+        assert_eq!(r.header("x-amz-sns-message-id"), n["MessageId"].as_str());
+        assert_eq!(r.header("x-amz-sns-topic-arn"), Some(TOPIC));
+        assert_eq!(r.header("content-type"), Some("text/plain; charset=UTF-8"));
+    }
+    // The certificate is fetched once and cached.
+    assert_eq!(fake.cert_hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn subscription_confirmation_is_verified_confirmed_and_landed_as_handshake() {
+    let fake = fake_sns().await;
+    let app = sns_app(&fake).await;
+    let url = format!(
+        "{}/?Action=ConfirmSubscription&TopicArn={TOPIC}&Token=2336412f37fb",
+        fake.origin
+    );
+    let c = fake.signed(confirmation("SubscriptionConfirmation", &url), "1");
+    let resp = post_sns(&app, &c).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "confirmed");
+    assert_eq!(fake.confirm_hits.load(Ordering::SeqCst), 1);
+
+    let u = fake.signed(confirmation("UnsubscribeConfirmation", &url), "2");
+    assert_eq!(post_sns(&app, &u).await.status(), 200);
+    // Unsubscribe is recorded, never answered by re-subscribing.
+    assert_eq!(fake.confirm_hits.load(Ordering::SeqCst), 1);
+
+    let recs = read_exactly(&app.kafka.bootstrap_servers, &app.raw_topic(Source::Aws), 2).await;
+    assert_eq!(recs[0].value, sns_body(&c));
+    assert_raw_headers(&recs[0], "aws", "sns", "handshake");
+    assert_eq!(
+        recs[0].header("helios-handshake"),
+        Some("sns-subscription-confirmation")
+    );
+    assert_eq!(
+        recs[1].header("helios-handshake"),
+        Some("sns-unsubscribe-confirmation")
+    );
+
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("helios_ingress_handshakes_total")
+                && l.contains("kind=\"sns_subscription_confirmation\"")
+                && l.contains("outcome=\"confirmed\"")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn tampered_wrong_topic_and_bad_urls_are_refused_and_nothing_is_fetched() {
+    let fake = fake_sns().await;
+    let evil = fake_sns().await; // a different host that must never be contacted
+    let app = spawn_app({
+        let pattern = fake.host_pattern();
+        move |c| {
+            c.sns.host_pattern = pattern;
+            c.sns.topic_arns = vec![TOPIC.into()];
+        }
+    })
+    .await;
+
+    // Tampered after signing.
+    let mut t = fake.signed(notification("original"), "1");
+    t["Message"] = json!("tampered");
+    assert_eq!(post_sns(&app, &t).await.status(), 403);
+
+    // Wrong topic (validly signed).
+    let mut other = notification("hello");
+    other["TopicArn"] = json!("arn:aws:sns:us-west-2:999999999999:NotMine");
+    let other = fake.signed(other, "2");
+    assert_eq!(post_sns(&app, &other).await.status(), 403);
+
+    // SigningCertURL off the SNS host pattern: refused before any fetch.
+    let mut off = evil.signed(notification("hello"), "1");
+    off["SigningCertURL"] = json!(format!(
+        "{}/SimpleNotificationService-test.pem",
+        evil.origin
+    ));
+    let resp = post_sns(&app, &off).await;
+    assert_eq!(resp.status(), 403);
+    assert!(resp.text().await.unwrap().contains("SigningCertURL"));
+    let mut localhost = fake.signed(notification("hello"), "1");
+    localhost["SigningCertURL"] = json!(
+        fake.origin.replace("127.0.0.1", "localhost") + "/SimpleNotificationService-test.pem"
+    );
+    assert_eq!(post_sns(&app, &localhost).await.status(), 403);
+
+    // A validly signed confirmation whose SubscribeURL points elsewhere: no GET is made.
+    let bad_confirm = fake.signed(
+        confirmation(
+            "SubscriptionConfirmation",
+            &format!("{}/?Action=ConfirmSubscription", evil.origin),
+        ),
+        "1",
+    );
+    assert_eq!(post_sns(&app, &bad_confirm).await.status(), 403);
+
+    assert_eq!(evil.cert_hits.load(Ordering::SeqCst), 0);
+    assert_eq!(evil.confirm_hits.load(Ordering::SeqCst), 0);
+    assert_eq!(fake.confirm_hits.load(Ordering::SeqCst), 0);
+    // Every refusal happens before landing: nothing reached Kafka.
+    read_exactly(&app.kafka.bootstrap_servers, &app.raw_topic(Source::Aws), 0).await;
+}
+
+#[tokio::test]
+async fn raw_delivery_needs_the_token_and_lands_the_bare_message() {
+    let app = spawn_app(|c| {
+        c.sns.raw_delivery_token = Some("raw-tok".into());
+        c.sns.topic_arns = vec![TOPIC.into()];
+    })
+    .await;
+    let body = br#"{"version":"0","id":"6a7e8feb-b491-4cf7-a9f1-bf3703467718","detail-type":"OrderPlaced","source":"com.example"}"#;
+    let send = |q: &'static str| {
+        app.client
+            .post(app.url(&format!("{PATH}{q}")))
+            .header("content-type", "text/plain; charset=UTF-8")
+            .header("x-amz-sns-message-type", "Notification")
+            .header(
+                "x-amz-sns-message-id",
+                "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
+            )
+            .header("x-amz-sns-topic-arn", TOPIC)
+            .header("x-amz-sns-rawdelivery", "true")
+            .body(&body[..])
+            .send()
+    };
+    assert_eq!(send("").await.unwrap().status(), 401);
+    assert_eq!(send("?token=nope").await.unwrap().status(), 401);
+    assert_eq!(send("?token=raw-tok").await.unwrap().status(), 200);
+    let recs = read_exactly(&app.kafka.bootstrap_servers, &app.raw_topic(Source::Aws), 1).await;
+    assert_eq!(recs[0].value, body);
+    assert_eq!(recs[0].header("x-amz-sns-rawdelivery"), Some("true"));
+}
+
+#[tokio::test]
+async fn sns_envelope_on_the_eventbridge_endpoint_is_handled_as_sns() {
+    let fake = fake_sns().await;
+    let app = sns_app(&fake).await;
+    let n = fake.signed(notification("{\"hello\":1}"), "2");
+    let resp = app
+        .client
+        .post(app.url("/api/v1/webhooks/aws/eventbridge"))
+        .header("content-type", "text/plain; charset=UTF-8")
+        .header("x-amz-sns-message-type", "Notification")
+        .body(sns_body(&n))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut tampered = n.clone();
+    tampered["Message"] = json!("{\"hello\":2}");
+    let resp = app
+        .client
+        .post(app.url("/api/v1/webhooks/aws/eventbridge"))
+        .header("x-amz-sns-message-type", "Notification")
+        .body(sns_body(&tampered))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let recs = read_exactly(&app.kafka.bootstrap_servers, &app.raw_topic(Source::Aws), 1).await;
+    assert_eq!(recs[0].header("helios-endpoint"), Some("eventbridge"));
+}

@@ -1,0 +1,13 @@
+//! Integration tests: the real ingress against the real broker (Tansu, started by
+//! `scripts/test.sh`). One test binary, so the suite links once.
+
+mod common;
+
+mod aws_eventbridge;
+mod aws_sns;
+mod azure_eventgrid;
+mod direct;
+mod gcp_pubsub;
+mod ops;
+mod outage;
+mod topology_apply;
