@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{IngressArgs, IngressConfig, KafkaArgs};
+use crate::config::{IngressArgs, IngressConfig, KafkaArgs, ProcessArgs};
 use crate::kafka::TopicAction;
 use crate::shutdown::Shutdown;
 use crate::topology::Topology;
@@ -29,6 +29,34 @@ enum Command {
         kafka: KafkaArgs,
         #[command(flatten)]
         ingress: Box<IngressArgs>,
+    },
+    /// Run one processor instance (a member of the consumer group): raw topics → events.
+    Process {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        process: ProcessArgs,
+        /// Address of the processor's /metrics and health endpoints.
+        #[arg(long, env = "HELIOS_METRICS_ADDR", default_value = "0.0.0.0:9100")]
+        metrics_addr: String,
+    },
+    /// Run the ingress and a processor in one process.
+    Run {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        ingress: Box<IngressArgs>,
+        #[command(flatten)]
+        process: ProcessArgs,
+    },
+    /// Apply the SQL migrations (migrations/, embedded in the binary).
+    Migrate {
+        /// PostgreSQL URL.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// PostgreSQL schema for HELIOS's tables (created if missing).
+        #[arg(long, env = "HELIOS_DB_SCHEMA")]
+        db_schema: Option<String>,
     },
     /// Check or create the topics that topology.yaml declares.
     Topology {
@@ -100,6 +128,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 running.addr
             );
             running.wait().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Process { kafka, process, metrics_addr } => {
+            let shutdown = Shutdown::on_signals();
+            let metrics = crate::pipeline::serve_metrics(&metrics_addr, shutdown.clone()).await?;
+            println!("HELIOS processor: metrics on http://{metrics}/metrics");
+            crate::pipeline::run_processor(&kafka, &process, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { kafka, ingress, process } => {
+            let cfg = IngressConfig::from_args(&kafka, &ingress)?;
+            let shutdown = Shutdown::on_signals();
+            let running = crate::ingress::start(cfg, shutdown.clone()).await?;
+            println!(
+                "HELIOS ingress + processor: http://{} (docs: /docs, metrics: /metrics)",
+                running.addr
+            );
+            let processed = crate::pipeline::run_processor(&kafka, &process, shutdown).await;
+            running.wait().await?;
+            processed?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate { database_url, db_schema } => {
+            let pool = crate::db::connect(&database_url, db_schema.as_deref()).await?;
+            let applied = crate::db::migrate(&pool).await?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            } else {
+                println!("applied migrations: {applied:?}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { action } => match action {

@@ -446,3 +446,45 @@ mod tests {
         assert_eq!(m["sasl.username"], "u");
     }
 }
+
+/// Processor options (PostgreSQL, Redis, batching).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProcessArgs {
+    /// PostgreSQL URL, e.g. postgres://helios@db:5432/helios.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// PostgreSQL schema for HELIOS's tables (created if missing); default: the URL's search_path.
+    #[arg(long, env = "HELIOS_DB_SCHEMA")]
+    pub db_schema: Option<String>,
+    /// Apply the migrations at start-up.
+    #[arg(long, env = "HELIOS_MIGRATE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub migrate: bool,
+    /// Redis URL for dedup marks.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// How long a dedup mark lives.
+    #[arg(long, env = "HELIOS_DEDUP_TTL_SECS", default_value_t = 86_400)]
+    pub dedup_ttl_secs: u64,
+    /// Prefix of dedup keys in Redis.
+    #[arg(long, env = "HELIOS_DEDUP_PREFIX", default_value = "helios:dedup:")]
+    pub dedup_prefix: String,
+    /// Most raw records per batch.
+    #[arg(long, env = "HELIOS_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+    /// How long a batch waits to fill after its first record.
+    #[arg(long, env = "HELIOS_BATCH_LINGER_MS", default_value_t = 50)]
+    pub batch_linger_ms: u64,
+}
+
+impl ProcessArgs {
+    /// Checks the values that clap cannot.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.batch_size == 0 {
+            bail!("HELIOS_BATCH_SIZE / --batch-size must be at least 1");
+        }
+        if self.dedup_ttl_secs == 0 {
+            bail!("HELIOS_DEDUP_TTL_SECS / --dedup-ttl-secs must be at least 1");
+        }
+        Ok(())
+    }
+}

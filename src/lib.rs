@@ -13,3 +13,5 @@ pub mod shutdown;
 pub mod source;
 pub mod telemetry;
 pub mod topology;
+pub mod pipeline;
+pub mod db;

@@ -73,3 +73,43 @@ async fn process(app: &App, inc: &Incoming) -> Result<Response, IngressError> {
     )
         .into_response())
 }
+
+// ---- normalization (processor side) ----------------------------------------------------------
+
+use crate::pipeline::normalize::{generic_draft, json, DlqReason, NormalizeError, Normalized, RawRecord};
+
+/// Normalizes a direct ingestion: one event object or an array of them. An event without an
+/// id gets one derived from its raw record position (stable across reprocessing; send your own
+/// `event_id` to have resubmissions deduplicated).
+pub fn normalize(raw: &RawRecord) -> Normalized {
+    let v = match json(&raw.value) {
+        Ok(v) => v,
+        Err(e) => return Normalized::Failed(e),
+    };
+    let items: Vec<&serde_json::Value> = match &v {
+        serde_json::Value::Array(a) => a.iter().collect(),
+        serde_json::Value::Object(_) => vec![&v],
+        _ => {
+            return Normalized::Failed(NormalizeError::new(
+                DlqReason::UnrecognizedPayload,
+                "direct body is neither an event object nor an array",
+            ))
+        }
+    };
+    let out = items
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let i = i as u32;
+            if !e.is_object() {
+                return Err(NormalizeError::new(DlqReason::UnrecognizedPayload, "array element is not an event object").at(i));
+            }
+            let mut d = generic_draft(e);
+            if d.event_id.is_none() {
+                d.event_id = Some(format!("raw-{}", raw.raw_ref(i).owner()));
+            }
+            d.finish(Source::Direct, raw, i)
+        })
+        .collect();
+    Normalized::Events(out)
+}

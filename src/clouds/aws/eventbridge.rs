@@ -11,7 +11,7 @@ use base64::Engine;
 
 use crate::config::EventBridgeAuth;
 use crate::ingress::landing::RecordKind;
-use crate::ingress::{accepted, parse_json, secret_matches, App, Incoming, IngressError};
+use crate::ingress::{accepted, check_json, secret_matches, App, Incoming, IngressError};
 use crate::source::Source;
 
 const ENDPOINT: &str = "eventbridge";
@@ -25,7 +25,7 @@ pub async fn handle(State(app): State<Arc<App>>, inc: Incoming) -> Response {
     let result = async {
         check_auth(&app.cfg.eventbridge, &inc)?;
         let body = inc.body()?;
-        parse_json(body)?;
+        check_json(body)?;
         app.land(Source::Aws, ENDPOINT, &inc, body, RecordKind::Event, false)
             .await?;
         Ok(accepted(&inc, StatusCode::OK))
@@ -96,4 +96,53 @@ mod tests {
         assert_eq!(basic_credentials(Some("Basic !!!")), None);
         assert_eq!(basic_credentials(None), None);
     }
+}
+
+// ---- normalization (processor side) ----------------------------------------------------------
+
+use crate::pipeline::normalize::{generic_draft, json, single, str_field, Draft, DlqReason, NormalizeError, Normalized, RawRecord};
+
+/// True when `v` has the EventBridge envelope's identifying keys.
+pub fn is_envelope(v: &serde_json::Value) -> bool {
+    v.get("detail-type").is_some() && v.get("id").is_some() && v.get("source").is_some()
+}
+
+/// The EventBridge envelope as a draft: `id`, `detail-type`, `time`, `detail`, and
+/// account/region/source/resources as metadata.
+pub fn envelope_draft(v: &serde_json::Value) -> Draft {
+    let mut d = Draft {
+        event_id: str_field(v, "id").map(str::to_string),
+        raw_type: str_field(v, "detail-type").map(str::to_string),
+        occurred_at: str_field(v, "time").map(str::to_string),
+        data: v.get("detail").cloned().unwrap_or_else(|| serde_json::json!({})),
+        ..Default::default()
+    };
+    d.meta("aws_account", str_field(v, "account"));
+    d.meta("aws_region", str_field(v, "region"));
+    d.meta("provider_source", str_field(v, "source"));
+    d.meta("replay_name", str_field(v, "replay-name"));
+    if let Some(r) = v.get("resources").and_then(|r| r.as_array()).filter(|r| !r.is_empty()) {
+        d.meta("aws_resources", Some(&serde_json::Value::Array(r.clone()).to_string()));
+    }
+    d
+}
+
+/// A body delivered by an API destination: the envelope, or a self-describing event object
+/// (input transformer output).
+pub fn normalize(raw: &RawRecord) -> Normalized {
+    let v = match json(&raw.value) {
+        Ok(v) => v,
+        Err(e) => return Normalized::Failed(e),
+    };
+    let draft = if is_envelope(&v) {
+        Ok(envelope_draft(&v))
+    } else if v.is_object() {
+        Ok(generic_draft(&v))
+    } else {
+        Err(NormalizeError::new(
+            DlqReason::UnrecognizedPayload,
+            "EventBridge body is neither an event envelope nor an event object",
+        ))
+    };
+    single(Source::Aws, raw, draft)
 }

@@ -1,0 +1,138 @@
+//! Dedup: a mark per `source:event_id`, kept for a TTL (24 h by default).
+//!
+//! A mark is *bound to the raw record that set it*: its value is that record's
+//! `topic/partition/offset/index`. Meeting a mark therefore tells three cases apart:
+//! - none: first sighting (the mark is now ours);
+//! - ours: the same raw record processed again after a crash or rebalance before its commit,
+//!   so it is processed again, never dropped (guarantee 4: a mark never loses an event);
+//! - someone else's: a true duplicate, counted and skipped.
+//!
+//! One implementation talks to Redis (`SET key owner NX GET EX ttl`, pipelined: one round trip
+//! per batch); the other is in memory with the same semantics, for the embedded demo.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// No mark existed: this record now owns the event.
+    New,
+    /// The mark is this record's own (reprocessing).
+    Own,
+    /// Another raw record owns the event: a duplicate.
+    Duplicate { owner: String },
+}
+
+/// The dedup store could not answer (the batch is retried, never dropped).
+#[derive(Debug, thiserror::Error)]
+#[error("dedup store unavailable: {0}")]
+pub struct DedupError(pub String);
+
+/// A place to keep dedup marks.
+pub trait DedupStore: Send + Sync + 'static {
+    /// Claims each `(key, owner)`; answers in the same order. All-or-error: on error nothing
+    /// may be assumed about which marks were set (a retry is safe: own marks read as `Own`).
+    fn claim(
+        &self,
+        items: &[(String, String)],
+    ) -> impl Future<Output = Result<Vec<Claim>, DedupError>> + Send;
+}
+
+fn classify(existing: Option<String>, owner: &str) -> Claim {
+    match existing {
+        None => Claim::New,
+        Some(o) if o == owner => Claim::Own,
+        Some(o) => Claim::Duplicate { owner: o },
+    }
+}
+
+/// Redis-backed marks.
+#[derive(Clone)]
+pub struct RedisDedup {
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+    ttl: Duration,
+}
+
+impl RedisDedup {
+    /// Connects (retrying in the background when Redis goes away later).
+    pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> Result<Self, DedupError> {
+        let client = redis::Client::open(url).map_err(|e| DedupError(format!("REDIS_URL {url}: {e}")))?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let conn = redis::aio::ConnectionManager::new_with_config(client, cfg)
+            .await
+            .map_err(|e| DedupError(format!("cannot connect to Redis at {url}: {e}")))?;
+        Ok(RedisDedup {
+            conn,
+            prefix: prefix.to_string(),
+            ttl,
+        })
+    }
+}
+
+impl DedupStore for RedisDedup {
+    async fn claim(&self, items: &[(String, String)]) -> Result<Vec<Claim>, DedupError> {
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        let opts = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .get(true)
+            .with_expiration(redis::SetExpiry::EX(self.ttl.as_secs().max(1)));
+        for (key, owner) in items {
+            pipe.set_options(format!("{}{}", self.prefix, key), owner, opts.clone());
+        }
+        let mut conn = self.conn.clone();
+        let previous: Vec<Option<String>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| DedupError(e.to_string()))?;
+        Ok(previous
+            .into_iter()
+            .zip(items)
+            .map(|(p, (_, owner))| classify(p, owner))
+            .collect())
+    }
+}
+
+/// In-memory marks with the same semantics and TTL (embedded demo, single process).
+#[derive(Default)]
+pub struct MemoryDedup {
+    marks: Mutex<HashMap<String, (String, Instant)>>,
+    ttl: Duration,
+}
+
+impl MemoryDedup {
+    pub fn new(ttl: Duration) -> Self {
+        MemoryDedup {
+            marks: Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+}
+
+impl DedupStore for MemoryDedup {
+    async fn claim(&self, items: &[(String, String)]) -> Result<Vec<Claim>, DedupError> {
+        let now = Instant::now();
+        let mut m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 100_000 {
+            m.retain(|_, (_, exp)| *exp > now);
+        }
+        Ok(items
+            .iter()
+            .map(|(key, owner)| {
+                let existing = m.get(key).filter(|(_, exp)| *exp > now).map(|(o, _)| o.clone());
+                if existing.is_none() {
+                    m.insert(key.clone(), (owner.clone(), now + self.ttl));
+                }
+                classify(existing, owner)
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,145 @@
+//! Validation: the business rules of topology.yaml (required payload fields per event type) and
+//! the unknown-event-type policy. A failure names the reason and the field, for the DLQ headers.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::event::CanonicalEvent;
+use super::normalize::DlqReason;
+use crate::topology::{Topology, UnknownEventTypePolicy};
+
+/// Why an event was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub reason: DlqReason,
+    pub stage: &'static str,
+    pub detail: String,
+    pub field: Option<String>,
+}
+
+/// Checks events against the topology's rules.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    rules: BTreeMap<String, Vec<String>>,
+    policy: UnknownEventTypePolicy,
+}
+
+impl Validator {
+    pub fn new(topology: &Topology) -> Self {
+        Validator {
+            rules: topology
+                .event_types
+                .iter()
+                .map(|(k, v)| (k.clone(), v.required.clone()))
+                .collect(),
+            policy: topology.unknown_event_types,
+        }
+    }
+
+    /// True when the topology declares the type.
+    pub fn is_known(&self, event_type: &str) -> bool {
+        self.rules.contains_key(event_type)
+    }
+
+    /// Checks one event. `existing_topics` holds the broker's topics (for the unknown-type
+    /// policy); `topic_of` names an event type's fan-out topic.
+    pub fn check(
+        &self,
+        e: &CanonicalEvent,
+        existing_topics: &HashSet<String>,
+        topic_of: impl Fn(&str) -> String,
+    ) -> Result<(), Rejection> {
+        let Some(required) = self.rules.get(&e.event_type) else {
+            let topic = topic_of(&e.event_type);
+            return match self.policy {
+                UnknownEventTypePolicy::FanOutIfTopicExists if existing_topics.contains(&topic) => Ok(()),
+                policy => Err(Rejection {
+                    reason: DlqReason::UnknownEventType,
+                    stage: "route",
+                    detail: match policy {
+                        UnknownEventTypePolicy::Dlq => format!(
+                            "event type `{}` is not declared in topology.yaml (unknown_event_types: dlq)",
+                            e.event_type
+                        ),
+                        _ => format!(
+                            "event type `{}` is not declared in topology.yaml and topic `{topic}` does not exist",
+                            e.event_type
+                        ),
+                    },
+                    field: None,
+                }),
+            };
+        };
+        for field in required {
+            let present = match field.as_str() {
+                "order_id" => e.order_id.is_some(),
+                "customer_id" => e.customer_id.is_some(),
+                f => match e.data.get(f) {
+                    None | Some(serde_json::Value::Null) => false,
+                    Some(serde_json::Value::String(s)) => !s.trim().is_empty(),
+                    Some(_) => true,
+                },
+            };
+            if !present {
+                return Err(Rejection {
+                    reason: DlqReason::MissingRequiredField,
+                    stage: "validate",
+                    detail: format!("{} requires `{field}` (topology.yaml rule)", e.event_type),
+                    field: Some(field.clone()),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::event::RawRef;
+    use crate::source::Source;
+
+    fn ev(t: &str, data: serde_json::Value) -> CanonicalEvent {
+        CanonicalEvent {
+            event_id: "e".into(),
+            event_type: t.into(),
+            source: Source::Direct,
+            occurred_at: chrono::Utc::now(),
+            ingested_at: chrono::Utc::now(),
+            order_id: crate::pipeline::event::id_field(&data, "order_id", "orderId"),
+            customer_id: crate::pipeline::event::id_field(&data, "customer_id", "customerId"),
+            data,
+            metadata: Default::default(),
+            raw: RawRef { topic: "t".into(), partition: 0, offset: 0, index: 0 },
+        }
+    }
+
+    #[test]
+    fn original_rules() {
+        let t = Topology::builtin();
+        let v = Validator::new(&t);
+        let none = HashSet::new();
+        let topic = |x: &str| t.event_topic(x);
+        assert!(v.check(&ev("OrderPlaced", serde_json::json!({"order_id": "1", "customerId": "c"})), &none, topic).is_ok());
+        let r = v.check(&ev("OrderPlaced", serde_json::json!({"order_id": "1"})), &none, topic).unwrap_err();
+        assert_eq!((r.reason, r.field.as_deref()), (DlqReason::MissingRequiredField, Some("customer_id")));
+        let r = v.check(&ev("PaymentProcessed", serde_json::json!({"order_id": "1", "amount": null})), &none, topic).unwrap_err();
+        assert_eq!(r.field.as_deref(), Some("amount"));
+        assert!(v.check(&ev("PaymentProcessed", serde_json::json!({"order_id": "1", "amount": 0})), &none, topic).is_ok());
+        let r = v.check(&ev("InventoryReserved", serde_json::json!({})), &none, topic).unwrap_err();
+        assert_eq!(r.field.as_deref(), Some("order_id"));
+    }
+
+    #[test]
+    fn unknown_types_follow_the_policy() {
+        let mut t = Topology::builtin();
+        let v = Validator::new(&t);
+        let e = ev("ShipmentSent", serde_json::json!({}));
+        let topic = |x: &str| Topology::builtin().event_topic(x);
+        let r = v.check(&e, &HashSet::new(), topic).unwrap_err();
+        assert_eq!((r.reason, r.stage), (DlqReason::UnknownEventType, "route"));
+        let exists: HashSet<String> = ["helios.events.ShipmentSent".to_string()].into();
+        assert!(v.check(&e, &exists, topic).is_ok());
+        t.unknown_event_types = UnknownEventTypePolicy::Dlq;
+        assert!(Validator::new(&t).check(&e, &exists, topic).is_err());
+    }
+}
