@@ -130,14 +130,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             running.wait().await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Process { kafka, process, metrics_addr } => {
+        Command::Process {
+            kafka,
+            process,
+            metrics_addr,
+        } => {
             let shutdown = Shutdown::on_signals();
             let metrics = crate::pipeline::serve_metrics(&metrics_addr, shutdown.clone()).await?;
             println!("HELIOS processor: metrics on http://{metrics}/metrics");
             crate::pipeline::run_processor(&kafka, &process, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { kafka, ingress, process } => {
+        Command::Run {
+            kafka,
+            ingress,
+            process,
+        } => {
             let cfg = IngressConfig::from_args(&kafka, &ingress)?;
             let shutdown = Shutdown::on_signals();
             let running = crate::ingress::start(cfg, shutdown.clone()).await?;
@@ -150,7 +158,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             processed?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Migrate { database_url, db_schema } => {
+        Command::Migrate {
+            database_url,
+            db_schema,
+        } => {
             let pool = crate::db::connect(&database_url, db_schema.as_deref()).await?;
             let applied = crate::db::migrate(&pool).await?;
             if applied.is_empty() {

@@ -41,6 +41,9 @@ pub struct KafkaArgs {
     /// Prefix for every topic name (overrides `topic_prefix` in the topology file).
     #[arg(long, env = "HELIOS_TOPIC_PREFIX")]
     pub topic_prefix: Option<String>,
+    /// Consumer group of the processors (overrides `consumer_group` in the topology file).
+    #[arg(long, env = "HELIOS_CONSUMER_GROUP")]
+    pub consumer_group: Option<String>,
 }
 
 impl KafkaArgs {
@@ -51,6 +54,13 @@ impl KafkaArgs {
             crate::topology::check_topic_name(prefix)
                 .map_err(|p| anyhow::anyhow!("HELIOS_TOPIC_PREFIX / --topic-prefix {p}"))?;
             topology.topic_prefix = prefix.clone();
+        }
+        if let Some(group) = self
+            .consumer_group
+            .as_ref()
+            .filter(|g| !g.trim().is_empty())
+        {
+            topology.consumer_group = group.clone();
         }
         let mut properties = topology.kafka.clone();
         properties.extend(kafka_properties_from_env(std::env::vars()));

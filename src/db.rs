@@ -12,7 +12,8 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 use crate::pipeline::event::CanonicalEvent;
 
 /// Embedded migrations: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "events", include_str!("../migrations/0001_events.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "events", include_str!("../migrations/0001_events.sql"))];
 
 /// A database failure; the batch is retried, never dropped.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +29,9 @@ impl From<sqlx::Error> for StoreError {
 fn check_schema_name(schema: &str) -> Result<(), StoreError> {
     let ok = !schema.is_empty()
         && schema.len() <= 63
-        && schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && !schema.starts_with(|c: char| c.is_ascii_digit());
     if ok {
         Ok(())
@@ -46,9 +49,11 @@ pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgPool, StoreErr
     if let Some(s) = schema {
         check_schema_name(s)?;
         let mut c = sqlx::PgConnection::connect_with(&opts).await?;
-        sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{s}\"")))
-            .execute(&mut c)
-            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{s}\""
+        )))
+        .execute(&mut c)
+        .await?;
         c.close().await?;
         opts = opts.options([("search_path", s)]);
     }
@@ -62,7 +67,9 @@ pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgPool, StoreErr
 /// Applies the migrations not yet applied; returns the versions it applied.
 pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(7246123591)").execute(&mut *tx).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(7246123591)")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS helios_migrations (version bigint PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
     )
@@ -95,7 +102,10 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
 pub trait EventStore: Send + Sync + 'static {
     /// Inserts the events in one statement; rows already present are left alone
     /// (idempotent on `(source, event_id)`). Returns how many rows were new.
-    fn insert_events(&self, events: &[CanonicalEvent]) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn insert_events(
+        &self,
+        events: &[CanonicalEvent],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 /// The PostgreSQL `events` table.

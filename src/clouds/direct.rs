@@ -76,7 +76,9 @@ async fn process(app: &App, inc: &Incoming) -> Result<Response, IngressError> {
 
 // ---- normalization (processor side) ----------------------------------------------------------
 
-use crate::pipeline::normalize::{generic_draft, json, DlqReason, NormalizeError, Normalized, RawRecord};
+use crate::pipeline::normalize::{
+    generic_draft, json, DlqReason, NormalizeError, Normalized, RawRecord,
+};
 
 /// Normalizes a direct ingestion: one event object or an array of them. An event without an
 /// id gets one derived from its raw record position (stable across reprocessing; send your own
@@ -102,7 +104,11 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
         .map(|(i, e)| {
             let i = i as u32;
             if !e.is_object() {
-                return Err(NormalizeError::new(DlqReason::UnrecognizedPayload, "array element is not an event object").at(i));
+                return Err(NormalizeError::new(
+                    DlqReason::UnrecognizedPayload,
+                    "array element is not an event object",
+                )
+                .at(i));
             }
             let mut d = generic_draft(e);
             if d.event_id.is_none() {

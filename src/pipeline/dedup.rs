@@ -60,7 +60,8 @@ pub struct RedisDedup {
 impl RedisDedup {
     /// Connects (retrying in the background when Redis goes away later).
     pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> Result<Self, DedupError> {
-        let client = redis::Client::open(url).map_err(|e| DedupError(format!("REDIS_URL {url}: {e}")))?;
+        let client =
+            redis::Client::open(url).map_err(|e| DedupError(format!("REDIS_URL {url}: {e}")))?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)));
@@ -127,7 +128,10 @@ impl DedupStore for MemoryDedup {
         Ok(items
             .iter()
             .map(|(key, owner)| {
-                let existing = m.get(key).filter(|(_, exp)| *exp > now).map(|(o, _)| o.clone());
+                let existing = m
+                    .get(key)
+                    .filter(|(_, exp)| *exp > now)
+                    .map(|(o, _)| o.clone());
                 if existing.is_none() {
                     m.insert(key.clone(), (owner.clone(), now + self.ttl));
                 }

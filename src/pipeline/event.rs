@@ -20,7 +20,10 @@ pub struct RawRef {
 impl RawRef {
     /// `topic/partition/offset/index`: the owner value of a dedup mark.
     pub fn owner(&self) -> String {
-        format!("{}/{}/{}/{}", self.topic, self.partition, self.offset, self.index)
+        format!(
+            "{}/{}/{}/{}",
+            self.topic, self.partition, self.offset, self.index
+        )
     }
 }
 
@@ -92,7 +95,9 @@ pub fn id_field(data: &serde_json::Value, snake: &str, camel: &str) -> Option<St
 
 /// Parses an RFC 3339 time (any offset) into UTC.
 pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s.trim()).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s.trim())
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 #[cfg(test)]
@@ -101,14 +106,26 @@ mod tests {
 
     #[test]
     fn type_names_normalize() {
-        assert_eq!(normalize_type("Contoso.Orders.OrderPlaced").as_deref(), Some("OrderPlaced"));
-        assert_eq!(normalize_type("OrderPlaced").as_deref(), Some("OrderPlaced"));
+        assert_eq!(
+            normalize_type("Contoso.Orders.OrderPlaced").as_deref(),
+            Some("OrderPlaced")
+        );
+        assert_eq!(
+            normalize_type("OrderPlaced").as_deref(),
+            Some("OrderPlaced")
+        );
         assert_eq!(
             normalize_type("EC2 Instance State-change Notification").as_deref(),
             Some("EC2InstanceStateChangeNotification")
         );
-        assert_eq!(normalize_type("com.yourcompany.order.created").as_deref(), Some("Created"));
-        assert_eq!(normalize_type("payment_processed").as_deref(), Some("PaymentProcessed"));
+        assert_eq!(
+            normalize_type("com.yourcompany.order.created").as_deref(),
+            Some("Created")
+        );
+        assert_eq!(
+            normalize_type("payment_processed").as_deref(),
+            Some("PaymentProcessed")
+        );
         assert_eq!(normalize_type(""), None);
         assert_eq!(normalize_type("a.b."), None);
         assert_eq!(normalize_type("123"), None);
@@ -118,7 +135,13 @@ mod tests {
     fn id_fields_accept_both_spellings() {
         let d = serde_json::json!({"orderId": "O-1", "customer_id": 42});
         assert_eq!(id_field(&d, "order_id", "orderId").as_deref(), Some("O-1"));
-        assert_eq!(id_field(&d, "customer_id", "customerId").as_deref(), Some("42"));
-        assert_eq!(id_field(&serde_json::json!({"order_id": ""}), "order_id", "orderId"), None);
+        assert_eq!(
+            id_field(&d, "customer_id", "customerId").as_deref(),
+            Some("42")
+        );
+        assert_eq!(
+            id_field(&serde_json::json!({"order_id": ""}), "order_id", "orderId"),
+            None
+        );
     }
 }

@@ -1,9 +1,9 @@
 //! The processor's pipeline, one module per stage: raw records are normalized into canonical
 //! events, deduplicated, validated, and routed to the fan-out topics, PostgreSQL and the DLQ.
 
+pub mod dedup;
 pub mod event;
 pub mod normalize;
-pub mod dedup;
 pub mod processor;
 pub mod validate;
 
@@ -14,7 +14,11 @@ use crate::shutdown::Shutdown;
 
 /// Builds a processor from flags/environment (Redis dedup, PostgreSQL store) and runs it until
 /// shutdown.
-pub async fn run_processor(kafka: &KafkaArgs, args: &ProcessArgs, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run_processor(
+    kafka: &KafkaArgs,
+    args: &ProcessArgs,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     args.check()?;
     let (topology, settings) = kafka.resolve()?;
     let pool = crate::db::connect(&args.database_url, args.db_schema.as_deref()).await?;
@@ -22,7 +26,12 @@ pub async fn run_processor(kafka: &KafkaArgs, args: &ProcessArgs, shutdown: Shut
         let applied = crate::db::migrate(&pool).await?;
         tracing::info!(?applied, "migrations applied");
     }
-    let dedup = dedup::RedisDedup::connect(&args.redis_url, &args.dedup_prefix, Duration::from_secs(args.dedup_ttl_secs)).await?;
+    let dedup = dedup::RedisDedup::connect(
+        &args.redis_url,
+        &args.dedup_prefix,
+        Duration::from_secs(args.dedup_ttl_secs),
+    )
+    .await?;
     let cfg = processor::ProcessorConfig {
         kafka: settings,
         topology,
@@ -38,17 +47,25 @@ pub async fn run_processor(kafka: &KafkaArgs, args: &ProcessArgs, shutdown: Shut
 pub async fn serve_metrics(addr: &str, shutdown: Shutdown) -> anyhow::Result<std::net::SocketAddr> {
     let handle = crate::metrics::install();
     let router = axum::Router::new()
-        .route("/metrics", axum::routing::get(move || {
-            let h = handle.clone();
-            async move { h.render() }
-        }))
-        .route("/api/v1/health/live", axum::routing::get(|| async { "alive" }));
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let h = handle.clone();
+                async move { h.render() }
+            }),
+        )
+        .route(
+            "/api/v1/health/live",
+            axum::routing::get(|| async { "alive" }),
+        );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the metrics endpoint to {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
-        let _ = axum::serve(listener, router).with_graceful_shutdown(shutdown.wait()).await;
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.wait())
+            .await;
     });
     Ok(bound)
 }

@@ -149,10 +149,15 @@ impl Draft {
         let event_id = self
             .event_id
             .filter(|s| !s.trim().is_empty())
-            .ok_or_else(|| NormalizeError::new(DlqReason::MissingEventId, "the event has no id").at(index))?;
-        let raw_type = self.raw_type.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
-            NormalizeError::new(DlqReason::MissingEventType, "the event has no type").at(index)
-        })?;
+            .ok_or_else(|| {
+                NormalizeError::new(DlqReason::MissingEventId, "the event has no id").at(index)
+            })?;
+        let raw_type = self
+            .raw_type
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| {
+                NormalizeError::new(DlqReason::MissingEventType, "the event has no type").at(index)
+            })?;
         let event_type = normalize_type(&raw_type).ok_or_else(|| {
             NormalizeError::new(
                 DlqReason::MissingEventType,
@@ -161,7 +166,11 @@ impl Draft {
             .at(index)
         })?;
         let received = raw.received_at();
-        let occurred_at = self.occurred_at.as_deref().and_then(parse_time).unwrap_or(received);
+        let occurred_at = self
+            .occurred_at
+            .as_deref()
+            .and_then(parse_time)
+            .unwrap_or(received);
         let mut metadata = self.metadata;
         if raw_type != event_type {
             metadata.insert("provider_type".into(), raw_type);
@@ -218,8 +227,12 @@ pub fn generic_draft(v: &Value) -> Draft {
 
 /// Parses JSON, mapping failure to `invalid_json`.
 pub fn json(bytes: &[u8]) -> Result<Value, NormalizeError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| NormalizeError::new(DlqReason::InvalidJson, format!("body is not valid JSON: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        NormalizeError::new(
+            DlqReason::InvalidJson,
+            format!("body is not valid JSON: {e}"),
+        )
+    })
 }
 
 /// Normalizes one raw record according to its `helios-source` and delivery headers.
@@ -235,7 +248,9 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
     };
     match source {
         Source::Aws => {
-            if raw.header("x-amz-sns-message-type").is_some() || raw.header(h::ENDPOINT) == Some("sns") {
+            if raw.header("x-amz-sns-message-type").is_some()
+                || raw.header(h::ENDPOINT) == Some("sns")
+            {
                 clouds::aws::sns::normalize(raw)
             } else {
                 clouds::aws::eventbridge::normalize(raw)
@@ -264,9 +279,16 @@ mod tests {
             (h::SOURCE.to_string(), source.as_bytes().to_vec()),
             (h::ENDPOINT.to_string(), endpoint.as_bytes().to_vec()),
             (h::KIND.to_string(), b"event".to_vec()),
-            (h::RECEIVED_AT.to_string(), b"2026-11-22T10:00:00.000Z".to_vec()),
+            (
+                h::RECEIVED_AT.to_string(),
+                b"2026-11-22T10:00:00.000Z".to_vec(),
+            ),
         ];
-        headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())));
+        headers.extend(
+            extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+        );
         RawRecord {
             topic: format!("helios.raw.{source}"),
             partition: 2,
@@ -287,7 +309,12 @@ mod tests {
 
     #[test]
     fn eventbridge_envelope() {
-        let e = events(normalize(&raw("aws", "eventbridge", include_bytes!("../../samples/aws-eventbridge-order.json"), &[])));
+        let e = events(normalize(&raw(
+            "aws",
+            "eventbridge",
+            include_bytes!("../../samples/aws-eventbridge-order.json"),
+            &[],
+        )));
         assert_eq!(e.len(), 1);
         let e = &e[0];
         assert_eq!(e.event_id, "0d1c7b9e-2f4a-4a53-9d51-7d3c2a6f1b01");
@@ -298,17 +325,32 @@ mod tests {
         assert_eq!(e.metadata["aws_account"], "111122223333");
         assert_eq!(e.metadata["aws_region"], "eu-west-1");
         assert_eq!(e.raw.owner(), "helios.raw.aws/2/41/0");
-        let ec2 = events(normalize(&raw("aws", "eventbridge", include_bytes!("../../samples/aws-eventbridge.json"), &[])));
+        let ec2 = events(normalize(&raw(
+            "aws",
+            "eventbridge",
+            include_bytes!("../../samples/aws-eventbridge.json"),
+            &[],
+        )));
         assert_eq!(ec2[0].event_type, "EC2InstanceStateChangeNotification");
-        assert_eq!(ec2[0].metadata["provider_type"], "EC2 Instance State-change Notification");
+        assert_eq!(
+            ec2[0].metadata["provider_type"],
+            "EC2 Instance State-change Notification"
+        );
     }
 
     #[test]
     fn sns_notification_with_eventbridge_inside_keeps_the_inner_id() {
-        let inner = String::from_utf8(include_bytes!("../../samples/aws-eventbridge-order.json").to_vec()).unwrap();
+        let inner =
+            String::from_utf8(include_bytes!("../../samples/aws-eventbridge-order.json").to_vec())
+                .unwrap();
         let body = serde_json::json!({"Type": "Notification", "MessageId": "sns-1", "TopicArn": "arn:aws:sns:eu-west-1:1:t",
             "Message": inner.trim(), "Timestamp": "2026-11-22T09:15:03.000Z"});
-        let e = events(normalize(&raw("aws", "sns", body.to_string().as_bytes(), &[("x-amz-sns-message-type", "Notification")])));
+        let e = events(normalize(&raw(
+            "aws",
+            "sns",
+            body.to_string().as_bytes(),
+            &[("x-amz-sns-message-type", "Notification")],
+        )));
         assert_eq!(e[0].event_id, "0d1c7b9e-2f4a-4a53-9d51-7d3c2a6f1b01");
         assert_eq!(e[0].event_type, "OrderPlaced");
         assert_eq!(e[0].metadata["sns_message_id"], "sns-1");
@@ -319,67 +361,140 @@ mod tests {
         let body = serde_json::json!({"Type": "Notification", "MessageId": "sns-2", "TopicArn": "t",
             "Message": "{\"order_id\":\"O-9\"}", "Timestamp": "2026-11-22T09:15:03.000Z",
             "MessageAttributes": {"eventType": {"Type": "String", "Value": "InventoryReserved"}}});
-        let e = events(normalize(&raw("aws", "sns", body.to_string().as_bytes(), &[])));
+        let e = events(normalize(&raw(
+            "aws",
+            "sns",
+            body.to_string().as_bytes(),
+            &[],
+        )));
         assert_eq!(e[0].event_id, "sns-2");
         assert_eq!(e[0].event_type, "InventoryReserved");
         assert_eq!(e[0].order_id.as_deref(), Some("O-9"));
         let text = serde_json::json!({"Type": "Notification", "MessageId": "sns-3", "TopicArn": "t",
             "Message": "hello", "Timestamp": "2026-11-22T09:15:03.000Z"});
         match normalize(&raw("aws", "sns", text.to_string().as_bytes(), &[])) {
-            Normalized::Events(v) => assert_eq!(v[0].as_ref().unwrap_err().reason, DlqReason::MissingEventType),
+            Normalized::Events(v) => assert_eq!(
+                v[0].as_ref().unwrap_err().reason,
+                DlqReason::MissingEventType
+            ),
             other => panic!("{other:?}"),
         }
         let confirm = serde_json::json!({"Type": "SubscriptionConfirmation", "MessageId": "x"});
-        assert_eq!(normalize(&raw("aws", "sns", confirm.to_string().as_bytes(), &[])), Normalized::Handshake);
+        assert_eq!(
+            normalize(&raw("aws", "sns", confirm.to_string().as_bytes(), &[])),
+            Normalized::Handshake
+        );
     }
 
     #[test]
     fn pubsub_wrapped_and_unwrapped() {
-        let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, br#"{"order_id":"O-5","amount":10}"#);
+        let data = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            br#"{"order_id":"O-5","amount":10}"#,
+        );
         let body = serde_json::json!({"message": {"data": data, "attributes": {"eventType": "PaymentProcessed"},
             "messageId": "m-1", "message_id": "m-1", "publish_time": "2026-11-22T08:00:00Z"},
             "subscription": "projects/p/subscriptions/s"});
-        let e = events(normalize(&raw("gcp", "pubsub", body.to_string().as_bytes(), &[])));
+        let e = events(normalize(&raw(
+            "gcp",
+            "pubsub",
+            body.to_string().as_bytes(),
+            &[],
+        )));
         assert_eq!(e[0].event_id, "m-1");
         assert_eq!(e[0].event_type, "PaymentProcessed");
         assert_eq!(e[0].data["amount"], 10);
         assert_eq!(e[0].occurred_at.to_rfc3339(), "2026-11-22T08:00:00+00:00");
-        assert_eq!(e[0].metadata["gcp_subscription"], "projects/p/subscriptions/s");
+        assert_eq!(
+            e[0].metadata["gcp_subscription"],
+            "projects/p/subscriptions/s"
+        );
 
-        let e = events(normalize(&raw("gcp", "pubsub", br#"{"order_id":"O-6"}"#,
-            &[("x-goog-pubsub-message-id", "m-2"), ("eventtype", "OrderPlaced")])));
-        assert_eq!((e[0].event_id.as_str(), e[0].event_type.as_str()), ("m-2", "OrderPlaced"));
+        let e = events(normalize(&raw(
+            "gcp",
+            "pubsub",
+            br#"{"order_id":"O-6"}"#,
+            &[
+                ("x-goog-pubsub-message-id", "m-2"),
+                ("eventtype", "OrderPlaced"),
+            ],
+        )));
+        assert_eq!(
+            (e[0].event_id.as_str(), e[0].event_type.as_str()),
+            ("m-2", "OrderPlaced")
+        );
 
-        let sample = normalize(&raw("gcp", "pubsub", include_bytes!("../../samples/gcp-pubsub-wrapped.json"), &[]));
+        let sample = normalize(&raw(
+            "gcp",
+            "pubsub",
+            include_bytes!("../../samples/gcp-pubsub-wrapped.json"),
+            &[],
+        ));
         match sample {
-            Normalized::Events(v) => assert_eq!(v[0].as_ref().unwrap_err().reason, DlqReason::MissingEventType),
+            Normalized::Events(v) => assert_eq!(
+                v[0].as_ref().unwrap_err().reason,
+                DlqReason::MissingEventType
+            ),
             other => panic!("{other:?}"),
         }
         let bad = serde_json::json!({"message": {"data": "!!!", "messageId": "m"}});
-        assert!(matches!(normalize(&raw("gcp", "pubsub", bad.to_string().as_bytes(), &[])),
-            Normalized::Failed(NormalizeError { reason: DlqReason::InvalidPayload, .. })));
+        assert!(matches!(
+            normalize(&raw("gcp", "pubsub", bad.to_string().as_bytes(), &[])),
+            Normalized::Failed(NormalizeError {
+                reason: DlqReason::InvalidPayload,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn eventgrid_and_cloudevents() {
-        let e = events(normalize(&raw("azure", "eventgrid", include_bytes!("../../samples/azure-eventgrid.json"), &[])));
+        let e = events(normalize(&raw(
+            "azure",
+            "eventgrid",
+            include_bytes!("../../samples/azure-eventgrid.json"),
+            &[],
+        )));
         assert_eq!(e[0].event_type, "BlobCreated");
         assert_eq!(e[0].event_id, "831e1650-001e-001b-66ab-eeb76e069631");
-        let e = events(normalize(&raw("azure", "eventgrid", include_bytes!("../../samples/azure-cloudevents-batch.json"), &[])));
+        let e = events(normalize(&raw(
+            "azure",
+            "eventgrid",
+            include_bytes!("../../samples/azure-cloudevents-batch.json"),
+            &[],
+        )));
         assert_eq!(e.len(), 2);
         assert_eq!(e[1].event_type, "OrderPlaced");
         assert_eq!(e[1].event_id, "/orders/account/123#A234-1234-1235");
         assert_eq!(e[1].raw.index, 1);
         assert_eq!(e[1].order_id.as_deref(), Some("O-28965"));
-        let v = normalize(&raw("azure", "eventgrid", include_bytes!("../../samples/azure-eventgrid-validation.json"), &[]));
+        let v = normalize(&raw(
+            "azure",
+            "eventgrid",
+            include_bytes!("../../samples/azure-eventgrid-validation.json"),
+            &[],
+        ));
         assert_eq!(v, Normalized::Handshake);
     }
 
     #[test]
     fn direct_single_and_batch() {
-        let e = events(normalize(&raw("direct", "ingest", include_bytes!("../../samples/direct-batch.json"), &[])));
-        assert_eq!(e.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["PaymentProcessed", "InventoryReserved"]);
-        let e = events(normalize(&raw("direct", "ingest", br#"{"event_type":"OrderPlaced","data":{"order_id":"O"}}"#, &[])));
+        let e = events(normalize(&raw(
+            "direct",
+            "ingest",
+            include_bytes!("../../samples/direct-batch.json"),
+            &[],
+        )));
+        assert_eq!(
+            e.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(),
+            ["PaymentProcessed", "InventoryReserved"]
+        );
+        let e = events(normalize(&raw(
+            "direct",
+            "ingest",
+            br#"{"event_type":"OrderPlaced","data":{"order_id":"O"}}"#,
+            &[],
+        )));
         assert_eq!(e[0].event_id, "raw-helios.raw.direct/2/41/0");
     }
 
@@ -390,7 +505,16 @@ mod tests {
         r.headers.retain(|(k, v)| !(k == h::KIND && v == b"event"));
         assert_eq!(normalize(&r), Normalized::Handshake);
         for src in ["aws", "gcp", "azure", "direct", "nope"] {
-            for body in [&b""[..], b"\xff", b"null", b"[]", b"[null]", b"{}", b"{\"message\":1}", b"{\"Type\":\"Notification\"}"] {
+            for body in [
+                &b""[..],
+                b"\xff",
+                b"null",
+                b"[]",
+                b"[null]",
+                b"{}",
+                b"{\"message\":1}",
+                b"{\"Type\":\"Notification\"}",
+            ] {
                 let _ = normalize(&raw(src, "x", body, &[]));
                 let _ = normalize(&raw(src, "sns", body, &[("x-amz-sns-rawdelivery", "true")]));
             }

@@ -9,6 +9,7 @@
 //! consumer polls again, which is when librdkafka hands partitions over.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,10 +96,56 @@ impl ClientContext for ProcessorContext {
 impl ConsumerContext for ProcessorContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance<'_>) {
         match r {
-            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked (the batch in hand was committed)"),
-            Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Revoke(tpl) => tracing::info!(
+                partitions = tpl.count(),
+                "partitions revoked (the batch in hand was committed)"
+            ),
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned")
+            }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
+    }
+}
+
+/// Running totals of one processor instance (the metrics' per-instance twin, for tests and
+/// the benchmark). The invariant: `units_in == events_out + duplicates + dlq`.
+#[derive(Debug, Default)]
+pub struct ProcessorStats {
+    pub raw_records: AtomicU64,
+    pub units_in: AtomicU64,
+    pub events_out: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub dlq: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+impl ProcessorStats {
+    fn add(&self, batch: &[RawRecord], plan: &BatchPlan) {
+        self.raw_records
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.units_in
+            .fetch_add(plan.units_in.len() as u64, Ordering::Relaxed);
+        self.events_out
+            .fetch_add(plan.events.len() as u64, Ordering::Relaxed);
+        self.duplicates
+            .fetch_add(plan.duplicates.len() as u64, Ordering::Relaxed);
+        self.dlq.fetch_add(plan.dlq.len() as u64, Ordering::Relaxed);
+        self.handshakes
+            .fetch_add(plan.handshakes.len() as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (raw records, units in, events out, duplicates, dlq)
+    pub fn snapshot(&self) -> (u64, u64, u64, u64, u64) {
+        (
+            self.raw_records.load(Ordering::Relaxed),
+            self.units_in.load(Ordering::Relaxed),
+            self.events_out.load(Ordering::Relaxed),
+            self.duplicates.load(Ordering::Relaxed),
+            self.dlq.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -112,6 +159,7 @@ pub struct Processor<D: DedupStore, S: EventStore> {
     validator: Validator,
     known_topics: HashSet<String>,
     topics_refreshed: Option<Instant>,
+    stats: Arc<ProcessorStats>,
 }
 
 fn to_raw(m: &BorrowedMessage<'_>) -> RawRecord {
@@ -156,7 +204,11 @@ pub async fn plan_batch<D: DedupStore>(
                 plan.dlq.push(DlqItem {
                     record: i,
                     reason: e.reason,
-                    stage: if e.reason == DlqReason::InvalidJson { "parse" } else { "normalize" },
+                    stage: if e.reason == DlqReason::InvalidJson {
+                        "parse"
+                    } else {
+                        "normalize"
+                    },
                     detail: e.detail,
                     field: None,
                     index: e.index,
@@ -202,7 +254,12 @@ pub async fn plan_batch<D: DedupStore>(
         }
         match validator.check(&ev, existing_topics, |t| topology.event_topic(t)) {
             Ok(()) => plan.events.push(ev),
-            Err(Rejection { reason, stage, detail, field }) => plan.dlq.push(DlqItem {
+            Err(Rejection {
+                reason,
+                stage,
+                detail,
+                field,
+            }) => plan.dlq.push(DlqItem {
                 record: i,
                 reason,
                 stage,
@@ -237,7 +294,10 @@ fn event_headers(e: &CanonicalEvent) -> OwnedHeaders {
     ];
     let mut h = OwnedHeaders::new_with_capacity(pairs.len());
     for (k, v) in pairs {
-        h = h.insert(Header { key: k, value: Some(v) });
+        h = h.insert(Header {
+            key: k,
+            value: Some(v),
+        });
     }
     h
 }
@@ -246,7 +306,10 @@ fn dlq_record_headers(raw: &RawRecord, item: &DlqItem) -> OwnedHeaders {
     let mut h = OwnedHeaders::new_with_capacity(raw.headers.len() + 9);
     for (k, v) in &raw.headers {
         if !k.starts_with("helios-dlq-") {
-            h = h.insert(Header { key: k, value: Some(v.as_slice()) });
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
         }
     }
     let partition = raw.partition.to_string();
@@ -268,7 +331,10 @@ fn dlq_record_headers(raw: &RawRecord, item: &DlqItem) -> OwnedHeaders {
         pairs.push((dlq_headers::EVENT_INDEX, i.to_string()));
     }
     for (k, v) in &pairs {
-        h = h.insert(Header { key: k, value: Some(v.as_str()) });
+        h = h.insert(Header {
+            key: k,
+            value: Some(v.as_str()),
+        });
     }
     h
 }
@@ -281,7 +347,11 @@ pub enum BatchError {
     #[error(transparent)]
     Store(#[from] crate::db::StoreError),
     #[error("Kafka did not acknowledge {failed} of {total} fan-out/DLQ records: {first}")]
-    Produce { failed: usize, total: usize, first: String },
+    Produce {
+        failed: usize,
+        total: usize,
+        first: String,
+    },
 }
 
 impl BatchError {
@@ -295,7 +365,9 @@ impl BatchError {
 }
 
 /// Creates the fan-out/DLQ producer.
-pub fn output_producer(kafka: &KafkaSettings) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+pub fn output_producer(
+    kafka: &KafkaSettings,
+) -> Result<FutureProducer, rdkafka::error::KafkaError> {
     let mut cfg = kafka.client_config();
     for (k, v) in [
         ("client.id", "helios-processor"),
@@ -330,7 +402,10 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         c.set("enable.auto.commit", "false");
         c.set("enable.auto.offset.store", "false");
         let consumer: StreamConsumer<ProcessorContext> = c.create_with_context(ProcessorContext)?;
-        let topics: Vec<String> = Source::ALL.iter().map(|s| cfg.topology.raw_topic(*s)).collect();
+        let topics: Vec<String> = Source::ALL
+            .iter()
+            .map(|s| cfg.topology.raw_topic(*s))
+            .collect();
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;
         tracing::info!(group = %cfg.topology.consumer_group, topics = ?topics, "processor subscribed");
@@ -344,7 +419,13 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             store,
             known_topics: HashSet::new(),
             topics_refreshed: None,
+            stats: Arc::new(ProcessorStats::default()),
         })
+    }
+
+    /// This instance's running totals.
+    pub fn stats(&self) -> Arc<ProcessorStats> {
+        self.stats.clone()
     }
 
     async fn refresh_topics(&mut self, force: bool) {
@@ -356,8 +437,12 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         }
         let c = self.consumer.clone();
         let r = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(None, Duration::from_secs(5))
-                .map(|m| m.topics().iter().map(|t| t.name().to_string()).collect::<HashSet<_>>())
+            c.fetch_metadata(None, Duration::from_secs(5)).map(|m| {
+                m.topics()
+                    .iter()
+                    .map(|t| t.name().to_string())
+                    .collect::<HashSet<_>>()
+            })
         })
         .await;
         if let Ok(Ok(t)) = r {
@@ -383,7 +468,8 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                 match self.process(&batch).await {
                     Ok(()) => break true,
                     Err(e) => {
-                        metrics::counter!("helios_processor_retries_total", "stage" => e.stage()).increment(1);
+                        metrics::counter!("helios_processor_retries_total", "stage" => e.stage())
+                            .increment(1);
                         tracing::warn!(error = %e, records = batch.len(), retry_in_ms = backoff.as_millis() as u64,
                             "batch not processed; retrying the same batch (nothing is committed)");
                         tokio::select! {
@@ -398,7 +484,8 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                 break;
             }
             self.commit(&batch).await;
-            metrics::histogram!("helios_processor_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("helios_processor_batch_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
             metrics::histogram!("helios_processor_batch_records").record(batch.len() as f64);
         }
         tracing::info!("processor stopping");
@@ -424,14 +511,33 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
     }
 
     async fn process(&mut self, batch: &[RawRecord]) -> Result<(), BatchError> {
-        let mut plan = plan_batch(batch, &self.dedup, &self.validator, &self.known_topics, &self.cfg.topology).await?;
-        if plan.dlq.iter().any(|d| d.reason == DlqReason::UnknownEventType) {
+        let mut plan = plan_batch(
+            batch,
+            &self.dedup,
+            &self.validator,
+            &self.known_topics,
+            &self.cfg.topology,
+        )
+        .await?;
+        if plan
+            .dlq
+            .iter()
+            .any(|d| d.reason == DlqReason::UnknownEventType)
+        {
             // A topic may have been created since the last look: check once more before DLQ'ing.
             self.refresh_topics(true).await;
-            plan = plan_batch(batch, &self.dedup, &self.validator, &self.known_topics, &self.cfg.topology).await?;
+            plan = plan_batch(
+                batch,
+                &self.dedup,
+                &self.validator,
+                &self.known_topics,
+                &self.cfg.topology,
+            )
+            .await?;
         }
         self.write(batch, &plan).await?;
         record_metrics(batch, &plan);
+        self.stats.add(batch, &plan);
         Ok(())
     }
 
@@ -479,7 +585,11 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             .collect();
         failures.extend(enqueue_errors);
         if let Some(first) = failures.first() {
-            return Err(BatchError::Produce { failed: failures.len(), total, first: first.clone() });
+            return Err(BatchError::Produce {
+                failed: failures.len(),
+                total,
+                first: first.clone(),
+            });
         }
         let inserted = db?;
         metrics::counter!("helios_processor_rows_inserted_total").increment(inserted);
@@ -501,7 +611,9 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             Ok(Ok(())) => {}
             // After a rebalance the new owner re-processes from the last commit: duplicates on
             // the fan-out topics at worst, never a loss; PostgreSQL stays exactly once.
-            Ok(Err(e)) => tracing::warn!(error = %e, "offset commit failed; the records will be processed again"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "offset commit failed; the records will be processed again")
+            }
             Err(e) => tracing::warn!(error = %e, "offset commit task failed"),
         }
     }
@@ -513,7 +625,8 @@ fn record_metrics(batch: &[RawRecord], plan: &BatchPlan) {
         *per_topic.entry(r.topic.as_str()).or_default() += 1;
     }
     for (t, n) in per_topic {
-        metrics::counter!("helios_processor_raw_records_total", "topic" => t.to_string()).increment(n);
+        metrics::counter!("helios_processor_raw_records_total", "topic" => t.to_string())
+            .increment(n);
     }
     for s in &plan.units_in {
         metrics::counter!("helios_processor_events_in_total", "source" => s.as_str()).increment(1);

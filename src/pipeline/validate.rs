@@ -109,7 +109,12 @@ mod tests {
             customer_id: crate::pipeline::event::id_field(&data, "customer_id", "customerId"),
             data,
             metadata: Default::default(),
-            raw: RawRef { topic: "t".into(), partition: 0, offset: 0, index: 0 },
+            raw: RawRef {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+                index: 0,
+            },
         }
     }
 
@@ -119,13 +124,55 @@ mod tests {
         let v = Validator::new(&t);
         let none = HashSet::new();
         let topic = |x: &str| t.event_topic(x);
-        assert!(v.check(&ev("OrderPlaced", serde_json::json!({"order_id": "1", "customerId": "c"})), &none, topic).is_ok());
-        let r = v.check(&ev("OrderPlaced", serde_json::json!({"order_id": "1"})), &none, topic).unwrap_err();
-        assert_eq!((r.reason, r.field.as_deref()), (DlqReason::MissingRequiredField, Some("customer_id")));
-        let r = v.check(&ev("PaymentProcessed", serde_json::json!({"order_id": "1", "amount": null})), &none, topic).unwrap_err();
+        assert!(v
+            .check(
+                &ev(
+                    "OrderPlaced",
+                    serde_json::json!({"order_id": "1", "customerId": "c"})
+                ),
+                &none,
+                topic
+            )
+            .is_ok());
+        let r = v
+            .check(
+                &ev("OrderPlaced", serde_json::json!({"order_id": "1"})),
+                &none,
+                topic,
+            )
+            .unwrap_err();
+        assert_eq!(
+            (r.reason, r.field.as_deref()),
+            (DlqReason::MissingRequiredField, Some("customer_id"))
+        );
+        let r = v
+            .check(
+                &ev(
+                    "PaymentProcessed",
+                    serde_json::json!({"order_id": "1", "amount": null}),
+                ),
+                &none,
+                topic,
+            )
+            .unwrap_err();
         assert_eq!(r.field.as_deref(), Some("amount"));
-        assert!(v.check(&ev("PaymentProcessed", serde_json::json!({"order_id": "1", "amount": 0})), &none, topic).is_ok());
-        let r = v.check(&ev("InventoryReserved", serde_json::json!({})), &none, topic).unwrap_err();
+        assert!(v
+            .check(
+                &ev(
+                    "PaymentProcessed",
+                    serde_json::json!({"order_id": "1", "amount": 0})
+                ),
+                &none,
+                topic
+            )
+            .is_ok());
+        let r = v
+            .check(
+                &ev("InventoryReserved", serde_json::json!({})),
+                &none,
+                topic,
+            )
+            .unwrap_err();
         assert_eq!(r.field.as_deref(), Some("order_id"));
     }
 

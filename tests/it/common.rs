@@ -34,6 +34,7 @@ pub fn test_topology() -> Topology {
         spec.partitions = 1;
     }
     t.event_topics.partitions = 1;
+    t.consumer_group = format!("{}helios-processor", t.topic_prefix);
     t
 }
 
@@ -218,4 +219,169 @@ pub fn assert_raw_headers(r: &Record, source: &str, endpoint: &str, kind: &str) 
         !r.headers.contains_key("authorization"),
         "authorization must never be landed"
     );
+}
+
+/// The PostgreSQL server the test script provides.
+pub fn database_url() -> String {
+    std::env::var("HELIOS_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The Redis server the test script provides.
+pub fn redis_url() -> String {
+    std::env::var("HELIOS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A fresh schema name for one test.
+pub fn unique_schema() -> String {
+    format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A processor running in this process, with its own schema and dedup prefix.
+pub struct TestProcessor {
+    pub pool: sqlx::PgPool,
+    pub stats: std::sync::Arc<helios::pipeline::processor::ProcessorStats>,
+    stop: Option<ShutdownTrigger>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestProcessor {
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            s.trigger();
+        }
+        if let Some(t) = self.task.take() {
+            t.await
+                .expect("processor task")
+                .expect("processor ended cleanly");
+        }
+    }
+}
+
+impl Drop for TestProcessor {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            s.trigger();
+        }
+    }
+}
+
+/// Options for [`spawn_processor_with`].
+#[derive(Clone)]
+pub struct ProcOpts {
+    pub schema: String,
+    pub dedup_prefix: String,
+    pub database_url: String,
+    pub redis_url: String,
+}
+
+impl Default for ProcOpts {
+    fn default() -> Self {
+        ProcOpts {
+            schema: unique_schema(),
+            dedup_prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
+            database_url: database_url(),
+            redis_url: redis_url(),
+        }
+    }
+}
+
+/// Starts a processor on `topology` (migrations applied).
+pub async fn spawn_processor(topology: &Topology) -> TestProcessor {
+    spawn_processor_with(topology, ProcOpts::default()).await
+}
+
+pub async fn spawn_processor_with(topology: &Topology, o: ProcOpts) -> TestProcessor {
+    helios::telemetry::init();
+    let pool = helios::db::connect(&o.database_url, Some(&o.schema))
+        .await
+        .expect("postgres");
+    helios::db::migrate(&pool).await.expect("migrate");
+    let dedup = helios::pipeline::dedup::RedisDedup::connect(
+        &o.redis_url,
+        &o.dedup_prefix,
+        Duration::from_secs(3600),
+    )
+    .await
+    .expect("redis");
+    let cfg = helios::pipeline::processor::ProcessorConfig {
+        kafka: KafkaSettings::new(kafka_bootstrap()),
+        topology: topology.clone(),
+        batch_size: 200,
+        linger: Duration::from_millis(50),
+    };
+    let p = helios::pipeline::processor::Processor::new(
+        cfg,
+        dedup,
+        helios::db::PgStore::new(pool.clone()),
+    )
+    .expect("processor");
+    let stats = p.stats();
+    let (stop, shutdown) = Shutdown::new();
+    let task = tokio::spawn(p.run(shutdown));
+    TestProcessor {
+        pool,
+        stats,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// Waits until `sql` (a count query) returns at least `n`; returns the last value.
+pub async fn wait_count(pool: &sqlx::PgPool, sql: &'static str, n: i64, timeout: Duration) -> i64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c: i64 = sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1);
+        if c >= n || Instant::now() > deadline {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Produces raw records straight into a raw topic, as the ingress would have landed them.
+pub async fn produce_raw(topic: &str, source: &str, endpoint: &str, bodies: &[Vec<u8>]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("linger.ms", "20")
+        .create()
+        .expect("producer");
+    let now = chrono::Utc::now().to_rfc3339();
+    let mut futs = vec![];
+    for (i, b) in bodies.iter().enumerate() {
+        let rid = format!("raw-{i}");
+        let h = OwnedHeaders::new()
+            .insert(Header {
+                key: "helios-source",
+                value: Some(source),
+            })
+            .insert(Header {
+                key: "helios-endpoint",
+                value: Some(endpoint),
+            })
+            .insert(Header {
+                key: "helios-kind",
+                value: Some("event"),
+            })
+            .insert(Header {
+                key: "helios-received-at",
+                value: Some(now.as_str()),
+            })
+            .insert(Header {
+                key: "helios-request-id",
+                value: Some(rid.as_str()),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json"),
+            });
+        let rec: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(topic).payload(b.as_slice()).headers(h);
+        futs.push(producer.send(rec, Duration::from_secs(30)));
+    }
+    for f in futs {
+        f.await.expect("produced");
+    }
 }

@@ -10,4 +10,6 @@ mod direct;
 mod gcp_pubsub;
 mod ops;
 mod outage;
+mod processor;
+mod resilience;
 mod topology_apply;

@@ -78,29 +78,11 @@ fn basic_credentials(header: Option<&str>) -> Option<(String, String)> {
     Some((u.to_string(), p.to_string()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn basic_header_parsing() {
-        let h = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode("user:p:ss")
-        );
-        assert_eq!(
-            basic_credentials(Some(&h)),
-            Some(("user".into(), "p:ss".into()))
-        );
-        assert_eq!(basic_credentials(Some("Bearer abc")), None);
-        assert_eq!(basic_credentials(Some("Basic !!!")), None);
-        assert_eq!(basic_credentials(None), None);
-    }
-}
-
 // ---- normalization (processor side) ----------------------------------------------------------
 
-use crate::pipeline::normalize::{generic_draft, json, single, str_field, Draft, DlqReason, NormalizeError, Normalized, RawRecord};
+use crate::pipeline::normalize::{
+    generic_draft, json, single, str_field, DlqReason, Draft, NormalizeError, Normalized, RawRecord,
+};
 
 /// True when `v` has the EventBridge envelope's identifying keys.
 pub fn is_envelope(v: &serde_json::Value) -> bool {
@@ -114,15 +96,25 @@ pub fn envelope_draft(v: &serde_json::Value) -> Draft {
         event_id: str_field(v, "id").map(str::to_string),
         raw_type: str_field(v, "detail-type").map(str::to_string),
         occurred_at: str_field(v, "time").map(str::to_string),
-        data: v.get("detail").cloned().unwrap_or_else(|| serde_json::json!({})),
+        data: v
+            .get("detail")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({})),
         ..Default::default()
     };
     d.meta("aws_account", str_field(v, "account"));
     d.meta("aws_region", str_field(v, "region"));
     d.meta("provider_source", str_field(v, "source"));
     d.meta("replay_name", str_field(v, "replay-name"));
-    if let Some(r) = v.get("resources").and_then(|r| r.as_array()).filter(|r| !r.is_empty()) {
-        d.meta("aws_resources", Some(&serde_json::Value::Array(r.clone()).to_string()));
+    if let Some(r) = v
+        .get("resources")
+        .and_then(|r| r.as_array())
+        .filter(|r| !r.is_empty())
+    {
+        d.meta(
+            "aws_resources",
+            Some(&serde_json::Value::Array(r.clone()).to_string()),
+        );
     }
     d
 }
@@ -145,4 +137,24 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
         ))
     };
     single(Source::Aws, raw, draft)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_header_parsing() {
+        let h = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("user:p:ss")
+        );
+        assert_eq!(
+            basic_credentials(Some(&h)),
+            Some(("user".into(), "p:ss".into()))
+        );
+        assert_eq!(basic_credentials(Some("Bearer abc")), None);
+        assert_eq!(basic_credentials(Some("Basic !!!")), None);
+        assert_eq!(basic_credentials(None), None);
+    }
 }

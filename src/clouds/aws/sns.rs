@@ -166,17 +166,18 @@ impl SnsVerifier {
                 .increment(1);
             IngressError::Forbidden(msg)
         };
-        let digest =
-            match env.signature_version.as_deref() {
-                Some("1") => MessageDigest::sha1(),
-                Some("2") => MessageDigest::sha256(),
-                other => return Err(refuse(
+        let digest = match env.signature_version.as_deref() {
+            Some("1") => MessageDigest::sha1(),
+            Some("2") => MessageDigest::sha256(),
+            other => {
+                return Err(refuse(
                     "sns_signature_version",
                     format!(
                         "SNS SignatureVersion {other:?} is not supported (expected \"1\" or \"2\")"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let cert_url = env.signing_cert_url.as_deref().ok_or_else(|| {
             refuse(
                 "sns_signature_missing",
@@ -436,6 +437,97 @@ pub async fn process(
     }
 }
 
+// ---- normalization (processor side) ----------------------------------------------------------
+
+use crate::pipeline::normalize::{
+    generic_draft, json, single, str_field, DlqReason, Draft, NormalizeError, Normalized, RawRecord,
+};
+
+/// SNS `Message` (or a raw-delivery body) as a draft: an EventBridge event inside is unwrapped
+/// (its own id and type win); a JSON object describes itself or takes its type from the
+/// `eventType` message attribute or the Subject; plain text becomes `{"message": text}`.
+fn message_draft(message: &str, message_id: Option<&str>, attr_type: Option<&str>) -> Draft {
+    match serde_json::from_str::<serde_json::Value>(message) {
+        Ok(inner) if super::eventbridge::is_envelope(&inner) => {
+            super::eventbridge::envelope_draft(&inner)
+        }
+        Ok(inner) if inner.is_object() => {
+            let mut d = generic_draft(&inner);
+            if attr_type.is_some() {
+                d.raw_type = attr_type.map(str::to_string);
+            }
+            d.event_id = message_id.map(str::to_string).or(d.event_id);
+            d
+        }
+        _ => Draft {
+            event_id: message_id.map(str::to_string),
+            raw_type: attr_type.map(str::to_string),
+            data: serde_json::json!({ "message": message }),
+            ..Default::default()
+        },
+    }
+}
+
+/// Normalizes an SNS delivery (envelope or raw).
+pub fn normalize(raw: &RawRecord) -> Normalized {
+    if raw
+        .header("x-amz-sns-rawdelivery")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        let Ok(text) = std::str::from_utf8(&raw.value) else {
+            return Normalized::Failed(NormalizeError::new(
+                DlqReason::InvalidPayload,
+                "raw SNS message is not UTF-8",
+            ));
+        };
+        let mut d = message_draft(text, raw.header("x-amz-sns-message-id"), None);
+        if d.event_id.is_none() {
+            d.event_id = raw.header("x-amz-sns-message-id").map(str::to_string);
+        }
+        d.meta("sns_topic_arn", raw.header("x-amz-sns-topic-arn"));
+        d.meta("sns_message_id", raw.header("x-amz-sns-message-id"));
+        return single(Source::Aws, raw, Ok(d));
+    }
+    let v = match json(&raw.value) {
+        Ok(v) => v,
+        Err(e) => return Normalized::Failed(e),
+    };
+    let draft = match str_field(&v, "Type") {
+        Some("SubscriptionConfirmation") | Some("UnsubscribeConfirmation") => {
+            return Normalized::Handshake
+        }
+        Some("Notification") => {
+            let message = str_field(&v, "Message").unwrap_or("");
+            let attr_type = v
+                .get("MessageAttributes")
+                .and_then(|a| a.get("eventType").or_else(|| a.get("event_type")))
+                .and_then(|t| str_field(t, "Value"))
+                .or_else(|| str_field(&v, "Subject"));
+            let inner_is_eb = serde_json::from_str::<serde_json::Value>(message)
+                .is_ok_and(|i| super::eventbridge::is_envelope(&i));
+            // An EventBridge event inside keeps its own id (the same event may also arrive
+            // directly through an API destination); anything else is identified by MessageId.
+            let mut d = message_draft(
+                message,
+                (!inner_is_eb).then(|| str_field(&v, "MessageId")).flatten(),
+                attr_type,
+            );
+            if d.occurred_at.is_none() {
+                d.occurred_at = str_field(&v, "Timestamp").map(str::to_string);
+            }
+            d.meta("sns_topic_arn", str_field(&v, "TopicArn"));
+            d.meta("sns_message_id", str_field(&v, "MessageId"));
+            d.meta("sns_subject", str_field(&v, "Subject"));
+            Ok(d)
+        }
+        other => Err(NormalizeError::new(
+            DlqReason::UnrecognizedPayload,
+            format!("SNS body Type is {other:?}, not Notification"),
+        )),
+    };
+    single(Source::Aws, raw, draft)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,79 +599,4 @@ mod tests {
             assert!(v.checked_sns_url(bad, "SigningCertURL").is_err(), "{bad}");
         }
     }
-}
-
-// ---- normalization (processor side) ----------------------------------------------------------
-
-use crate::pipeline::normalize::{generic_draft, json, single, str_field, Draft, DlqReason, NormalizeError, Normalized, RawRecord};
-
-/// SNS `Message` (or a raw-delivery body) as a draft: an EventBridge event inside is unwrapped
-/// (its own id and type win); a JSON object describes itself or takes its type from the
-/// `eventType` message attribute or the Subject; plain text becomes `{"message": text}`.
-fn message_draft(message: &str, message_id: Option<&str>, attr_type: Option<&str>) -> Draft {
-    match serde_json::from_str::<serde_json::Value>(message) {
-        Ok(inner) if super::eventbridge::is_envelope(&inner) => super::eventbridge::envelope_draft(&inner),
-        Ok(inner) if inner.is_object() => {
-            let mut d = generic_draft(&inner);
-            if attr_type.is_some() {
-                d.raw_type = attr_type.map(str::to_string);
-            }
-            d.event_id = message_id.map(str::to_string).or(d.event_id);
-            d
-        }
-        _ => Draft {
-            event_id: message_id.map(str::to_string),
-            raw_type: attr_type.map(str::to_string),
-            data: serde_json::json!({ "message": message }),
-            ..Default::default()
-        },
-    }
-}
-
-/// Normalizes an SNS delivery (envelope or raw).
-pub fn normalize(raw: &RawRecord) -> Normalized {
-    if raw.header("x-amz-sns-rawdelivery").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-        let Ok(text) = std::str::from_utf8(&raw.value) else {
-            return Normalized::Failed(NormalizeError::new(DlqReason::InvalidPayload, "raw SNS message is not UTF-8"));
-        };
-        let mut d = message_draft(text, raw.header("x-amz-sns-message-id"), None);
-        if d.event_id.is_none() {
-            d.event_id = raw.header("x-amz-sns-message-id").map(str::to_string);
-        }
-        d.meta("sns_topic_arn", raw.header("x-amz-sns-topic-arn"));
-        d.meta("sns_message_id", raw.header("x-amz-sns-message-id"));
-        return single(Source::Aws, raw, Ok(d));
-    }
-    let v = match json(&raw.value) {
-        Ok(v) => v,
-        Err(e) => return Normalized::Failed(e),
-    };
-    let draft = match str_field(&v, "Type") {
-        Some("SubscriptionConfirmation") | Some("UnsubscribeConfirmation") => return Normalized::Handshake,
-        Some("Notification") => {
-            let message = str_field(&v, "Message").unwrap_or("");
-            let attr_type = v
-                .get("MessageAttributes")
-                .and_then(|a| a.get("eventType").or_else(|| a.get("event_type")))
-                .and_then(|t| str_field(t, "Value"))
-                .or_else(|| str_field(&v, "Subject"));
-            let inner_is_eb = serde_json::from_str::<serde_json::Value>(message)
-                .is_ok_and(|i| super::eventbridge::is_envelope(&i));
-            // An EventBridge event inside keeps its own id (the same event may also arrive
-            // directly through an API destination); anything else is identified by MessageId.
-            let mut d = message_draft(message, (!inner_is_eb).then(|| str_field(&v, "MessageId")).flatten(), attr_type);
-            if d.occurred_at.is_none() {
-                d.occurred_at = str_field(&v, "Timestamp").map(str::to_string);
-            }
-            d.meta("sns_topic_arn", str_field(&v, "TopicArn"));
-            d.meta("sns_message_id", str_field(&v, "MessageId"));
-            d.meta("sns_subject", str_field(&v, "Subject"));
-            Ok(d)
-        }
-        other => Err(NormalizeError::new(
-            DlqReason::UnrecognizedPayload,
-            format!("SNS body Type is {other:?}, not Notification"),
-        )),
-    };
-    single(Source::Aws, raw, draft)
 }

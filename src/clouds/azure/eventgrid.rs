@@ -182,7 +182,9 @@ async fn process_post(app: &App, inc: &Incoming) -> Result<Response, IngressErro
 
 use base64::Engine;
 
-use crate::pipeline::normalize::{json, str_field, Draft, DlqReason, NormalizeError, Normalized, RawRecord};
+use crate::pipeline::normalize::{
+    json, str_field, DlqReason, Draft, NormalizeError, Normalized, RawRecord,
+};
 
 const DELETION_EVENT: &str = "Microsoft.EventGrid.SubscriptionDeletedEvent";
 
@@ -221,7 +223,10 @@ fn eventgrid_draft(e: &serde_json::Value) -> Draft {
         event_id: str_field(e, "id").map(str::to_string),
         raw_type: str_field(e, "eventType").map(str::to_string),
         occurred_at: str_field(e, "eventTime").map(str::to_string),
-        data: e.get("data").cloned().unwrap_or_else(|| serde_json::json!({})),
+        data: e
+            .get("data")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({})),
         ..Default::default()
     };
     d.meta("azure_topic", str_field(e, "topic"));
@@ -253,7 +258,11 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
     for (i, e) in items.iter().enumerate() {
         let i = i as u32;
         if !e.is_object() {
-            out.push(Err(NormalizeError::new(DlqReason::UnrecognizedPayload, "array element is not an event object").at(i)));
+            out.push(Err(NormalizeError::new(
+                DlqReason::UnrecognizedPayload,
+                "array element is not an event object",
+            )
+            .at(i)));
             continue;
         }
         let eg_type = str_field(e, "eventType");
@@ -261,7 +270,11 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
             handshakes += 1;
             continue;
         }
-        let mut d = if e.get("specversion").is_some() { cloudevent_draft(e) } else { eventgrid_draft(e) };
+        let mut d = if e.get("specversion").is_some() {
+            cloudevent_draft(e)
+        } else {
+            eventgrid_draft(e)
+        };
         d.meta("azure_subscription", subscription);
         out.push(d.finish(Source::Azure, raw, i));
     }
@@ -269,7 +282,10 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
         return Normalized::Handshake;
     }
     if out.is_empty() {
-        return Normalized::Failed(NormalizeError::new(DlqReason::UnrecognizedPayload, "Event Grid body holds no events"));
+        return Normalized::Failed(NormalizeError::new(
+            DlqReason::UnrecognizedPayload,
+            "Event Grid body holds no events",
+        ));
     }
     Normalized::Events(out)
 }

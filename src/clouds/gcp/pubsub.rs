@@ -100,16 +100,24 @@ async fn authenticate(app: &App, inc: &Incoming) -> Result<(), IngressError> {
 
 use base64::Engine;
 
-use crate::pipeline::normalize::{generic_draft, json, single, str_field, Draft, DlqReason, NormalizeError, Normalized, RawRecord};
+use crate::pipeline::normalize::{
+    generic_draft, json, single, str_field, DlqReason, Draft, NormalizeError, Normalized, RawRecord,
+};
 
 /// The published bytes as a draft: a JSON object describes itself (type from the `eventType`
 /// attribute when present); anything else is kept as `{"data": text}`.
 fn payload_draft(payload: &[u8], attr_type: Option<&str>) -> Result<Draft, NormalizeError> {
     let mut d = match serde_json::from_slice::<serde_json::Value>(payload) {
         Ok(v) if v.is_object() => generic_draft(&v),
-        Ok(v) => Draft { data: serde_json::json!({ "data": v }), ..Default::default() },
+        Ok(v) => Draft {
+            data: serde_json::json!({ "data": v }),
+            ..Default::default()
+        },
         Err(_) => match std::str::from_utf8(payload) {
-            Ok(text) => Draft { data: serde_json::json!({ "data": text }), ..Default::default() },
+            Ok(text) => Draft {
+                data: serde_json::json!({ "data": text }),
+                ..Default::default()
+            },
             Err(_) => {
                 return Err(NormalizeError::new(
                     DlqReason::InvalidPayload,
@@ -133,7 +141,10 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
             if let Some(t) = raw.header("x-goog-pubsub-publish-time") {
                 d.occurred_at.get_or_insert_with(|| t.to_string());
             }
-            d.meta("gcp_subscription", raw.header("x-goog-pubsub-subscription-name"));
+            d.meta(
+                "gcp_subscription",
+                raw.header("x-goog-pubsub-subscription-name"),
+            );
             d.meta("gcp_ordering_key", raw.header("x-goog-pubsub-ordering-key"));
             d
         });
@@ -162,9 +173,12 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
         None => b"{}".to_vec(),
     };
     let attrs = m.get("attributes");
-    let attr_type = attrs.and_then(|a| str_field(a, "eventType").or_else(|| str_field(a, "event_type")));
+    let attr_type =
+        attrs.and_then(|a| str_field(a, "eventType").or_else(|| str_field(a, "event_type")));
     let draft = payload_draft(&data, attr_type).map(|mut d| {
-        d.event_id = str_field(m, "messageId").or_else(|| str_field(m, "message_id")).map(str::to_string);
+        d.event_id = str_field(m, "messageId")
+            .or_else(|| str_field(m, "message_id"))
+            .map(str::to_string);
         let publish = str_field(m, "publishTime").or_else(|| str_field(m, "publish_time"));
         if d.occurred_at.is_none() {
             d.occurred_at = publish.map(str::to_string);
@@ -173,7 +187,10 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
         d.meta("gcp_ordering_key", str_field(m, "orderingKey"));
         d.meta("gcp_publish_time", publish);
         if let Some(obj) = attrs.and_then(|a| a.as_object()).filter(|o| !o.is_empty()) {
-            d.meta("gcp_attributes", Some(&serde_json::Value::Object(obj.clone()).to_string()));
+            d.meta(
+                "gcp_attributes",
+                Some(&serde_json::Value::Object(obj.clone()).to_string()),
+            );
         }
         d
     });

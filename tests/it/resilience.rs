@@ -1,0 +1,341 @@
+//! Crash safety, scale-out and outages of Redis/PostgreSQL: nothing lost, nothing doubled in
+//! PostgreSQL, every event on its topic at least once, the invariant holds.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use helios::source::Source;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::common::*;
+
+/// `n` raw direct records: valid unique events, plus duplicates of earlier ones and invalid ones.
+/// Returns (bodies, unique valid ids, number of invalid).
+fn stream(n: usize) -> (Vec<Vec<u8>>, HashSet<String>, usize) {
+    let mut bodies = vec![];
+    let mut valid = HashSet::new();
+    let mut invalid = 0;
+    for i in 0..n {
+        let body = if i % 50 == 7 && i > 50 {
+            // A duplicate of an earlier event (same id, as a cloud retry would send).
+            json!({"event_type": "OrderPlaced", "event_id": format!("e-{}", i - 40), "data": {"order_id": format!("O-{}", i - 40), "customer_id": "C"}})
+        } else if i % 75 == 11 {
+            invalid += 1;
+            json!({"event_type": "OrderPlaced", "event_id": format!("bad-{i}"), "data": {"order_id": format!("O-{i}")}})
+        } else {
+            valid.insert(format!("e-{i}"));
+            json!({"event_type": "OrderPlaced", "event_id": format!("e-{i}"), "data": {"order_id": format!("O-{i}"), "customer_id": "C"}})
+        };
+        bodies.push(body.to_string().into_bytes());
+    }
+    (bodies, valid, invalid)
+}
+
+fn spawn_binary(topology: &helios::topology::Topology, schema: &str, prefix: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_helios"))
+        .arg("process")
+        .env(
+            "HELIOS_TOPOLOGY",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/topology.yaml"),
+        )
+        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+        .env("HELIOS_TOPIC_PREFIX", &topology.topic_prefix)
+        .env("HELIOS_CONSUMER_GROUP", &topology.consumer_group)
+        .env("DATABASE_URL", database_url())
+        .env("HELIOS_DB_SCHEMA", schema)
+        .env("HELIOS_MIGRATE", "true")
+        .env("REDIS_URL", redis_url())
+        .env("HELIOS_DEDUP_PREFIX", prefix)
+        .env("HELIOS_BATCH_SIZE", "50")
+        .env("HELIOS_METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start helios process")
+}
+
+#[tokio::test]
+async fn killing_the_processor_mid_stream_loses_and_doubles_nothing() {
+    let mut topology = test_topology();
+    topology.raw_topics.direct.partitions = 2;
+    let kafka = helios::config::KafkaSettings::new(kafka_bootstrap());
+    helios::kafka::apply_topology(&kafka, &topology, false)
+        .await
+        .unwrap();
+    let (bodies, valid, invalid) = stream(3000);
+    produce_raw(
+        &topology.raw_topic(Source::Direct),
+        "direct",
+        "ingest",
+        &bodies,
+    )
+    .await;
+
+    let schema = unique_schema();
+    let prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
+    let pool = helios::db::connect(&database_url(), Some(&schema))
+        .await
+        .unwrap();
+    let mut first = spawn_binary(&topology, &schema, &prefix);
+    let seen = wait_count(
+        &pool,
+        "SELECT count(*) FROM events",
+        300,
+        Duration::from_secs(120),
+    )
+    .await;
+    first.kill().expect("SIGKILL"); // not a graceful stop
+    first.wait().unwrap();
+    let at_kill: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(seen >= 300, "the first processor made no progress");
+    assert!(
+        at_kill < valid.len() as i64,
+        "the processor finished before it was killed; the test proves nothing"
+    );
+
+    let mut second = spawn_binary(&topology, &schema, &prefix);
+    let n = wait_count(
+        &pool,
+        "SELECT count(*) FROM events",
+        valid.len() as i64,
+        Duration::from_secs(180),
+    )
+    .await;
+    // Let it drain the DLQ'd tail too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert_eq!(
+        n,
+        valid.len() as i64,
+        "every valid event exactly once in PostgreSQL"
+    );
+    let ids: HashSet<String> = sqlx::query_scalar::<_, String>("SELECT event_id FROM events")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(ids, valid);
+
+    // Fan-out: every event at least once.
+    let out = read_records(
+        &kafka_bootstrap(),
+        &topology.event_topic("OrderPlaced"),
+        100_000,
+        Duration::from_secs(20),
+    )
+    .await;
+    let out_ids: HashSet<String> = out
+        .iter()
+        .map(|r| r.header("ce_id").unwrap().to_string())
+        .collect();
+    assert_eq!(out_ids, valid, "fan-out holds every event (at least once)");
+    // DLQ: every invalid raw record at least once, and nothing else.
+    let dlq = read_records(
+        &kafka_bootstrap(),
+        &topology.dlq_topic(),
+        100_000,
+        Duration::from_secs(10),
+    )
+    .await;
+    let dlq_raw: HashSet<(String, String)> = dlq
+        .iter()
+        .map(|r| {
+            (
+                r.header("helios-dlq-raw-partition").unwrap().to_string(),
+                r.header("helios-dlq-raw-offset").unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(dlq_raw.len(), invalid);
+    assert!(dlq
+        .iter()
+        .all(|r| String::from_utf8_lossy(&r.value).contains("bad-")));
+    // Invariant over the whole stream: rows + duplicates + DLQ'd = raw records.
+    let duplicates = bodies.len() - valid.len() - invalid;
+    assert_eq!(ids.len() + duplicates + dlq_raw.len(), bodies.len());
+}
+
+#[tokio::test]
+async fn two_instances_split_the_partitions_and_process_everything_once() {
+    let mut topology = test_topology();
+    topology.raw_topics.direct.partitions = 4;
+    let kafka = helios::config::KafkaSettings::new(kafka_bootstrap());
+    helios::kafka::apply_topology(&kafka, &topology, false)
+        .await
+        .unwrap();
+    let opts = ProcOpts::default();
+    let a = spawn_processor_with(&topology, opts.clone()).await;
+    let b = spawn_processor_with(&topology, opts).await;
+    // Let the group settle (Tansu rebalances take a few seconds).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (bodies, valid, invalid) = stream(800);
+    produce_raw(
+        &topology.raw_topic(Source::Direct),
+        "direct",
+        "ingest",
+        &bodies,
+    )
+    .await;
+    let n = wait_count(
+        &a.pool,
+        "SELECT count(*) FROM events",
+        valid.len() as i64,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(n, valid.len() as i64);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (sa, sb) = loop {
+        let (sa, sb) = (a.stats.snapshot(), b.stats.snapshot());
+        if sa.0 + sb.0 >= bodies.len() as u64 || Instant::now() > deadline {
+            break (sa, sb);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        sa.0 > 0 && sb.0 > 0,
+        "both instances got partitions: {sa:?} {sb:?}"
+    );
+    assert_eq!(
+        sa.0 + sb.0,
+        bodies.len() as u64,
+        "each raw record processed once in total"
+    );
+    assert_eq!(sa.2 + sb.2, valid.len() as u64);
+    assert_eq!(sa.4 + sb.4, invalid as u64);
+    assert_eq!(
+        sa.1 + sb.1,
+        sa.2 + sb.2 + sa.3 + sb.3 + sa.4 + sb.4,
+        "invariant"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A TCP forwarder that can be cut: while down it closes every connection and refuses new ones.
+struct FlakyProxy {
+    addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl FlakyProxy {
+    async fn start(target: SocketAddr) -> FlakyProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (d, c) = (down.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let h = tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                c.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        FlakyProxy { addr, down, conns }
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            for h in self.conns.lock().unwrap().drain(..) {
+                h.abort();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_and_postgres_outages_pause_processing_and_lose_nothing() {
+    let topology = test_topology();
+    let kafka = helios::config::KafkaSettings::new(kafka_bootstrap());
+    helios::kafka::apply_topology(&kafka, &topology, false)
+        .await
+        .unwrap();
+    let redis_proxy = FlakyProxy::start("127.0.0.1:6379".parse().unwrap()).await;
+    let pg_proxy = FlakyProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let schema = unique_schema();
+    let direct_pool = helios::db::connect(&database_url(), Some(&schema))
+        .await
+        .unwrap();
+    let opts = ProcOpts {
+        schema: schema.clone(),
+        database_url: database_url().replace("127.0.0.1:5432", &pg_proxy.addr.to_string()),
+        redis_url: format!("redis://{}", redis_proxy.addr),
+        ..ProcOpts::default()
+    };
+    let proc = spawn_processor_with(&topology, opts).await;
+    let events = |from: usize, to: usize| -> Vec<Vec<u8>> {
+        (from..to)
+            .map(|i| json!({"event_type": "OrderPlaced", "event_id": format!("o-{i}"), "data": {"order_id": format!("O-{i}"), "customer_id": "C"}}).to_string().into_bytes())
+            .collect()
+    };
+    let raw_topic = topology.raw_topic(Source::Direct);
+    produce_raw(&raw_topic, "direct", "ingest", &events(0, 20)).await;
+    assert_eq!(
+        wait_count(
+            &direct_pool,
+            "SELECT count(*) FROM events",
+            20,
+            Duration::from_secs(60)
+        )
+        .await,
+        20
+    );
+
+    for (name, proxy) in [("redis", &redis_proxy), ("postgres", &pg_proxy)] {
+        let before: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&direct_pool)
+            .await
+            .unwrap();
+        proxy.set_down(true);
+        produce_raw(
+            &raw_topic,
+            "direct",
+            "ingest",
+            &events(before as usize, before as usize + 20),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let during: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&direct_pool)
+            .await
+            .unwrap();
+        assert_eq!(during, before, "{name} down: processing must pause");
+        proxy.set_down(false);
+        let after = wait_count(
+            &direct_pool,
+            "SELECT count(*) FROM events",
+            before + 20,
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(
+            after,
+            before + 20,
+            "{name} back: processing resumes by itself"
+        );
+    }
+    read_exactly(&kafka_bootstrap(), &topology.dlq_topic(), 0).await;
+    let (_, units, outs, dups, dlq) = proc.stats.snapshot();
+    assert_eq!((units, outs, dups, dlq), (60, 60, 0, 0));
+    proc.stop().await;
+}
