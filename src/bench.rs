@@ -13,6 +13,28 @@ use crate::shutdown::Shutdown;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Processor throughput, CPU and memory on a backlog, against a plain consume-and-produce
+    /// pass-through on the same broker.
+    Process {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Raw records in the backlog (comma-separated for several runs, e.g. 10000,100000).
+        #[arg(long, value_delimiter = ',', default_value = "100000")]
+        records: Vec<usize>,
+        /// PostgreSQL URL (a scratch schema is created and dropped).
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        database_url: String,
+        /// Redis URL (keys expire after 15 minutes).
+        #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// Records per batch.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+    },
     /// Ingress throughput and latency against a bare HTTP server.
     Ingress {
         #[command(flatten)]
@@ -128,6 +150,29 @@ fn print_row(name: &str, r: &LoadResult) {
 /// Runs a benchmark subcommand.
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        BenchCommand::Process {
+            kafka,
+            records,
+            database_url,
+            redis_url,
+            batch_size,
+        } => {
+            let mut rows = vec![];
+            for n in records {
+                rows.push(
+                    crate::bench_process::run_once(
+                        &kafka,
+                        n,
+                        &database_url,
+                        &redis_url,
+                        batch_size,
+                    )
+                    .await?,
+                );
+            }
+            crate::bench_process::print(&rows);
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Ingress {
             kafka,
             connections,

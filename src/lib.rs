@@ -3,6 +3,7 @@
 //! tests and benchmarks use the same code paths as production.
 
 pub mod bench;
+pub mod bench_process;
 pub mod cli;
 pub mod clouds;
 pub mod config;

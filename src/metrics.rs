@@ -9,7 +9,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Latency buckets (seconds) for request and produce histograms.
+/// Latency buckets (seconds) for request, produce and batch histograms.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -67,6 +67,48 @@ fn describe() {
     describe_counter!(
         "helios_ingress_auth_failures_total",
         "Requests refused by authentication or signature checks, by source and reason"
+    );
+    describe_counter!(
+        "helios_processor_raw_records_total",
+        "Raw records the processor finished (committed), by raw topic"
+    );
+    describe_counter!(
+        "helios_processor_events_in_total",
+        "Units entering the pipeline: events parsed from raw records plus unreadable records, by source. Invariant: = events_out + duplicates + dlq"
+    );
+    describe_counter!(
+        "helios_processor_events_out_total",
+        "Events fanned out and stored, by event type and source"
+    );
+    describe_counter!(
+        "helios_processor_duplicates_total",
+        "Events skipped as duplicates (in the batch or by a Redis mark of another raw record), by source"
+    );
+    describe_counter!(
+        "helios_processor_dlq_total",
+        "Records sent to the dead-letter topic, by reason and stage"
+    );
+    describe_counter!(
+        "helios_processor_handshakes_total",
+        "Handshake records skipped (counted, never events), by source"
+    );
+    describe_counter!(
+        "helios_processor_retries_total",
+        "Batches retried because a dependency failed, by stage (dedup, postgres, kafka)"
+    );
+    describe_counter!(
+        "helios_processor_rows_inserted_total",
+        "Rows newly inserted into PostgreSQL (conflicts on (source, event_id) excluded)"
+    );
+    describe_histogram!(
+        "helios_processor_batch_duration_seconds",
+        Unit::Seconds,
+        "Time to process and commit one batch"
+    );
+    describe_histogram!("helios_processor_batch_records", "Raw records per batch");
+    describe_gauge!(
+        "helios_processor_consumer_lag",
+        "Records behind the end of each raw partition (from librdkafka statistics)"
     );
     describe_gauge!(
         "helios_kafka_reachable",

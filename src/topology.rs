@@ -111,6 +111,9 @@ pub struct Topology {
     pub event_types: BTreeMap<String, EventTypeSpec>,
     #[serde(default)]
     pub unknown_event_types: UnknownEventTypePolicy,
+    /// Directory of the topology file (schemas are found relative to it); none when built in.
+    #[serde(skip)]
+    pub base_dir: Option<std::path::PathBuf>,
 }
 
 fn default_partitions() -> i32 {
@@ -151,7 +154,14 @@ impl Topology {
             path: p.clone(),
             source,
         })?;
-        Self::parse(&text, &p)
+        let mut t = Self::parse(&text, &p)?;
+        t.base_dir = Some(
+            path.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .map(|d| d.to_path_buf())
+                .unwrap_or_else(|| std::path::PathBuf::from(".")),
+        );
+        Ok(t)
     }
 
     /// Parses and validates topology text; `origin` names it in errors.

@@ -69,3 +69,4 @@ pub async fn serve_metrics(addr: &str, shutdown: Shutdown) -> anyhow::Result<std
     });
     Ok(bound)
 }
+pub mod schema;

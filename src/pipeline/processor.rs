@@ -52,6 +52,8 @@ pub mod dlq_headers {
     pub const RAW_PARTITION: &str = "helios-dlq-raw-partition";
     pub const RAW_OFFSET: &str = "helios-dlq-raw-offset";
     pub const FAILED_AT: &str = "helios-dlq-failed-at";
+    pub const SCHEMA_SUBJECT: &str = "helios-dlq-schema-subject";
+    pub const SCHEMA_VERSION: &str = "helios-dlq-schema-version";
 }
 
 /// One DLQ record to write: the raw record unchanged, plus why.
@@ -63,6 +65,8 @@ pub struct DlqItem {
     pub detail: String,
     pub field: Option<String>,
     pub index: Option<u32>,
+    /// For schema violations: (subject, version).
+    pub schema: Option<(String, String)>,
 }
 
 /// What a batch produced (before any write).
@@ -212,6 +216,7 @@ pub async fn plan_batch<D: DedupStore>(
                     detail: e.detail,
                     field: None,
                     index: e.index,
+                    schema: None,
                 });
             }
             Normalized::Events(results) => {
@@ -226,6 +231,7 @@ pub async fn plan_batch<D: DedupStore>(
                             detail: e.detail,
                             field: None,
                             index: e.index,
+                            schema: None,
                         }),
                     }
                 }
@@ -259,6 +265,7 @@ pub async fn plan_batch<D: DedupStore>(
                 stage,
                 detail,
                 field,
+                schema,
             }) => plan.dlq.push(DlqItem {
                 record: i,
                 reason,
@@ -266,6 +273,7 @@ pub async fn plan_batch<D: DedupStore>(
                 detail,
                 field,
                 index: Some(ev.raw.index),
+                schema,
             }),
         }
     }
@@ -329,6 +337,10 @@ fn dlq_record_headers(raw: &RawRecord, item: &DlqItem) -> OwnedHeaders {
     }
     if let Some(i) = item.index {
         pairs.push((dlq_headers::EVENT_INDEX, i.to_string()));
+    }
+    if let Some((subject, version)) = &item.schema {
+        pairs.push((dlq_headers::SCHEMA_SUBJECT, subject.clone()));
+        pairs.push((dlq_headers::SCHEMA_VERSION, version.clone()));
     }
     for (k, v) in &pairs {
         h = h.insert(Header {
@@ -410,8 +422,9 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         consumer.subscribe(&refs)?;
         tracing::info!(group = %cfg.topology.consumer_group, topics = ?topics, "processor subscribed");
         let producer = output_producer(&cfg.kafka)?;
+        let schemas = super::schema::SchemaSet::load(&cfg.topology)?;
         Ok(Processor {
-            validator: Validator::new(&cfg.topology),
+            validator: Validator::with_schemas(&cfg.topology, schemas),
             cfg,
             consumer: Arc::new(consumer),
             producer,

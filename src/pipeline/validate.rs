@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::event::CanonicalEvent;
 use super::normalize::DlqReason;
+use super::schema::SchemaSet;
 use crate::topology::{Topology, UnknownEventTypePolicy};
 
 /// Why an event was refused.
@@ -14,17 +15,26 @@ pub struct Rejection {
     pub stage: &'static str,
     pub detail: String,
     pub field: Option<String>,
+    /// For schema violations: (subject, version).
+    pub schema: Option<(String, String)>,
 }
 
-/// Checks events against the topology's rules.
+/// Checks events against the topology's rules and the payload schemas.
 #[derive(Debug, Clone)]
 pub struct Validator {
     rules: BTreeMap<String, Vec<String>>,
     policy: UnknownEventTypePolicy,
+    schemas: SchemaSet,
 }
 
 impl Validator {
+    /// Rules only (no payload schemas).
     pub fn new(topology: &Topology) -> Self {
+        Self::with_schemas(topology, SchemaSet::default())
+    }
+
+    /// Rules and payload schemas.
+    pub fn with_schemas(topology: &Topology, schemas: SchemaSet) -> Self {
         Validator {
             rules: topology
                 .event_types
@@ -32,6 +42,7 @@ impl Validator {
                 .map(|(k, v)| (k.clone(), v.required.clone()))
                 .collect(),
             policy: topology.unknown_event_types,
+            schemas,
         }
     }
 
@@ -66,6 +77,7 @@ impl Validator {
                         ),
                     },
                     field: None,
+                    schema: None,
                 }),
             };
         };
@@ -85,10 +97,17 @@ impl Validator {
                     stage: "validate",
                     detail: format!("{} requires `{field}` (topology.yaml rule)", e.event_type),
                     field: Some(field.clone()),
+                    schema: None,
                 });
             }
         }
-        Ok(())
+        self.schemas.check(e).map_err(|v| Rejection {
+            reason: DlqReason::SchemaViolation,
+            stage: "validate",
+            detail: v.detail,
+            field: v.field,
+            schema: Some((v.subject, v.version)),
+        })
     }
 }
 

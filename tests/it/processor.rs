@@ -292,6 +292,7 @@ async fn rule_violations_go_to_the_dlq_with_reasons_and_the_partition_keeps_movi
         json!({"event_type": "InventoryReserved", "event_id": "r-3", "data": {"sku": "S"}}),
         json!({"event_type": "ShipmentSent", "event_id": "r-4", "data": {"order_id": "O-1"}}),
         json!({"event_id": "r-5", "data": {"order_id": "O-1"}}),
+        json!({"event_type": "PaymentProcessed", "event_id": "r-6", "data": {"order_id": "O-1", "amount": "twelve"}}),
     ];
     for b in &bad {
         assert_eq!(
@@ -323,7 +324,7 @@ async fn rule_violations_go_to_the_dlq_with_reasons_and_the_partition_keeps_movi
         1
     );
 
-    let dlq = read_exactly(&app.kafka.bootstrap_servers, &app.topology.dlq_topic(), 6).await;
+    let dlq = read_exactly(&app.kafka.bootstrap_servers, &app.topology.dlq_topic(), 7).await;
     let by_id = |id: &str| {
         dlq.iter()
             .find(|r| String::from_utf8_lossy(&r.value).contains(id))
@@ -362,6 +363,19 @@ async fn rule_violations_go_to_the_dlq_with_reasons_and_the_partition_keeps_movi
     );
     check("r-4", "unknown_event_type", "route", None);
     check("r-5", "missing_event_type", "normalize", None);
+    check("r-6", "schema_violation", "validate", Some("amount"));
+    let schema_hdr = |h: &str| by_id("r-6").header(h).map(str::to_string);
+    assert_eq!(
+        schema_hdr("helios-dlq-schema-subject"),
+        Some(format!(
+            "{}-value",
+            app.topology.event_topic("PaymentProcessed")
+        ))
+    );
+    assert_eq!(
+        schema_hdr("helios-dlq-schema-version").as_deref(),
+        Some("1")
+    );
     let broken = dlq
         .iter()
         .find(|r| r.value == b"{broken")
@@ -370,7 +384,7 @@ async fn rule_violations_go_to_the_dlq_with_reasons_and_the_partition_keeps_movi
     assert_eq!(broken.header("helios-dlq-stage"), Some("parse"));
     assert_eq!(by_id("r-1").value, bad[0].to_string().into_bytes());
     let (_, units, outs, dups, dlq) = proc.stats.snapshot();
-    assert_eq!((units, outs, dups, dlq), (7, 1, 0, 6));
+    assert_eq!((units, outs, dups, dlq), (8, 1, 0, 7));
     proc.stop().await;
 }
 

@@ -1,0 +1,369 @@
+//! `helios bench process`: one processor instance on a backlog of realistic raw records (mixed
+//! clouds, ~5 % duplicates, ~2 % invalid) into PostgreSQL and the fan-out topics; compared in the
+//! same run, on the same broker and backlog, with a plain librdkafka consume-and-produce
+//! pass-through (the ceiling of any Kafka processor here).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::config::{KafkaArgs, KafkaSettings};
+use crate::pipeline::dedup::RedisDedup;
+use crate::pipeline::processor::{output_producer, Processor, ProcessorConfig};
+use crate::shutdown::Shutdown;
+use crate::source::Source;
+use crate::topology::Topology;
+
+/// One run's numbers.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub records: usize,
+    pub passthrough_rps: f64,
+    pub events_per_s: f64,
+    pub cpu_us_per_event: f64,
+    pub rss_before_mb: f64,
+    pub rss_peak_mb: f64,
+    pub outcome: (u64, u64, u64, u64),
+}
+
+/// (utime + stime) of this process in microseconds, from /proc.
+fn cpu_micros() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
+    ticks * 10_000 // USER_HZ = 100 on Linux
+}
+
+/// Resident set size in MiB, from /proc.
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// The `i`-th raw record: (source, endpoint, body, extra headers).
+fn raw_record(i: usize) -> (Source, &'static str, Vec<u8>, Vec<(&'static str, String)>) {
+    // ~5 % duplicates (an earlier record again), ~2 % invalid (a rule violation).
+    let dup = i % 20 == 19 && i > 100;
+    let id = if dup { i - 97 } else { i };
+    let invalid = !dup && i % 50 == 23;
+    let customer = if invalid {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!(format!("C-{}", id % 977))
+    };
+    let order = format!("O-{id}");
+    match id % 4 {
+        0 => {
+            let body = serde_json::json!({"version": "0", "id": format!("eb-{id}"), "detail-type": "OrderPlaced",
+                "source": "com.example.orders", "account": "111122223333", "time": "2026-11-22T09:15:02Z",
+                "region": "eu-west-1", "resources": [], "detail": {"order_id": order, "customer_id": customer,
+                "amount": 129.5, "currency": "EUR", "items": [{"sku": "SKU-1", "qty": 2}]}});
+            (
+                Source::Aws,
+                "eventbridge",
+                body.to_string().into_bytes(),
+                vec![],
+            )
+        }
+        1 => {
+            let data =
+                serde_json::json!({"order_id": order, "customer_id": customer, "amount": 42.0});
+            let body = serde_json::json!({"message": {"data": base64::engine::general_purpose::STANDARD.encode(data.to_string()),
+                "attributes": {"eventType": "OrderPlaced"}, "messageId": format!("ps-{id}"), "message_id": format!("ps-{id}"),
+                "publishTime": "2026-11-22T09:15:02.123Z", "publish_time": "2026-11-22T09:15:02.123Z"},
+                "subscription": "projects/p/subscriptions/helios"});
+            (Source::Gcp, "pubsub", body.to_string().into_bytes(), vec![])
+        }
+        2 => {
+            let body = serde_json::json!([{"id": format!("eg-{id}"), "topic": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.EventGrid/topics/orders",
+                "subject": format!("orders/{order}"), "eventType": "Contoso.Orders.OrderPlaced", "eventTime": "2026-11-22T09:15:02.9584103Z",
+                "data": {"orderId": order, "customerId": customer, "amount": 10}, "dataVersion": "1", "metadataVersion": "1"}]);
+            (
+                Source::Azure,
+                "eventgrid",
+                body.to_string().into_bytes(),
+                vec![
+                    ("aeg-event-type", "Notification".into()),
+                    ("aeg-subscription-name", "HELIOS".into()),
+                ],
+            )
+        }
+        _ => {
+            let body = serde_json::json!({"event_type": "OrderPlaced", "event_id": format!("d-{id}"),
+                "data": {"order_id": order, "customer_id": customer, "amount": 7}});
+            (
+                Source::Direct,
+                "ingest",
+                body.to_string().into_bytes(),
+                vec![],
+            )
+        }
+    }
+}
+
+async fn produce_backlog(
+    settings: &KafkaSettings,
+    topology: &Topology,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut cfg = settings.client_config();
+    cfg.set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "200000");
+    let producer: FutureProducer = cfg.create()?;
+    let now = chrono::Utc::now().to_rfc3339();
+    let mut pending = Vec::with_capacity(10_000);
+    for i in 0..n {
+        let (source, endpoint, body, extra) = raw_record(i);
+        let rid = format!("bench-{i}");
+        let mut h = OwnedHeaders::new_with_capacity(8)
+            .insert(Header {
+                key: "helios-source",
+                value: Some(source.as_str()),
+            })
+            .insert(Header {
+                key: "helios-endpoint",
+                value: Some(endpoint),
+            })
+            .insert(Header {
+                key: "helios-kind",
+                value: Some("event"),
+            })
+            .insert(Header {
+                key: "helios-received-at",
+                value: Some(now.as_str()),
+            })
+            .insert(Header {
+                key: "helios-request-id",
+                value: Some(rid.as_str()),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json"),
+            });
+        for (k, v) in &extra {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_str()),
+            });
+        }
+        let topic = topology.raw_topic(source);
+        let mut rec: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&topic).payload(body.as_slice()).headers(h);
+        loop {
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((_, back)) => {
+                    // Local queue full: wait for what is in flight, then try again.
+                    drain(&mut pending).await?;
+                    rec = back;
+                }
+            }
+        }
+        if pending.len() >= 10_000 {
+            drain(&mut pending).await?;
+        }
+    }
+    drain(&mut pending).await
+}
+
+async fn drain(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
+    for f in pending.drain(..) {
+        match f.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => anyhow::bail!("backlog produce: {e}"),
+            Err(_) => anyhow::bail!("backlog produce canceled"),
+        }
+    }
+    Ok(())
+}
+
+/// Consumes every raw record and produces it unchanged (acks=all) to one topic: the ceiling.
+async fn passthrough(
+    settings: &KafkaSettings,
+    topology: &Topology,
+    n: usize,
+    out_topic: &str,
+) -> anyhow::Result<f64> {
+    let mut c = settings.client_config();
+    c.set("group.id", format!("{}passthrough", topology.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true");
+    let consumer: StreamConsumer = c.create()?;
+    let topics: Vec<String> = Source::ALL.iter().map(|s| topology.raw_topic(*s)).collect();
+    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let producer = output_producer(settings)?;
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(2000);
+    let mut seen = 0;
+    while seen < n {
+        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("pass-through stalled at {seen}/{n}"))??;
+        let mut h = OwnedHeaders::new();
+        if let Some(hs) = m.headers() {
+            for x in hs.iter() {
+                h = h.insert(Header {
+                    key: x.key,
+                    value: x.value,
+                });
+            }
+        }
+        let rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(out_topic)
+            .payload(m.payload().unwrap_or_default())
+            .headers(h);
+        match producer.send_result(rec) {
+            Ok(f) => pending.push(f),
+            Err((e, _)) => anyhow::bail!("pass-through produce: {e}"),
+        }
+        seen += 1;
+        if pending.len() >= 2000 {
+            for f in pending.drain(..) {
+                let _ = f.await;
+            }
+        }
+    }
+    for f in pending.drain(..) {
+        let _ = f.await;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One backlog size: fresh topics, pass-through, then the processor.
+pub async fn run_once(
+    kafka: &KafkaArgs,
+    n: usize,
+    database_url: &str,
+    redis_url: &str,
+    batch_size: usize,
+) -> anyhow::Result<Row> {
+    let (mut topology, settings) = kafka.resolve()?;
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    topology.topic_prefix = format!("bench-{tag}.");
+    topology.consumer_group = format!("bench-{tag}.helios-processor");
+    for spec in [
+        &mut topology.raw_topics.aws,
+        &mut topology.raw_topics.gcp,
+        &mut topology.raw_topics.azure,
+        &mut topology.raw_topics.direct,
+    ] {
+        spec.partitions = 4;
+        spec.config.clear();
+    }
+    crate::kafka::apply_topology(&settings, &topology, false).await?;
+    let out_topic = format!("{}passthrough-out", topology.topic_prefix);
+    {
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            settings.client_config().create()?;
+        let t = rdkafka::admin::NewTopic::new(
+            &out_topic,
+            4,
+            rdkafka::admin::TopicReplication::Fixed(1),
+        );
+        admin
+            .create_topics([&t], &rdkafka::admin::AdminOptions::new())
+            .await?;
+    }
+    eprintln!("[bench] producing a backlog of {n} raw records ...");
+    produce_backlog(&settings, &topology, n).await?;
+    eprintln!("[bench] pass-through ...");
+    let passthrough_rps = passthrough(&settings, &topology, n, &out_topic).await?;
+
+    eprintln!("[bench] processor ...");
+    let schema = format!("bench_{tag}");
+    let pool = crate::db::connect(database_url, Some(&schema)).await?;
+    crate::db::migrate(&pool).await?;
+    let dedup = RedisDedup::connect(
+        redis_url,
+        &format!("bench:{tag}:"),
+        Duration::from_secs(900),
+    )
+    .await?;
+    let cfg = ProcessorConfig {
+        kafka: settings.clone(),
+        topology: topology.clone(),
+        batch_size,
+        linger: Duration::from_millis(50),
+    };
+    let p = Processor::new(cfg, dedup, crate::db::PgStore::new(pool.clone()))?;
+    let stats = p.stats();
+    let (stop, shutdown) = Shutdown::new();
+    let rss_before_mb = rss_mb();
+    let cpu0 = cpu_micros();
+    let started = Instant::now();
+    let task = tokio::spawn(p.run(shutdown));
+    let mut rss_peak_mb = rss_before_mb;
+    let mut last = (0, Instant::now());
+    while stats.raw_records.load(Ordering::Relaxed) < n as u64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rss_peak_mb = rss_peak_mb.max(rss_mb());
+        let done = stats.raw_records.load(Ordering::Relaxed);
+        if done != last.0 {
+            last = (done, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("processor stalled at {done}/{n}");
+        }
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_micros().saturating_sub(cpu0);
+    stop.trigger();
+    task.await??;
+    let (_, units, out, dups, dlq) = stats.snapshot();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA \"{schema}\" CASCADE"
+    )))
+    .execute(&pool)
+    .await?;
+    Ok(Row {
+        records: n,
+        passthrough_rps,
+        events_per_s: units as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_event: cpu as f64 / units.max(1) as f64,
+        rss_before_mb,
+        rss_peak_mb,
+        outcome: (units, out, dups, dlq),
+    })
+}
+
+/// Prints the results table.
+pub fn print(rows: &[Row]) {
+    println!("\nHELIOS processor benchmark (one instance, Tansu memory engine, PostgreSQL + Redis on loopback)");
+    println!(
+        "{:>9} {:>14} {:>12} {:>9} {:>13} {:>10} {:>10}   events in = out + dup + dlq",
+        "records", "passthru rec/s", "events/s", "% ceil", "CPU us/event", "RSS MiB", "peak MiB"
+    );
+    for r in rows {
+        println!(
+            "{:>9} {:>14.0} {:>12.0} {:>8.1}% {:>13.1} {:>10.1} {:>10.1}   {} = {} + {} + {}",
+            r.records,
+            r.passthrough_rps,
+            r.events_per_s,
+            100.0 * r.events_per_s / r.passthrough_rps.max(1e-9),
+            r.cpu_us_per_event,
+            r.rss_before_mb,
+            r.rss_peak_mb,
+            r.outcome.0,
+            r.outcome.1,
+            r.outcome.2,
+            r.outcome.3
+        );
+    }
+}
