@@ -302,6 +302,7 @@ pub async fn run_once(
         topology: topology.clone(),
         batch_size,
         linger: Duration::from_millis(50),
+        transactional_id: None,
     };
     let p = Processor::new(cfg, dedup, crate::db::PgStore::new(pool.clone()))?;
     let stats = p.stats();

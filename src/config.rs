@@ -479,11 +479,19 @@ pub struct ProcessArgs {
     #[arg(long, env = "HELIOS_DEDUP_PREFIX", default_value = "helios:dedup:")]
     pub dedup_prefix: String,
     /// Most raw records per batch.
-    #[arg(long, env = "HELIOS_BATCH_SIZE", default_value_t = 500)]
+    #[arg(long, env = "HELIOS_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: usize,
     /// How long a batch waits to fill after its first record.
     #[arg(long, env = "HELIOS_BATCH_LINGER_MS", default_value_t = 50)]
     pub batch_linger_ms: u64,
+    /// Exactly-once fan-out: Kafka transactions around fan-out, DLQ and offsets (needs a broker
+    /// with transactions; Tansu 0.6.0 has none).
+    #[arg(long, env = "HELIOS_EXACTLY_ONCE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub exactly_once: bool,
+    /// Transactional id of this instance in exactly-once mode; keep it stable across restarts
+    /// (default: helios-<consumer group>-<host name>).
+    #[arg(long, env = "HELIOS_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
 }
 
 impl ProcessArgs {

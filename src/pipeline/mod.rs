@@ -32,11 +32,20 @@ pub async fn run_processor(
         Duration::from_secs(args.dedup_ttl_secs),
     )
     .await?;
+    let transactional_id = args.exactly_once.then(|| {
+        args.transactional_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "local".into());
+            format!("helios-{}-{host}", topology.consumer_group)
+        })
+    });
     let cfg = processor::ProcessorConfig {
         kafka: settings,
         topology,
         batch_size: args.batch_size,
         linger: Duration::from_millis(args.batch_linger_ms),
+        transactional_id,
     };
     processor::Processor::new(cfg, dedup, crate::db::PgStore::new(pool))?
         .run(shutdown)

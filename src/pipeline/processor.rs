@@ -17,7 +17,7 @@ use chrono::SecondsFormat;
 use futures::future::join_all;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::dedup::{Claim, DedupStore};
@@ -39,6 +39,9 @@ pub struct ProcessorConfig {
     pub batch_size: usize,
     /// How long a batch waits to fill after its first record.
     pub linger: Duration,
+    /// Exactly-once mode: the transactional id of this instance (stable across restarts, so a
+    /// restarted instance fences its crashed predecessor). `None`: at-least-once fan-out.
+    pub transactional_id: Option<String>,
 }
 
 /// DLQ header names.
@@ -380,6 +383,14 @@ impl BatchError {
 pub fn output_producer(
     kafka: &KafkaSettings,
 ) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+    output_producer_with(kafka, None)
+}
+
+/// Creates the fan-out/DLQ producer, transactional when `transactional_id` is given.
+pub fn output_producer_with(
+    kafka: &KafkaSettings,
+    transactional_id: Option<&str>,
+) -> Result<FutureProducer, rdkafka::error::KafkaError> {
     let mut cfg = kafka.client_config();
     for (k, v) in [
         ("client.id", "helios-processor"),
@@ -390,6 +401,20 @@ pub fn output_producer(
     ] {
         if !kafka.properties.contains_key(k) {
             cfg.set(k, v);
+        }
+    }
+    if let Some(id) = transactional_id {
+        cfg.set("transactional.id", id);
+        cfg.set("enable.idempotence", "true");
+        let txn_timeout: u64 = kafka
+            .properties
+            .get("transaction.timeout.ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60_000);
+        cfg.set("transaction.timeout.ms", txn_timeout.to_string());
+        // librdkafka requires message.timeout.ms <= transaction.timeout.ms.
+        if !kafka.properties.contains_key("message.timeout.ms") {
+            cfg.set("message.timeout.ms", txn_timeout.min(30_000).to_string());
         }
     }
     cfg.set("acks", "all");
@@ -412,6 +437,9 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         }
         c.set("group.id", &cfg.topology.consumer_group);
         c.set("enable.auto.commit", "false");
+        if cfg.transactional_id.is_some() {
+            c.set("isolation.level", "read_committed");
+        }
         c.set("enable.auto.offset.store", "false");
         let consumer: StreamConsumer<ProcessorContext> = c.create_with_context(ProcessorContext)?;
         let topics: Vec<String> = Source::ALL
@@ -421,7 +449,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;
         tracing::info!(group = %cfg.topology.consumer_group, topics = ?topics, "processor subscribed");
-        let producer = output_producer(&cfg.kafka)?;
+        let producer = output_producer_with(&cfg.kafka, cfg.transactional_id.as_deref())?;
         let schemas = super::schema::SchemaSet::load(&cfg.topology)?;
         Ok(Processor {
             validator: Validator::with_schemas(&cfg.topology, schemas),
@@ -466,6 +494,16 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
 
     /// Runs until shutdown: the batch in hand is finished and committed first.
     pub async fn run(mut self, shutdown: Shutdown) -> anyhow::Result<()> {
+        if let Some(id) = &self.cfg.transactional_id {
+            let p = self.producer.clone();
+            // Fences a crashed predecessor with the same id and aborts its open transaction.
+            tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(30)))
+                .await?
+                .map_err(|e| {
+                    anyhow::anyhow!("exactly-once: init_transactions for `{id}` failed: {e}")
+                })?;
+            tracing::info!(transactional_id = %id, "exactly-once mode: fan-out, DLQ and offsets commit atomically");
+        }
         self.refresh_topics(true).await;
         loop {
             let batch = tokio::select! {
@@ -496,6 +534,10 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             if !done {
                 break;
             }
+            // In exactly-once mode the offsets already committed with the transaction
+            // (send_offsets_to_transaction); committing the same offsets through the consumer
+            // too is harmless there, and is what brokers that drop transactional offset
+            // commits (librdkafka's mock cluster) need to resume.
             self.commit(&batch).await;
             metrics::histogram!("helios_processor_batch_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
@@ -555,6 +597,52 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
     }
 
     async fn write(&self, batch: &[RawRecord], plan: &BatchPlan) -> Result<(), BatchError> {
+        if self.cfg.transactional_id.is_none() {
+            return self.write_records(batch, plan).await;
+        }
+        let txn_err = |what: &str, e: String| BatchError::Produce {
+            failed: 1,
+            total: 1,
+            first: format!("{what}: {e}"),
+        };
+        let p = self.producer.clone();
+        tokio::task::spawn_blocking(move || p.begin_transaction())
+            .await
+            .map_err(|e| txn_err("begin_transaction", e.to_string()))?
+            .map_err(|e| txn_err("begin_transaction", e.to_string()))?;
+        let result = match self.write_records(batch, plan).await {
+            Ok(()) => {
+                let offsets = next_offsets(batch);
+                let p = self.producer.clone();
+                let c = self.consumer.clone();
+                tokio::task::spawn_blocking(move || {
+                    let cgm = c
+                        .group_metadata()
+                        .ok_or_else(|| "the consumer has no group metadata".to_string())?;
+                    p.send_offsets_to_transaction(&offsets, &cgm, Duration::from_secs(30))
+                        .map_err(|e| format!("send_offsets_to_transaction: {e}"))?;
+                    p.commit_transaction(Duration::from_secs(30))
+                        .map_err(|e| format!("commit_transaction: {e}"))
+                })
+                .await
+                .map_err(|e| txn_err("transaction", e.to_string()))?
+                .map_err(|e| txn_err("transaction", e))
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            let p = self.producer.clone();
+            let aborted =
+                tokio::task::spawn_blocking(move || p.abort_transaction(Duration::from_secs(30)))
+                    .await;
+            if let Ok(Err(e)) = aborted {
+                tracing::warn!(error = %e, "abort_transaction failed");
+            }
+        }
+        result
+    }
+
+    async fn write_records(&self, batch: &[RawRecord], plan: &BatchPlan) -> Result<(), BatchError> {
         let topology = &self.cfg.topology;
         let mut sends = Vec::with_capacity(plan.events.len() + plan.dlq.len());
         let mut payloads = Vec::with_capacity(plan.events.len());
@@ -610,15 +698,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
     }
 
     async fn commit(&self, batch: &[RawRecord]) {
-        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        for r in batch {
-            let e = next.entry((r.topic.clone(), r.partition)).or_insert(0);
-            *e = (*e).max(r.offset + 1);
-        }
-        let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in &next {
-            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
-        }
+        let tpl = next_offsets(batch);
         let c = self.consumer.clone();
         match tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync)).await {
             Ok(Ok(())) => {}
@@ -630,6 +710,20 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             Err(e) => tracing::warn!(error = %e, "offset commit task failed"),
         }
     }
+}
+
+/// The offsets to commit after a batch: per partition, one past the highest offset.
+fn next_offsets(batch: &[RawRecord]) -> TopicPartitionList {
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for r in batch {
+        let e = next.entry((r.topic.clone(), r.partition)).or_insert(0);
+        *e = (*e).max(r.offset + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in &next {
+        let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+    }
+    tpl
 }
 
 fn record_metrics(batch: &[RawRecord], plan: &BatchPlan) {

@@ -151,6 +151,8 @@ pub async fn read_records(
             .set("bootstrap.servers", &bootstrap)
             .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
             .set("enable.auto.commit", "false")
+            // Transactional fan-out (exactly-once mode) must be read as a consumer would.
+            .set("isolation.level", "read_committed")
             .create()
             .expect("consumer");
         let md = consumer
@@ -309,6 +311,7 @@ pub async fn spawn_processor_with(topology: &Topology, o: ProcOpts) -> TestProce
         topology: topology.clone(),
         batch_size: 200,
         linger: Duration::from_millis(50),
+        transactional_id: None,
     };
     let p = helios::pipeline::processor::Processor::new(
         cfg,
@@ -341,10 +344,21 @@ pub async fn wait_count(pool: &sqlx::PgPool, sql: &'static str, n: i64, timeout:
 
 /// Produces raw records straight into a raw topic, as the ingress would have landed them.
 pub async fn produce_raw(topic: &str, source: &str, endpoint: &str, bodies: &[Vec<u8>]) {
+    produce_raw_to(&kafka_bootstrap(), topic, source, endpoint, bodies).await
+}
+
+/// [`produce_raw`] to a specific broker.
+pub async fn produce_raw_to(
+    bootstrap: &str,
+    topic: &str,
+    source: &str,
+    endpoint: &str,
+    bodies: &[Vec<u8>],
+) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "20")
         .create()
         .expect("producer");

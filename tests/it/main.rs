@@ -7,6 +7,7 @@ mod aws_eventbridge;
 mod aws_sns;
 mod azure_eventgrid;
 mod direct;
+mod exactly_once;
 mod gcp_pubsub;
 mod ops;
 mod outage;
