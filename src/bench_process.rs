@@ -303,6 +303,7 @@ pub async fn run_once(
         batch_size,
         linger: Duration::from_millis(50),
         transactional_id: None,
+        schema_registry_url: None,
     };
     let p = Processor::new(cfg, dedup, crate::db::PgStore::new(pool.clone()))?;
     let stats = p.stats();

@@ -488,6 +488,9 @@ pub struct ProcessArgs {
     /// with transactions; Tansu 0.6.0 has none).
     #[arg(long, env = "HELIOS_EXACTLY_ONCE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub exactly_once: bool,
+    /// Confluent-compatible schema registry: fan-out values become Avro (Confluent wire format).
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
     /// Transactional id of this instance in exactly-once mode; keep it stable across restarts
     /// (default: helios-<consumer group>-<host name>).
     #[arg(long, env = "HELIOS_TRANSACTIONAL_ID")]

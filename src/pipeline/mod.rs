@@ -46,6 +46,7 @@ pub async fn run_processor(
         batch_size: args.batch_size,
         linger: Duration::from_millis(args.batch_linger_ms),
         transactional_id,
+        schema_registry_url: args.schema_registry_url.clone(),
     };
     processor::Processor::new(cfg, dedup, crate::db::PgStore::new(pool))?
         .run(shutdown)
@@ -78,4 +79,5 @@ pub async fn serve_metrics(addr: &str, shutdown: Shutdown) -> anyhow::Result<std
     });
     Ok(bound)
 }
+pub mod avro;
 pub mod schema;

@@ -42,6 +42,8 @@ pub struct ProcessorConfig {
     /// Exactly-once mode: the transactional id of this instance (stable across restarts, so a
     /// restarted instance fences its crashed predecessor). `None`: at-least-once fan-out.
     pub transactional_id: Option<String>,
+    /// Avro fan-out through this Confluent-compatible schema registry; `None`: JSON values.
+    pub schema_registry_url: Option<String>,
 }
 
 /// DLQ header names.
@@ -167,6 +169,7 @@ pub struct Processor<D: DedupStore, S: EventStore> {
     known_topics: HashSet<String>,
     topics_refreshed: Option<Instant>,
     stats: Arc<ProcessorStats>,
+    avro: Option<super::avro::AvroFanOut>,
 }
 
 fn to_raw(m: &BorrowedMessage<'_>) -> RawRecord {
@@ -284,7 +287,7 @@ pub async fn plan_batch<D: DedupStore>(
 }
 
 /// The fan-out record's headers: CloudEvents binary mode plus lineage.
-fn event_headers(e: &CanonicalEvent) -> OwnedHeaders {
+fn event_headers(e: &CanonicalEvent, content_type: &str) -> OwnedHeaders {
     let time = e.occurred_at.to_rfc3339_opts(SecondsFormat::Millis, true);
     let source = format!("/helios/{}", e.source.as_str());
     let partition = e.raw.partition.to_string();
@@ -296,7 +299,7 @@ fn event_headers(e: &CanonicalEvent) -> OwnedHeaders {
         ("ce_source", &source),
         ("ce_type", &e.event_type),
         ("ce_time", &time),
-        ("content-type", "application/json"),
+        ("content-type", content_type),
         ("helios-source", e.source.as_str()),
         ("helios-raw-topic", &e.raw.topic),
         ("helios-raw-partition", &partition),
@@ -361,6 +364,8 @@ pub enum BatchError {
     Dedup(#[from] super::dedup::DedupError),
     #[error(transparent)]
     Store(#[from] crate::db::StoreError),
+    #[error(transparent)]
+    Registry(#[from] super::avro::RegistryError),
     #[error("Kafka did not acknowledge {failed} of {total} fan-out/DLQ records: {first}")]
     Produce {
         failed: usize,
@@ -375,6 +380,7 @@ impl BatchError {
             BatchError::Dedup(_) => "dedup",
             BatchError::Store(_) => "postgres",
             BatchError::Produce { .. } => "kafka",
+            BatchError::Registry(_) => "schema_registry",
         }
     }
 }
@@ -430,6 +436,10 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             ("auto.offset.reset", "earliest"),
             ("statistics.interval.ms", "5000"),
             ("session.timeout.ms", "15000"),
+            // Bound the prefetch queue so memory stays flat whatever the backlog
+            // (librdkafka's defaults allow ~1 GB of prefetched records).
+            ("queued.max.messages.kbytes", "16384"),
+            ("queued.min.messages", "10000"),
         ] {
             if !cfg.kafka.properties.contains_key(k) {
                 c.set(k, v);
@@ -451,6 +461,10 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         tracing::info!(group = %cfg.topology.consumer_group, topics = ?topics, "processor subscribed");
         let producer = output_producer_with(&cfg.kafka, cfg.transactional_id.as_deref())?;
         let schemas = super::schema::SchemaSet::load(&cfg.topology)?;
+        let cfg_registry = cfg
+            .schema_registry_url
+            .clone()
+            .filter(|u| !u.trim().is_empty());
         Ok(Processor {
             validator: Validator::with_schemas(&cfg.topology, schemas),
             cfg,
@@ -461,6 +475,10 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             known_topics: HashSet::new(),
             topics_refreshed: None,
             stats: Arc::new(ProcessorStats::default()),
+            avro: match &cfg_registry {
+                Some(url) => Some(super::avro::AvroFanOut::new(url)?),
+                None => None,
+            },
         })
     }
 
@@ -647,8 +665,16 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         let mut sends = Vec::with_capacity(plan.events.len() + plan.dlq.len());
         let mut payloads = Vec::with_capacity(plan.events.len());
         for e in &plan.events {
-            payloads.push(serde_json::to_vec(e).unwrap_or_default());
+            payloads.push(match &self.avro {
+                Some(avro) => avro.encode(&topology.event_topic(&e.event_type), e).await?,
+                None => serde_json::to_vec(e).unwrap_or_default(),
+            });
         }
+        let content_type = if self.avro.is_some() {
+            "application/avro"
+        } else {
+            "application/json"
+        };
         let mut enqueue_errors = vec![];
         let mut push = |rec: FutureRecord<'_, [u8], [u8]>| match self.producer.send_result(rec) {
             Ok(f) => sends.push(f),
@@ -660,7 +686,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                 FutureRecord::to(&topic)
                     .key(e.partition_key().as_bytes())
                     .payload(payload.as_slice())
-                    .headers(event_headers(e)),
+                    .headers(event_headers(e, content_type)),
             );
         }
         let dlq_topic = topology.dlq_topic();

@@ -271,6 +271,7 @@ impl Drop for TestProcessor {
 /// Options for [`spawn_processor_with`].
 #[derive(Clone)]
 pub struct ProcOpts {
+    pub schema_registry_url: Option<String>,
     pub schema: String,
     pub dedup_prefix: String,
     pub database_url: String,
@@ -280,6 +281,7 @@ pub struct ProcOpts {
 impl Default for ProcOpts {
     fn default() -> Self {
         ProcOpts {
+            schema_registry_url: None,
             schema: unique_schema(),
             dedup_prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
             database_url: database_url(),
@@ -312,6 +314,7 @@ pub async fn spawn_processor_with(topology: &Topology, o: ProcOpts) -> TestProce
         batch_size: 200,
         linger: Duration::from_millis(50),
         transactional_id: None,
+        schema_registry_url: o.schema_registry_url.clone(),
     };
     let p = helios::pipeline::processor::Processor::new(
         cfg,

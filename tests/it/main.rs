@@ -3,6 +3,7 @@
 
 mod common;
 
+mod avro;
 mod aws_eventbridge;
 mod aws_sns;
 mod azure_eventgrid;

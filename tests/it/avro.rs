@@ -1,0 +1,149 @@
+//! Avro fan-out mode against a small in-test schema registry that implements the endpoints the
+//! client calls (register a version; get a schema by id). Records are decoded here with the
+//! schema file from schemas/, independently of the encoder.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::Json;
+use serde_json::json;
+
+use crate::common::*;
+
+#[derive(Default)]
+struct Registry {
+    schemas: Vec<String>,
+    subjects: HashMap<String, Vec<u32>>,
+    registrations: usize,
+}
+
+type Reg = Arc<Mutex<Registry>>;
+
+async fn register(
+    State(r): State<Reg>,
+    Path(subject): Path<String>,
+    Json(body): Json<serde_json::Value>,
+) -> Json<serde_json::Value> {
+    let mut r = r.lock().unwrap();
+    r.registrations += 1;
+    let schema = body["schema"].as_str().unwrap_or_default().to_string();
+    assert_eq!(body["schemaType"], "AVRO");
+    let id = match r.schemas.iter().position(|s| *s == schema) {
+        Some(i) => i as u32 + 1,
+        None => {
+            r.schemas.push(schema);
+            r.schemas.len() as u32
+        }
+    };
+    r.subjects.entry(subject).or_default().push(id);
+    Json(json!({"id": id}))
+}
+
+async fn by_id(State(r): State<Reg>, Path(id): Path<u32>) -> Json<serde_json::Value> {
+    let r = r.lock().unwrap();
+    Json(json!({"schema": r.schemas[id as usize - 1]}))
+}
+
+async fn start_registry() -> (String, Reg) {
+    let reg: Reg = Arc::default();
+    let router = axum::Router::new()
+        .route("/subjects/{subject}/versions", post(register))
+        .route("/schemas/ids/{id}", get(by_id))
+        .with_state(reg.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (format!("http://{addr}"), reg)
+}
+
+#[tokio::test]
+async fn avro_mode_registers_on_first_use_and_writes_confluent_wire_format() {
+    let (url, reg) = start_registry().await;
+    let app = spawn_app(|_| {}).await;
+    let proc = spawn_processor_with(
+        &app.topology,
+        ProcOpts {
+            schema_registry_url: Some(url),
+            ..ProcOpts::default()
+        },
+    )
+    .await;
+    for i in 0..3 {
+        let ev = json!({"event_type": "OrderPlaced", "event_id": format!("av-{i}"), "occurred_at": "2026-11-22T10:00:00Z",
+            "data": {"order_id": format!("O-{i}"), "customer_id": "C-1", "amount": 5.5}});
+        let r = app
+            .client
+            .post(app.url("/api/v1/events/ingest"))
+            .body(ev.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    assert_eq!(
+        wait_count(
+            &proc.pool,
+            "SELECT count(*) FROM events",
+            3,
+            Duration::from_secs(60)
+        )
+        .await,
+        3
+    );
+    let topic = app.topology.event_topic("OrderPlaced");
+    let recs = read_exactly(&app.kafka.bootstrap_servers, &topic, 3).await;
+
+    let subject = format!("{topic}-value");
+    let id = {
+        let r = reg.lock().unwrap();
+        let ids = r
+            .subjects
+            .get(&subject)
+            .unwrap_or_else(|| panic!("nothing registered under {subject}"));
+        ids[0]
+    };
+    let schema =
+        apache_avro::Schema::parse_str(include_str!("../../schemas/CanonicalEvent.avsc")).unwrap();
+    for (i, rec) in recs.iter().enumerate() {
+        assert_eq!(rec.value[0], 0, "magic byte");
+        assert_eq!(
+            u32::from_be_bytes(rec.value[1..5].try_into().unwrap()),
+            id,
+            "schema id"
+        );
+        assert_eq!(rec.header("content-type"), Some("application/avro"));
+        let mut body = &rec.value[5..];
+        let v = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .unwrap()
+            .read_value(&mut body)
+            .expect("decodes with schemas/CanonicalEvent.avsc");
+        let Value::Record(fields) = v else {
+            panic!("not a record")
+        };
+        let f: HashMap<String, Value> = fields.into_iter().collect();
+        assert_eq!(f["event_id"], Value::String(format!("av-{i}")));
+        assert_eq!(f["event_type"], Value::String("OrderPlaced".into()));
+        assert_eq!(f["source"], Value::Enum(3, "direct".into()));
+        assert_eq!(
+            f["order_id"],
+            Value::Union(1, Box::new(Value::String(format!("O-{i}"))))
+        );
+        assert_eq!(
+            f["occurred_at"],
+            Value::TimestampMicros(1_795_341_600_000_000)
+        );
+        let Value::String(data) = &f["data"] else {
+            panic!("data")
+        };
+        let data: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(data["amount"], 5.5);
+    }
+    // Registered on first use, then cached.
+    assert_eq!(reg.lock().unwrap().registrations, 1);
+    proc.stop().await;
+}
