@@ -49,6 +49,8 @@ enum Command {
         #[command(flatten)]
         process: ProcessArgs,
     },
+    /// Everything on embedded defaults: an in-process Kafka cluster, in-memory dedup, a SQLite store.
+    Demo(crate::demo::DemoArgs),
     /// Apply the SQL migrations (migrations/, embedded in the binary).
     Migrate {
         /// PostgreSQL URL.
@@ -158,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             processed?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo(args) => crate::demo::run(args).await,
         Command::Migrate {
             database_url,
             db_schema,

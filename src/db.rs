@@ -106,6 +106,38 @@ pub trait EventStore: Send + Sync + 'static {
         &self,
         events: &[CanonicalEvent],
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Inserts or, for rows already present, replaces them with this normalization and marks
+    /// them with `replay_id` (replay with dedup bypassed). Returns rows written.
+    fn upsert_events(
+        &self,
+        events: &[CanonicalEvent],
+        replay_id: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Which of these `(source, event_id)` keys already have a row.
+    fn existing(
+        &self,
+        keys: &[(String, String)],
+    ) -> impl Future<Output = Result<std::collections::HashSet<(String, String)>, StoreError>> + Send;
+
+    /// Row counts by event type.
+    fn count_by_type(&self) -> impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send;
+
+    /// The most recently processed rows.
+    fn recent(&self, limit: i64)
+        -> impl Future<Output = Result<Vec<StoredRow>, StoreError>> + Send;
+}
+
+/// A stored row, as read back (demo summary, store tests).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    pub source: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub order_id: Option<String>,
+    pub customer_id: Option<String>,
+    pub data: String,
 }
 
 /// The PostgreSQL `events` table.
@@ -124,8 +156,12 @@ impl PgStore {
     }
 }
 
-impl EventStore for PgStore {
-    async fn insert_events(&self, events: &[CanonicalEvent]) -> Result<u64, StoreError> {
+impl PgStore {
+    async fn write(
+        &self,
+        events: &[CanonicalEvent],
+        replay_id: Option<&str>,
+    ) -> Result<u64, StoreError> {
         if events.is_empty() {
             return Ok(0);
         }
@@ -154,26 +190,278 @@ impl EventStore for PgStore {
             offset.push(e.raw.offset);
             index.push(e.raw.index as i32);
         }
-        let r = sqlx::query(
-            "INSERT INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index)
-             SELECT s, i, t, o, g, d::jsonb, m::jsonb, rt, rp, ro, ri
+        let sql: &'static str = if replay_id.is_some() {
+            const UPSERT: &str = concat!(
+                "INSERT INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
+             SELECT s, i, t, o, g, d::jsonb, m::jsonb, rt, rp, ro, ri, $12
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int4[])
-               AS u(s, i, t, o, g, d, m, rt, rp, ro, ri)
-             ON CONFLICT (source, event_id) DO NOTHING",
-        )
-        .bind(source)
-        .bind(event_id)
-        .bind(event_type)
-        .bind(occurred)
-        .bind(ingested)
-        .bind(data)
-        .bind(metadata)
-        .bind(topic)
-        .bind(partition)
-        .bind(offset)
-        .bind(index)
-        .execute(&self.pool)
-        .await?;
+               AS u(s, i, t, o, g, d, m, rt, rp, ro, ri)",
+                " ON CONFLICT (source, event_id) DO UPDATE SET event_type = EXCLUDED.event_type, occurred_at = EXCLUDED.occurred_at,
+                  data = EXCLUDED.data, metadata = EXCLUDED.metadata, raw_topic = EXCLUDED.raw_topic,
+                  raw_partition = EXCLUDED.raw_partition, raw_offset = EXCLUDED.raw_offset, raw_index = EXCLUDED.raw_index,
+                  replay_id = EXCLUDED.replay_id, processed_at = now()"
+            );
+            UPSERT
+        } else {
+            const DO_NOTHING: &str = concat!(
+                "INSERT INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
+             SELECT s, i, t, o, g, d::jsonb, m::jsonb, rt, rp, ro, ri, $12
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int4[])
+               AS u(s, i, t, o, g, d, m, rt, rp, ro, ri)",
+                " ON CONFLICT (source, event_id) DO NOTHING"
+            );
+            DO_NOTHING
+        };
+        let r = sqlx::query(sql)
+            .bind(source)
+            .bind(event_id)
+            .bind(event_type)
+            .bind(occurred)
+            .bind(ingested)
+            .bind(data)
+            .bind(metadata)
+            .bind(topic)
+            .bind(partition)
+            .bind(offset)
+            .bind(index)
+            .bind(replay_id)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected())
+    }
+}
+
+impl EventStore for PgStore {
+    async fn insert_events(&self, events: &[CanonicalEvent]) -> Result<u64, StoreError> {
+        self.write(events, None).await
+    }
+
+    async fn upsert_events(
+        &self,
+        events: &[CanonicalEvent],
+        replay_id: &str,
+    ) -> Result<u64, StoreError> {
+        self.write(events, Some(replay_id)).await
+    }
+
+    async fn existing(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<std::collections::HashSet<(String, String)>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Default::default());
+        }
+        let (s, i): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
+        let rows = sqlx::query(
+            "SELECT e.source, e.event_id FROM events e JOIN UNNEST($1::text[], $2::text[]) AS k(s, i) ON e.source = k.s AND e.event_id = k.i",
+        )
+        .bind(s)
+        .bind(i)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn count_by_type(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT event_type, count(*) FROM events GROUP BY event_type ORDER BY event_type",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn recent(&self, limit: i64) -> Result<Vec<StoredRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT source, event_id, event_type, order_id, customer_id, data::text FROM events ORDER BY processed_at DESC, event_id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(stored_row).collect())
+    }
+}
+
+fn stored_row<R: Row>(r: &R) -> StoredRow
+where
+    usize: sqlx::ColumnIndex<R>,
+    String: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    StoredRow {
+        source: r.get(0),
+        event_id: r.get(1),
+        event_type: r.get(2),
+        order_id: r.get(3),
+        customer_id: r.get(4),
+        data: r.get(5),
+    }
+}
+
+/// The embedded store of `helios demo`: the same `events` table (and generated columns) in a
+/// SQLite file, so the same queries work.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: sqlx::SqlitePool,
+}
+
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "events",
+    include_str!("../migrations/sqlite/0001_events.sql"),
+)];
+
+impl SqliteStore {
+    /// Opens (creating if needed) the SQLite file and applies its migrations.
+    pub async fn open(path: &std::path::Path) -> Result<Self, StoreError> {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(opts)
+            .await
+            .map_err(|e| {
+                StoreError(format!(
+                    "cannot open the SQLite store {}: {e}",
+                    path.display()
+                ))
+            })?;
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS helios_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let done: Vec<i64> = sqlx::query("SELECT version FROM helios_migrations")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.get::<i64, _>(0))
+            .collect();
+        for (version, name, sql) in SQLITE_MIGRATIONS {
+            if !done.contains(version) {
+                sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO helios_migrations (version, name) VALUES (?1, ?2)")
+                    .bind(version)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub fn pool(&self) -> &sqlx::SqlitePool {
+        &self.pool
+    }
+}
+
+impl SqliteStore {
+    async fn write(
+        &self,
+        events: &[CanonicalEvent],
+        replay_id: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        // One statement per batch: the rows travel as one JSON array, unpacked by json_each.
+        let rows: Vec<serde_json::Value> = events
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "source": e.source.as_str(),
+                    "event_id": e.event_id,
+                    "event_type": e.event_type,
+                    "occurred_at": e.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                    "ingested_at": e.ingested_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                    "data": e.data.to_string(),
+                    "metadata": serde_json::to_string(&e.metadata).unwrap_or_else(|_| "{}".into()),
+                    "raw_topic": e.raw.topic,
+                    "raw_partition": e.raw.partition,
+                    "raw_offset": e.raw.offset,
+                    "raw_index": e.raw.index,
+                    "replay_id": replay_id,
+                })
+            })
+            .collect();
+        let sql: &'static str = if replay_id.is_some() {
+            "INSERT OR REPLACE INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
+             SELECT json_extract(value, '$.source'), json_extract(value, '$.event_id'), json_extract(value, '$.event_type'),
+                    json_extract(value, '$.occurred_at'), json_extract(value, '$.ingested_at'), json_extract(value, '$.data'),
+                    json_extract(value, '$.metadata'), json_extract(value, '$.raw_topic'), json_extract(value, '$.raw_partition'),
+                    json_extract(value, '$.raw_offset'), json_extract(value, '$.raw_index'), json_extract(value, '$.replay_id')
+             FROM json_each(?1)"
+        } else {
+            "INSERT OR IGNORE INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
+             SELECT json_extract(value, '$.source'), json_extract(value, '$.event_id'), json_extract(value, '$.event_type'),
+                    json_extract(value, '$.occurred_at'), json_extract(value, '$.ingested_at'), json_extract(value, '$.data'),
+                    json_extract(value, '$.metadata'), json_extract(value, '$.raw_topic'), json_extract(value, '$.raw_partition'),
+                    json_extract(value, '$.raw_offset'), json_extract(value, '$.raw_index'), json_extract(value, '$.replay_id')
+             FROM json_each(?1)"
+        };
+        let r = sqlx::query(sql)
+            .bind(serde_json::Value::Array(rows).to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+}
+
+impl EventStore for SqliteStore {
+    async fn insert_events(&self, events: &[CanonicalEvent]) -> Result<u64, StoreError> {
+        self.write(events, None).await
+    }
+
+    async fn upsert_events(
+        &self,
+        events: &[CanonicalEvent],
+        replay_id: &str,
+    ) -> Result<u64, StoreError> {
+        self.write(events, Some(replay_id)).await
+    }
+
+    async fn existing(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<std::collections::HashSet<(String, String)>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Default::default());
+        }
+        let arr: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|(s, i)| serde_json::json!([s, i]))
+            .collect();
+        let rows = sqlx::query(
+            "SELECT e.source, e.event_id FROM events e JOIN json_each(?1) k
+               ON e.source = json_extract(k.value, '$[0]') AND e.event_id = json_extract(k.value, '$[1]')",
+        )
+        .bind(serde_json::Value::Array(arr).to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn count_by_type(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT event_type, count(*) FROM events GROUP BY event_type ORDER BY event_type",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn recent(&self, limit: i64) -> Result<Vec<StoredRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT source, event_id, event_type, order_id, customer_id, data FROM events ORDER BY processed_at DESC, event_id LIMIT ?1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(stored_row).collect())
     }
 }

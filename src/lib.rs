@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clouds;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod ingress;
 pub mod kafka;
 pub mod metrics;

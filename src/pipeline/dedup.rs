@@ -39,6 +39,12 @@ pub trait DedupStore: Send + Sync + 'static {
         &self,
         items: &[(String, String)],
     ) -> impl Future<Output = Result<Vec<Claim>, DedupError>> + Send;
+
+    /// Reads the owners of `keys` without setting anything (dry runs).
+    fn peek(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Result<Vec<Option<String>>, DedupError>> + Send;
 }
 
 fn classify(existing: Option<String>, owner: &str) -> Claim {
@@ -100,6 +106,26 @@ impl DedupStore for RedisDedup {
             .map(|(p, (_, owner))| classify(p, owner))
             .collect())
     }
+
+    async fn peek(&self, keys: &[String]) -> Result<Vec<Option<String>>, DedupError> {
+        self.mget(keys).await
+    }
+}
+
+impl RedisDedup {
+    async fn mget(&self, keys: &[String]) -> Result<Vec<Option<String>>, DedupError> {
+        if keys.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.get(format!("{}{}", self.prefix, k));
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async(&mut conn)
+            .await
+            .map_err(|e| DedupError(e.to_string()))
+    }
 }
 
 /// In-memory marks with the same semantics and TTL (embedded demo, single process).
@@ -136,6 +162,19 @@ impl DedupStore for MemoryDedup {
                     m.insert(key.clone(), (owner.clone(), now + self.ttl));
                 }
                 classify(existing, owner)
+            })
+            .collect())
+    }
+
+    async fn peek(&self, keys: &[String]) -> Result<Vec<Option<String>>, DedupError> {
+        let now = Instant::now();
+        let m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(keys
+            .iter()
+            .map(|k| {
+                m.get(k)
+                    .filter(|(_, exp)| *exp > now)
+                    .map(|(o, _)| o.clone())
             })
             .collect())
     }

@@ -52,8 +52,17 @@ fn spawn_binary(topology: &helios::topology::Topology, schema: &str, prefix: &st
         .env("REDIS_URL", redis_url())
         .env("HELIOS_DEDUP_PREFIX", prefix)
         .env("HELIOS_BATCH_SIZE", "50")
+        // Static membership: the restarted process takes over the killed one's place in the group
+        // at once instead of waiting for the broker to expire it.
+        .env(
+            "KAFKA_GROUP_INSTANCE_ID",
+            format!("{}crash-test", topology.topic_prefix),
+        )
         .env("HELIOS_METRICS_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("HELIOS_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -1,0 +1,395 @@
+//! `helios demo`: the whole pipeline in one process on embedded defaults — librdkafka's mock
+//! cluster as the Kafka-protocol broker (reachable by any Kafka client on its printed address),
+//! the in-memory dedup store, and a SQLite file with the same `events` table — wired exactly as
+//! in production: the same ingress, the same processor, other implementations of the same
+//! `DedupStore` and `EventStore` interfaces.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::json;
+
+use crate::config::{IngressConfig, KafkaSettings};
+use crate::db::{EventStore, SqliteStore};
+use crate::pipeline::dedup::MemoryDedup;
+use crate::pipeline::processor::{Processor, ProcessorConfig};
+use crate::shutdown::Shutdown;
+use crate::topology::Topology;
+
+/// `helios demo` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Push sample events in each cloud's real push format through HTTP, then print what happened.
+    #[arg(long)]
+    pub send_samples: bool,
+    /// Exit after the summary (status 0 when everything arrived as expected).
+    #[arg(long)]
+    pub once: bool,
+    /// Ingress port (0 = any free port).
+    #[arg(long, env = "API_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// The SQLite file of the embedded store.
+    #[arg(long, env = "HELIOS_DEMO_STORE", default_value = "helios-demo.db")]
+    pub store: PathBuf,
+    /// Topology file; the built-in one (same as the repository's topology.yaml) when absent.
+    #[arg(long, env = "HELIOS_TOPOLOGY")]
+    pub topology: Option<PathBuf>,
+}
+
+/// Runs librdkafka's mock cluster on a thread of its own (it is not `Send`) with the
+/// topology's topics; returns its bootstrap address and a guard that stops it when dropped.
+pub fn start_mock_cluster(topology: &Topology) -> anyhow::Result<(String, mpsc::Sender<()>)> {
+    let topics: Vec<(String, i32)> = topology
+        .planned_topics()
+        .into_iter()
+        .map(|t| (t.name, t.partitions))
+        .collect();
+    let (tx_addr, rx_addr) = mpsc::channel::<Result<String, String>>();
+    let (tx_stop, rx_stop) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("mock-kafka".into())
+        .spawn(move || {
+            let cluster = match rdkafka::mocking::MockCluster::new(1) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx_addr.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            for (t, p) in &topics {
+                if let Err(e) = cluster.create_topic(t, *p, 1) {
+                    let _ = tx_addr.send(Err(format!("creating {t}: {e}")));
+                    return;
+                }
+            }
+            let _ = tx_addr.send(Ok(cluster.bootstrap_servers()));
+            let _ = rx_stop.recv();
+        })?;
+    let addr = rx_addr
+        .recv()?
+        .map_err(|e| anyhow::anyhow!("cannot start the embedded Kafka cluster: {e}"))?;
+    Ok((addr, tx_stop))
+}
+
+/// One sample push: what it is, where it goes, its headers and body.
+pub struct Sample {
+    pub what: &'static str,
+    pub method: reqwest::Method,
+    pub path: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+fn post(
+    what: &'static str,
+    path: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+) -> Sample {
+    Sample {
+        what,
+        method: reqwest::Method::POST,
+        path,
+        headers,
+        body: body.into_bytes(),
+    }
+}
+
+/// The samples: each cloud's real push format, a duplicate, an invalid event, every handshake.
+pub fn samples() -> Vec<Sample> {
+    let eb = json!({"version": "0", "id": "0d1c7b9e-2f4a-4a53-9d51-7d3c2a6f1b01", "detail-type": "OrderPlaced",
+        "source": "com.example.orders", "account": "111122223333", "time": "2026-11-22T09:15:02Z", "region": "eu-west-1",
+        "resources": [], "detail": {"order_id": "O-1001", "customer_id": "C-42", "amount": 129.5, "currency": "EUR"}})
+    .to_string();
+    let eb_payment = json!({"version": "0", "id": "5f0c4a8e-8d1b-4e8e-9a57-2b1c4c1e9a02", "detail-type": "PaymentProcessed",
+        "source": "com.example.payments", "account": "111122223333", "time": "2026-11-22T09:15:09Z", "region": "eu-west-1",
+        "resources": [], "detail": {"order_id": "O-1001", "amount": 129.5, "currency": "EUR", "status": "captured"}})
+    .to_string();
+    let sns = json!({"Type": "Notification", "MessageId": "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
+        "TopicArn": "arn:aws:sns:eu-west-1:111122223333:payments", "Message": eb_payment,
+        "Timestamp": "2026-11-22T09:15:10.000Z", "SignatureVersion": "2", "Signature": "EXAMPLE",
+        "SigningCertURL": "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-demo.pem"});
+    let sns_confirm = json!({"Type": "SubscriptionConfirmation", "MessageId": "165545c9-2a5c-472c-8df2-7ff2be2b3b1b",
+        "Token": "2336412f37f", "TopicArn": "arn:aws:sns:eu-west-1:111122223333:payments",
+        "Message": "You have chosen to subscribe to the topic arn:aws:sns:eu-west-1:111122223333:payments.",
+        "SubscribeURL": "https://sns.eu-west-1.amazonaws.com/?Action=ConfirmSubscription&Token=2336412f37f",
+        "Timestamp": "2026-11-22T09:00:00.000Z", "SignatureVersion": "1", "Signature": "EXAMPLE",
+        "SigningCertURL": "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-demo.pem"});
+    let inventory = base64::engine::general_purpose::STANDARD.encode(
+        json!({"order_id": "O-1001", "sku": "SKU-1", "quantity": 2, "warehouse": "AMS-1"})
+            .to_string(),
+    );
+    let pubsub = json!({"message": {"data": inventory, "attributes": {"eventType": "InventoryReserved"},
+        "messageId": "2070443601311540", "message_id": "2070443601311540",
+        "publishTime": "2026-11-22T09:15:05.749Z", "publish_time": "2026-11-22T09:15:05.749Z"},
+        "subscription": "projects/demo/subscriptions/helios-push"});
+    let eventgrid = json!([{"id": "831e1650-001e-001b-66ab-eeb76e069631",
+        "topic": "/subscriptions/demo/resourceGroups/shop/providers/Microsoft.EventGrid/topics/orders",
+        "subject": "orders/O-2002", "eventType": "Contoso.Orders.OrderPlaced", "eventTime": "2026-11-22T09:16:00.9584103Z",
+        "data": {"orderId": "O-2002", "customerId": "C-7", "amount": 42.0}, "dataVersion": "1", "metadataVersion": "1"}]);
+    let cloudevent = json!({"specversion": "1.0", "type": "Contoso.Orders.PaymentProcessed", "source": "/contoso/payments",
+        "id": "A234-1234-1234", "time": "2026-11-22T09:16:30Z", "datacontenttype": "application/json",
+        "data": {"order_id": "O-2002", "amount": 42.0, "currency": "EUR"}});
+    let invalid = json!({"event_type": "OrderPlaced", "event_id": "direct-bad-1", "data": {"order_id": "O-3003"}});
+    let json_ct = (
+        "content-type",
+        "application/json; charset=utf-8".to_string(),
+    );
+    vec![
+        post(
+            "EventBridge OrderPlaced",
+            "/api/v1/webhooks/aws/eventbridge",
+            vec![json_ct.clone()],
+            eb.clone(),
+        ),
+        post(
+            "EventBridge OrderPlaced again (a retry: duplicate)",
+            "/api/v1/webhooks/aws/eventbridge",
+            vec![json_ct.clone()],
+            eb,
+        ),
+        post(
+            "SNS SubscriptionConfirmation (handshake)",
+            "/api/v1/webhooks/aws/sns",
+            vec![
+                ("content-type", "text/plain; charset=UTF-8".into()),
+                ("x-amz-sns-message-type", "SubscriptionConfirmation".into()),
+            ],
+            sns_confirm.to_string(),
+        ),
+        post(
+            "SNS Notification carrying an EventBridge PaymentProcessed",
+            "/api/v1/webhooks/aws/sns",
+            vec![
+                ("content-type", "text/plain; charset=UTF-8".into()),
+                ("x-amz-sns-message-type", "Notification".into()),
+                (
+                    "x-amz-sns-message-id",
+                    "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324".into(),
+                ),
+            ],
+            sns.to_string(),
+        ),
+        post(
+            "Pub/Sub push (wrapped) InventoryReserved",
+            "/api/v1/webhooks/gcp/pubsub",
+            vec![json_ct.clone()],
+            pubsub.to_string(),
+        ),
+        post(
+            "Event Grid SubscriptionValidationEvent (handshake)",
+            "/api/v1/webhooks/azure/eventgrid",
+            vec![
+                json_ct.clone(),
+                ("aeg-event-type", "SubscriptionValidation".into()),
+            ],
+            String::from_utf8_lossy(include_bytes!("../samples/azure-eventgrid-validation.json"))
+                .into_owned(),
+        ),
+        Sample {
+            what: "CloudEvents webhook validation OPTIONS (handshake)",
+            method: reqwest::Method::OPTIONS,
+            path: "/api/v1/webhooks/azure/eventgrid",
+            headers: vec![("webhook-request-origin", "eventgrid.azure.net".into())],
+            body: vec![],
+        },
+        post(
+            "Event Grid schema Contoso.Orders.OrderPlaced",
+            "/api/v1/webhooks/azure/eventgrid",
+            vec![json_ct.clone(), ("aeg-event-type", "Notification".into())],
+            eventgrid.to_string(),
+        ),
+        post(
+            "CloudEvents Contoso.Orders.PaymentProcessed",
+            "/api/v1/webhooks/azure/eventgrid",
+            vec![(
+                "content-type",
+                "application/cloudevents+json; charset=utf-8".into(),
+            )],
+            cloudevent.to_string(),
+        ),
+        post(
+            "Direct OrderPlaced without customer_id (invalid: DLQ)",
+            "/api/v1/events/ingest",
+            vec![json_ct],
+            invalid.to_string(),
+        ),
+    ]
+}
+
+/// What the samples must produce.
+pub struct Expected {
+    pub by_type: BTreeMap<String, u64>,
+    pub duplicates: u64,
+    pub dlq: u64,
+    pub handshakes: u64,
+}
+
+pub fn expected() -> Expected {
+    Expected {
+        by_type: [
+            ("InventoryReserved", 1),
+            ("OrderPlaced", 2),
+            ("PaymentProcessed", 2),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        duplicates: 1,
+        dlq: 1,
+        handshakes: 3,
+    }
+}
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let topology = match &args.topology {
+        Some(p) => Topology::load(p)?,
+        None => Topology::builtin(),
+    };
+    let (bootstrap, _cluster_guard) = start_mock_cluster(&topology)?;
+    let store = SqliteStore::open(&args.store).await?;
+    let dedup = MemoryDedup::new(Duration::from_secs(24 * 3600));
+
+    let signals = (!args.once).then(Shutdown::on_signals);
+    let (stop, local) = Shutdown::new();
+    let kafka = KafkaSettings::new(bootstrap.clone());
+    let mut cfg = IngressConfig::new(kafka.clone(), topology.clone());
+    cfg.host = "127.0.0.1".into();
+    cfg.port = args.port;
+    // Demo only: the samples are not signed by AWS, and SubscribeURL points at the real SNS.
+    cfg.sns.verify_signatures = false;
+    cfg.sns.auto_confirm = false;
+    let ingress = crate::ingress::start(cfg, local.clone()).await?;
+    let processor = Processor::new(
+        ProcessorConfig {
+            kafka,
+            topology: topology.clone(),
+            batch_size: 200,
+            linger: Duration::from_millis(20),
+            transactional_id: None,
+            schema_registry_url: None,
+        },
+        dedup,
+        store.clone(),
+    )?;
+    let stats = processor.stats();
+    let proc_task = tokio::spawn(processor.run(local.clone()));
+
+    let base = format!("http://{}", ingress.addr);
+    let store_path = std::fs::canonicalize(&args.store).unwrap_or(args.store.clone());
+    println!("HELIOS demo — everything in this process, no external services");
+    println!("  ingress      {base}   (API docs {base}/docs, metrics {base}/metrics)");
+    println!(
+        "  kafka        {bootstrap}   (librdkafka mock cluster; any Kafka client can read it)"
+    );
+    println!(
+        "  store        {}   (SQLite, same `events` table as PostgreSQL)",
+        store_path.display()
+    );
+    println!("  try          curl -H 'content-type: application/json' --data-binary @samples/aws-eventbridge-order.json {base}/api/v1/webhooks/aws/eventbridge");
+    println!(
+        "               sqlite3 {} 'select event_type, order_id, customer_id from events'",
+        store_path.display()
+    );
+
+    let mut ok = true;
+    if args.send_samples {
+        ok = send_and_report(&base, &stats, &store).await?;
+    }
+    if let Some(signals) = signals {
+        println!("\nRunning; Ctrl-C stops.");
+        signals.wait().await;
+    }
+    stop.trigger();
+    ingress.wait().await?;
+    proc_task.await??;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn send_and_report(
+    base: &str,
+    stats: &crate::pipeline::processor::ProcessorStats,
+    store: &SqliteStore,
+) -> anyhow::Result<bool> {
+    let client = reqwest::Client::new();
+    println!("\nSending samples:");
+    let samples = samples();
+    for s in &samples {
+        let mut req = client
+            .request(s.method.clone(), format!("{base}{}", s.path))
+            .body(s.body.clone());
+        for (k, v) in &s.headers {
+            req = req.header(*k, v);
+        }
+        let status = req.send().await?.status();
+        println!("  {:<3} {}", status.as_u16(), s.what);
+    }
+    let exp = expected();
+    let want_units: u64 = exp.by_type.values().sum::<u64>() + exp.duplicates + exp.dlq;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (stats.units_in.load(Ordering::Relaxed) < want_units
+        || stats.handshakes.load(Ordering::Relaxed) < exp.handshakes)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (raw, units, out, dups, dlq) = stats.snapshot();
+    let handshakes = stats.handshakes.load(Ordering::Relaxed);
+    let rows = store.count_by_type().await?;
+    println!("\nWhat happened ({raw} raw records, {units} events in = {out} out + {dups} duplicates + {dlq} DLQ; {handshakes} handshakes skipped):");
+    let stored: BTreeMap<String, i64> = rows.into_iter().collect();
+    for (t, n) in &exp.by_type {
+        println!(
+            "  {:<20} {} stored (expected {n})",
+            t,
+            stored.get(t).copied().unwrap_or(0)
+        );
+    }
+    println!(
+        "  duplicates           {dups} (expected {})",
+        exp.duplicates
+    );
+    println!(
+        "  DLQ                  {dlq} (expected {}: missing_required_field)",
+        exp.dlq
+    );
+    println!("\nA few stored rows:");
+    for r in store.recent(5).await? {
+        println!(
+            "  {:<7} {:<28} {:<18} order={:<8} customer={}",
+            r.source,
+            r.event_id.chars().take(28).collect::<String>(),
+            r.event_type,
+            r.order_id.as_deref().unwrap_or("-"),
+            r.customer_id.as_deref().unwrap_or("-")
+        );
+    }
+    let stored_ok = exp
+        .by_type
+        .iter()
+        .all(|(t, n)| stored.get(t).copied().unwrap_or(0) == *n as i64);
+    let ok = stored_ok
+        && out == exp.by_type.values().sum::<u64>()
+        && dups == exp.duplicates
+        && dlq == exp.dlq
+        && handshakes == exp.handshakes;
+    println!(
+        "\n{}",
+        if ok {
+            "Everything arrived as expected."
+        } else {
+            "MISMATCH: see the counts above."
+        }
+    );
+    Ok(ok)
+}
