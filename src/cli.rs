@@ -51,6 +51,13 @@ enum Command {
     },
     /// Everything on embedded defaults: an in-process Kafka cluster, in-memory dedup, a SQLite store.
     Demo(crate::demo::DemoArgs),
+    /// Re-process a range of raw topics (by time or offsets) through the processor's pipeline.
+    Replay(Box<crate::replay::ReplayArgs>),
+    /// Inspect and redrive the dead-letter topic.
+    Dlq {
+        #[command(subcommand)]
+        action: crate::dlq::DlqCommand,
+    },
     /// Apply the SQL migrations (migrations/, embedded in the binary).
     Migrate {
         /// PostgreSQL URL.
@@ -161,6 +168,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Replay(args) => crate::replay::run(*args).await,
+        Command::Dlq { action } => crate::dlq::run(action).await,
         Command::Migrate {
             database_url,
             db_schema,

@@ -12,8 +12,14 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 use crate::pipeline::event::CanonicalEvent;
 
 /// Embedded migrations: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "events", include_str!("../migrations/0001_events.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "events", include_str!("../migrations/0001_events.sql")),
+    (
+        2,
+        "dlq_redrives",
+        include_str!("../migrations/0002_dlq_redrives.sql"),
+    ),
+];
 
 /// A database failure; the batch is retried, never dropped.
 #[derive(Debug, thiserror::Error)]

@@ -83,6 +83,8 @@ pub struct BatchPlan {
     pub handshakes: Vec<Source>,
     /// Units that entered the pipeline per source: events parsed + unreadable records.
     pub units_in: Vec<Source>,
+    /// Records or events left out by a replay's filters.
+    pub filtered: u64,
 }
 
 /// Consumer context: logs rebalances, exports consumer lag from librdkafka's statistics.
@@ -128,6 +130,10 @@ pub struct ProcessorStats {
     pub dlq: AtomicU64,
     pub handshakes: AtomicU64,
     pub batches: AtomicU64,
+    pub filtered: AtomicU64,
+    /// Events out by type, DLQ by reason (for reports).
+    pub by_type: std::sync::Mutex<BTreeMap<String, u64>>,
+    pub dlq_by_reason: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl ProcessorStats {
@@ -144,6 +150,15 @@ impl ProcessorStats {
         self.handshakes
             .fetch_add(plan.handshakes.len() as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
+        self.filtered.fetch_add(plan.filtered, Ordering::Relaxed);
+        let mut t = self.by_type.lock().unwrap_or_else(|p| p.into_inner());
+        for e in &plan.events {
+            *t.entry(e.event_type.clone()).or_default() += 1;
+        }
+        let mut d = self.dlq_by_reason.lock().unwrap_or_else(|p| p.into_inner());
+        for x in &plan.dlq {
+            *d.entry(x.reason.as_str().to_string()).or_default() += 1;
+        }
     }
 
     /// (raw records, units in, events out, duplicates, dlq)
@@ -170,6 +185,7 @@ pub struct Processor<D: DedupStore, S: EventStore> {
     topics_refreshed: Option<Instant>,
     stats: Arc<ProcessorStats>,
     avro: Option<super::avro::AvroFanOut>,
+    replay: Option<ReplaySpec>,
 }
 
 fn to_raw(m: &BorrowedMessage<'_>) -> RawRecord {
@@ -193,13 +209,59 @@ fn to_raw(m: &BorrowedMessage<'_>) -> RawRecord {
 }
 
 /// Turns a batch of raw records into the plan of writes (pure apart from the dedup store).
-pub async fn plan_batch<D: DedupStore>(
+/// How a replay treats events already processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DedupPolicy {
+    /// Events already processed (a row exists, or another raw record owns the mark) are skipped
+    /// and counted as duplicates; the rest is processed as live processing would.
+    Respect,
+    /// Everything is processed again: rows are replaced with the new normalization, fan-out
+    /// records are emitted again (marked with `helios-replay-id`).
+    Bypass,
+}
+
+/// What makes a replay run different from live processing.
+#[derive(Debug, Clone)]
+pub struct ReplaySpec {
+    pub replay_id: String,
+    pub policy: DedupPolicy,
+    pub dry_run: bool,
+    /// Only these sources (empty: all).
+    pub sources: Vec<Source>,
+    /// Only these event types (empty: all).
+    pub event_types: Vec<String>,
+}
+
+/// Everything planning a batch reads.
+pub struct PlanContext<'a, D, S> {
+    pub dedup: &'a D,
+    pub store: &'a S,
+    pub validator: &'a Validator,
+    pub existing_topics: &'a HashSet<String>,
+    pub topology: &'a Topology,
+    pub replay: Option<&'a ReplaySpec>,
+}
+
+/// The owner a raw record claims dedup marks with: its own position, or for a record redriven
+/// from the DLQ, the position of the raw record it copies (so it takes over that record's marks).
+fn mark_owner(raw: &RawRecord, e: &CanonicalEvent) -> String {
+    match raw.header(REDRIVE_OF) {
+        Some(orig) => format!("{orig}/{}", e.raw.index),
+        None => e.raw.owner(),
+    }
+}
+
+/// Header set on records redriven from the DLQ: `topic/partition/offset` of the original raw record.
+pub const REDRIVE_OF: &str = "helios-redrive-of";
+/// Header counting how many times a record was redriven.
+pub const REDRIVE_COUNT: &str = "helios-redrive-count";
+
+/// Turns a batch of raw records into the plan of writes (pure apart from the dedup store and,
+/// for replays, the event store's existence check).
+pub async fn plan_batch<D: DedupStore, S: EventStore>(
     records: &[RawRecord],
-    dedup: &D,
-    validator: &Validator,
-    existing_topics: &HashSet<String>,
-    topology: &Topology,
-) -> Result<BatchPlan, super::dedup::DedupError> {
+    ctx: &PlanContext<'_, D, S>,
+) -> Result<BatchPlan, BatchError> {
     let mut plan = BatchPlan::default();
     let mut candidates: Vec<(usize, CanonicalEvent)> = vec![];
     for (i, raw) in records.iter().enumerate() {
@@ -207,6 +269,12 @@ pub async fn plan_batch<D: DedupStore>(
             .header(crate::ingress::landing::headers::SOURCE)
             .and_then(Source::parse)
             .unwrap_or(Source::Direct);
+        if let Some(r) = ctx.replay {
+            if !r.sources.is_empty() && !r.sources.contains(&source) {
+                plan.filtered += 1;
+                continue;
+            }
+        }
         match normalize(raw) {
             Normalized::Handshake => plan.handshakes.push(source),
             Normalized::Failed(e) => {
@@ -227,6 +295,14 @@ pub async fn plan_batch<D: DedupStore>(
             }
             Normalized::Events(results) => {
                 for r in results {
+                    if let (Some(spec), Ok(ev)) = (ctx.replay, &r) {
+                        if !spec.event_types.is_empty()
+                            && !spec.event_types.contains(&ev.event_type)
+                        {
+                            plan.filtered += 1;
+                            continue;
+                        }
+                    }
                     plan.units_in.push(source);
                     match r {
                         Ok(ev) => candidates.push((i, ev)),
@@ -256,15 +332,58 @@ pub async fn plan_batch<D: DedupStore>(
     }
     let claims_in: Vec<(String, String)> = firsts
         .iter()
-        .map(|(_, e)| (e.dedup_key(), e.raw.owner()))
+        .map(|(i, e)| (e.dedup_key(), mark_owner(&records[*i], e)))
         .collect();
-    let claims = dedup.claim(&claims_in).await?;
-    for ((i, ev), claim) in firsts.into_iter().zip(claims) {
-        if let Claim::Duplicate { .. } = claim {
+    let is_dup: Vec<bool> = match ctx.replay {
+        None => ctx
+            .dedup
+            .claim(&claims_in)
+            .await?
+            .into_iter()
+            .map(|c| matches!(c, Claim::Duplicate { .. }))
+            .collect(),
+        Some(spec) if spec.policy == DedupPolicy::Bypass => vec![false; firsts.len()],
+        Some(spec) => {
+            // Respect: already processed = a row exists, or another raw record owns the mark.
+            // (A replayed record meets its own mark: that alone does not make it a duplicate,
+            // so events that were DLQ'd before a fix are processed again.)
+            let keys: Vec<(String, String)> = firsts
+                .iter()
+                .map(|(_, e)| (e.source.as_str().to_string(), e.event_id.clone()))
+                .collect();
+            let stored = ctx.store.existing(&keys).await?;
+            let foreign: Vec<bool> = if spec.dry_run {
+                let k: Vec<String> = claims_in.iter().map(|(k, _)| k.clone()).collect();
+                ctx.dedup
+                    .peek(&k)
+                    .await?
+                    .into_iter()
+                    .zip(&claims_in)
+                    .map(|(o, (_, own))| o.is_some_and(|o| &o != own))
+                    .collect()
+            } else {
+                ctx.dedup
+                    .claim(&claims_in)
+                    .await?
+                    .into_iter()
+                    .map(|c| matches!(c, Claim::Duplicate { .. }))
+                    .collect()
+            };
+            keys.iter()
+                .zip(foreign)
+                .map(|(k, f)| f || stored.contains(k))
+                .collect()
+        }
+    };
+    for ((i, ev), dup) in firsts.into_iter().zip(is_dup) {
+        if dup {
             plan.duplicates.push(ev.source);
             continue;
         }
-        match validator.check(&ev, existing_topics, |t| topology.event_topic(t)) {
+        match ctx
+            .validator
+            .check(&ev, ctx.existing_topics, |t| ctx.topology.event_topic(t))
+        {
             Ok(()) => plan.events.push(ev),
             Err(Rejection {
                 reason,
@@ -287,7 +406,7 @@ pub async fn plan_batch<D: DedupStore>(
 }
 
 /// The fan-out record's headers: CloudEvents binary mode plus lineage.
-fn event_headers(e: &CanonicalEvent, content_type: &str) -> OwnedHeaders {
+fn event_headers(e: &CanonicalEvent, content_type: &str, replay_id: Option<&str>) -> OwnedHeaders {
     let time = e.occurred_at.to_rfc3339_opts(SecondsFormat::Millis, true);
     let source = format!("/helios/{}", e.source.as_str());
     let partition = e.raw.partition.to_string();
@@ -313,8 +432,17 @@ fn event_headers(e: &CanonicalEvent, content_type: &str) -> OwnedHeaders {
             value: Some(v),
         });
     }
+    if let Some(id) = replay_id {
+        h = h.insert(Header {
+            key: REPLAY_ID,
+            value: Some(id),
+        });
+    }
     h
 }
+
+/// Header on records (re-)emitted by `helios replay`.
+pub const REPLAY_ID: &str = "helios-replay-id";
 
 fn dlq_record_headers(raw: &RawRecord, item: &DlqItem) -> OwnedHeaders {
     let mut h = OwnedHeaders::new_with_capacity(raw.headers.len() + 9);
@@ -430,6 +558,32 @@ pub fn output_producer_with(
 impl<D: DedupStore, S: EventStore> Processor<D, S> {
     /// Joins the consumer group and subscribes to the raw topics.
     pub fn new(cfg: ProcessorConfig, dedup: D, store: S) -> anyhow::Result<Self> {
+        Self::build(cfg, dedup, store, None)
+    }
+
+    /// A replay runner: its own consumer (assigned partitions, never the live group), the same
+    /// pipeline. Run it with [`Processor::run_replay`].
+    pub fn for_replay(
+        cfg: ProcessorConfig,
+        dedup: D,
+        store: S,
+        spec: ReplaySpec,
+    ) -> anyhow::Result<Self> {
+        Self::build(cfg, dedup, store, Some(spec))
+    }
+
+    fn build(
+        mut cfg: ProcessorConfig,
+        dedup: D,
+        store: S,
+        replay: Option<ReplaySpec>,
+    ) -> anyhow::Result<Self> {
+        if let Some(r) = &replay {
+            // Never the live group: a replay must not take partitions from the processors.
+            cfg.topology.consumer_group =
+                format!("{}-replay-{}", cfg.topology.consumer_group, r.replay_id);
+            cfg.transactional_id = None;
+        }
         let mut c = cfg.kafka.client_config();
         for (k, v) in [
             ("client.id", "helios-processor"),
@@ -452,13 +606,15 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         }
         c.set("enable.auto.offset.store", "false");
         let consumer: StreamConsumer<ProcessorContext> = c.create_with_context(ProcessorContext)?;
-        let topics: Vec<String> = Source::ALL
-            .iter()
-            .map(|s| cfg.topology.raw_topic(*s))
-            .collect();
-        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&refs)?;
-        tracing::info!(group = %cfg.topology.consumer_group, topics = ?topics, "processor subscribed");
+        if replay.is_none() {
+            let topics: Vec<String> = Source::ALL
+                .iter()
+                .map(|s| cfg.topology.raw_topic(*s))
+                .collect();
+            let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&refs)?;
+            tracing::info!(group = %cfg.topology.consumer_group, topics = ?topics, "processor subscribed");
+        }
         let producer = output_producer_with(&cfg.kafka, cfg.transactional_id.as_deref())?;
         let schemas = super::schema::SchemaSet::load(&cfg.topology)?;
         let cfg_registry = cfg
@@ -479,7 +635,20 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                 Some(url) => Some(super::avro::AvroFanOut::new(url)?),
                 None => None,
             },
+            replay,
         })
+    }
+
+    async fn plan(&self, batch: &[RawRecord]) -> Result<BatchPlan, BatchError> {
+        let ctx = PlanContext {
+            dedup: &self.dedup,
+            store: &self.store,
+            validator: &self.validator,
+            existing_topics: &self.known_topics,
+            topology: &self.cfg.topology,
+            replay: self.replay.as_ref(),
+        };
+        plan_batch(batch, &ctx).await
     }
 
     /// This instance's running totals.
@@ -565,6 +734,98 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         Ok(())
     }
 
+    /// Processes `ranges` (topic, partition, start offset, end offset exclusive) once, then
+    /// returns: `Ok(true)` when every range was processed, `Ok(false)` when interrupted.
+    /// `progress(done, total)` is called after each batch; `max_rate` caps records per second.
+    pub async fn run_replay(
+        mut self,
+        ranges: &[(String, i32, i64, i64)],
+        shutdown: Shutdown,
+        max_rate: Option<u64>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> anyhow::Result<bool> {
+        let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        let mut total = 0u64;
+        for (t, p, start, end) in ranges {
+            if end > start {
+                tpl.add_partition_offset(t, *p, Offset::Offset(*start))?;
+                remaining.insert((t.clone(), *p), *end);
+                total += (end - start) as u64;
+            }
+        }
+        if remaining.is_empty() {
+            return Ok(true);
+        }
+        self.consumer.assign(&tpl)?;
+        self.refresh_topics(true).await;
+        let started = Instant::now();
+        let mut done = 0u64;
+        while !remaining.is_empty() {
+            let batch = tokio::select! {
+                b = tokio::time::timeout(Duration::from_secs(60), self.next_batch()) => match b {
+                    Ok(b) => b?,
+                    Err(_) => anyhow::bail!("no records arrived for 60 s with {} partition(s) unfinished", remaining.len()),
+                },
+                _ = shutdown.clone().wait() => return Ok(false),
+            };
+            let mut batch: Vec<RawRecord> = batch
+                .into_iter()
+                .filter(|r| {
+                    remaining
+                        .get(&(r.topic.clone(), r.partition))
+                        .is_some_and(|end| r.offset < *end)
+                })
+                .collect();
+            batch.sort_by(|a, b| {
+                (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset))
+            });
+            for r in &batch {
+                if remaining
+                    .get(&(r.topic.clone(), r.partition))
+                    .is_some_and(|end| r.offset + 1 >= *end)
+                {
+                    remaining.remove(&(r.topic.clone(), r.partition));
+                    let _ = self.consumer.incremental_unassign(&{
+                        let mut t = TopicPartitionList::new();
+                        let _ = t.add_partition(&r.topic, r.partition);
+                        t
+                    });
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match self.process(&batch).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "replay batch not processed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {},
+                            _ = shutdown.clone().wait() => return Ok(false),
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            done += batch.len() as u64;
+            progress(done, total);
+            if let Some(rate) = max_rate.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(done as f64 / rate as f64);
+                let elapsed = started.elapsed();
+                if due > elapsed {
+                    tokio::select! {
+                        _ = tokio::time::sleep(due - elapsed) => {},
+                        _ = shutdown.clone().wait() => return Ok(false),
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
     async fn next_batch(&self) -> anyhow::Result<Vec<RawRecord>> {
         let first = self.consumer.recv().await?;
         let mut batch = vec![to_raw(&first)];
@@ -584,14 +845,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
     }
 
     async fn process(&mut self, batch: &[RawRecord]) -> Result<(), BatchError> {
-        let mut plan = plan_batch(
-            batch,
-            &self.dedup,
-            &self.validator,
-            &self.known_topics,
-            &self.cfg.topology,
-        )
-        .await?;
+        let mut plan = self.plan(batch).await?;
         if plan
             .dlq
             .iter()
@@ -599,14 +853,11 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         {
             // A topic may have been created since the last look: check once more before DLQ'ing.
             self.refresh_topics(true).await;
-            plan = plan_batch(
-                batch,
-                &self.dedup,
-                &self.validator,
-                &self.known_topics,
-                &self.cfg.topology,
-            )
-            .await?;
+            plan = self.plan(batch).await?;
+        }
+        if self.replay.as_ref().is_some_and(|r| r.dry_run) {
+            self.stats.add(batch, &plan);
+            return Ok(());
         }
         self.write(batch, &plan).await?;
         record_metrics(batch, &plan);
@@ -670,6 +921,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                 None => serde_json::to_vec(e).unwrap_or_default(),
             });
         }
+        let replay_id = self.replay.as_ref().map(|r| r.replay_id.as_str());
         let content_type = if self.avro.is_some() {
             "application/avro"
         } else {
@@ -686,7 +938,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                 FutureRecord::to(&topic)
                     .key(e.partition_key().as_bytes())
                     .payload(payload.as_slice())
-                    .headers(event_headers(e, content_type)),
+                    .headers(event_headers(e, content_type, replay_id)),
             );
         }
         let dlq_topic = topology.dlq_topic();
@@ -700,7 +952,15 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             }
             push(rec);
         }
-        let (db, produced) = tokio::join!(self.store.insert_events(&plan.events), join_all(sends));
+        let db_write = async {
+            match &self.replay {
+                Some(r) if r.policy == DedupPolicy::Bypass => {
+                    self.store.upsert_events(&plan.events, &r.replay_id).await
+                }
+                _ => self.store.insert_events(&plan.events).await,
+            }
+        };
+        let (db, produced) = tokio::join!(db_write, join_all(sends));
         let total = produced.len() + enqueue_errors.len();
         let mut failures: Vec<String> = produced
             .into_iter()

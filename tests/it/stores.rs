@@ -114,7 +114,10 @@ async fn dedup_suite<D: DedupStore>(d: D, ttl: Duration) {
         vec![Claim::New, Claim::New]
     );
     // The same raw record again (a crash before commit): its own mark, processed again.
-    assert_eq!(d.claim(std::slice::from_ref(&a)).await.unwrap(), vec![Claim::Own]);
+    assert_eq!(
+        d.claim(std::slice::from_ref(&a)).await.unwrap(),
+        vec![Claim::Own]
+    );
     // Another raw record with the same event: a duplicate, naming the owner.
     let dup = ("aws:e-1".to_string(), "raw/1/9/0".to_string());
     assert_eq!(
