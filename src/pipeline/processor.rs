@@ -725,7 +725,14 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             // (send_offsets_to_transaction); committing the same offsets through the consumer
             // too is harmless there, and is what brokers that drop transactional offset
             // commits (librdkafka's mock cluster) need to resume.
+            let processed = started.elapsed();
             self.commit(&batch).await;
+            tracing::debug!(
+                records = batch.len(),
+                process_ms = processed.as_millis() as u64,
+                commit_ms = (started.elapsed() - processed).as_millis() as u64,
+                "batch done"
+            );
             metrics::histogram!("helios_processor_batch_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("helios_processor_batch_records").record(batch.len() as f64);
@@ -845,7 +852,9 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
     }
 
     async fn process(&mut self, batch: &[RawRecord]) -> Result<(), BatchError> {
+        let t0 = Instant::now();
         let mut plan = self.plan(batch).await?;
+        tracing::debug!(plan_ms = t0.elapsed().as_millis() as u64, "batch planned");
         if plan
             .dlq
             .iter()
