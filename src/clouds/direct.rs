@@ -77,7 +77,7 @@ async fn process(app: &App, inc: &Incoming) -> Result<Response, IngressError> {
 // ---- normalization (processor side) ----------------------------------------------------------
 
 use crate::pipeline::normalize::{
-    generic_draft, json, DlqReason, NormalizeError, Normalized, RawRecord,
+    generic_draft, json, object_or_array, DlqReason, NormalizeError, Normalized, RawRecord,
 };
 
 /// Normalizes a direct ingestion: one event object or an array of them. An event without an
@@ -88,15 +88,9 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
         Ok(v) => v,
         Err(e) => return Normalized::Failed(e),
     };
-    let items: Vec<&serde_json::Value> = match &v {
-        serde_json::Value::Array(a) => a.iter().collect(),
-        serde_json::Value::Object(_) => vec![&v],
-        _ => {
-            return Normalized::Failed(NormalizeError::new(
-                DlqReason::UnrecognizedPayload,
-                "direct body is neither an event object nor an array",
-            ))
-        }
+    let items = match object_or_array(&v, "direct") {
+        Ok(items) => items,
+        Err(e) => return Normalized::Failed(e),
     };
     let out = items
         .iter()

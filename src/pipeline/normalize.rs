@@ -235,6 +235,19 @@ pub fn json(bytes: &[u8]) -> Result<Value, NormalizeError> {
     })
 }
 
+/// The events of a body that holds one event object or an array of them (Event Grid,
+/// CloudEvents batches, direct ingestion); `what` names the body in the error.
+pub fn object_or_array<'a>(v: &'a Value, what: &str) -> Result<Vec<&'a Value>, NormalizeError> {
+    match v {
+        Value::Array(a) => Ok(a.iter().collect()),
+        Value::Object(_) => Ok(vec![v]),
+        _ => Err(NormalizeError::new(
+            DlqReason::UnrecognizedPayload,
+            format!("{what} body is neither an event object nor an array of them"),
+        )),
+    }
+}
+
 /// Normalizes one raw record according to its `helios-source` and delivery headers.
 pub fn normalize(raw: &RawRecord) -> Normalized {
     if raw.header(h::KIND) == Some("handshake") {

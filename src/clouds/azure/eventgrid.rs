@@ -183,7 +183,7 @@ async fn process_post(app: &App, inc: &Incoming) -> Result<Response, IngressErro
 use base64::Engine;
 
 use crate::pipeline::normalize::{
-    json, str_field, DlqReason, Draft, NormalizeError, Normalized, RawRecord,
+    json, object_or_array, str_field, DlqReason, Draft, NormalizeError, Normalized, RawRecord,
 };
 
 const DELETION_EVENT: &str = "Microsoft.EventGrid.SubscriptionDeletedEvent";
@@ -242,15 +242,9 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
         Ok(v) => v,
         Err(e) => return Normalized::Failed(e),
     };
-    let items: Vec<&serde_json::Value> = match &v {
-        serde_json::Value::Array(a) => a.iter().collect(),
-        serde_json::Value::Object(_) => vec![&v],
-        _ => {
-            return Normalized::Failed(NormalizeError::new(
-                DlqReason::UnrecognizedPayload,
-                "Event Grid body is neither an array nor an object",
-            ))
-        }
+    let items = match object_or_array(&v, "Event Grid") {
+        Ok(items) => items,
+        Err(e) => return Normalized::Failed(e),
     };
     let subscription = raw.header("aeg-subscription-name");
     let mut out = vec![];
