@@ -73,7 +73,7 @@ ensure_redis() {
   if port_open 127.0.0.1 6379; then return 0; fi
   command -v redis-server >/dev/null 2>&1 || { log "installing Redis"; apt_install redis-server; }
   log "starting Redis"
-  mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+  mkdir -p "$HELIOS_CACHE"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
     --dir /tmp --logfile "$HELIOS_CACHE/redis.log" >&2
   wait_port 127.0.0.1 6379 20 Redis
