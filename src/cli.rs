@@ -99,6 +99,13 @@ enum TopologyAction {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so a closed pipe turns every println! into a panic; a CLI should
+    // simply stop, as other Unix tools do.
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to its default before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // A .env in the working directory is read first; real environment variables win.
     let dotenv_result = dotenvy::dotenv();
     let cli = Cli::parse();
