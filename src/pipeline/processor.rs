@@ -694,7 +694,15 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         self.refresh_topics(true).await;
         loop {
             let batch = tokio::select! {
-                b = self.next_batch() => b?,
+                b = self.next_batch() => match b {
+                    Ok(b) => b,
+                    Err(e) => {
+                        // Broker hiccups surface here; librdkafka reconnects by itself.
+                        tracing::warn!(error = %e, "consumer error; polling again");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                },
                 _ = shutdown.clone().wait() => break,
             };
             if batch.is_empty() {
