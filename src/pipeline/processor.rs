@@ -692,6 +692,21 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             tracing::info!(transactional_id = %id, "exactly-once mode: fan-out, DLQ and offsets commit atomically");
         }
         self.refresh_topics(true).await;
+        let missing: Vec<String> = self
+            .cfg
+            .topology
+            .planned_topics()
+            .into_iter()
+            .map(|t| t.name)
+            .filter(|t| !self.known_topics.contains(t))
+            .collect();
+        if !missing.is_empty() && !self.known_topics.is_empty() {
+            // Writes to a missing topic fail and the batch is retried until it exists.
+            tracing::error!(
+                ?missing,
+                "topics of topology.yaml are missing on the broker: run `helios topology apply`"
+            );
+        }
         loop {
             let batch = tokio::select! {
                 b = self.next_batch() => match b {
