@@ -58,6 +58,8 @@ enum Command {
         #[command(subcommand)]
         action: crate::dlq::DlqCommand,
     },
+    /// Publish a test event through a cloud (production) or as that cloud's push into an ingress (demo).
+    Publish(Box<crate::publish::PublishArgs>),
     /// Apply the SQL migrations (migrations/, embedded in the binary).
     Migrate {
         /// PostgreSQL URL.
@@ -176,6 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Replay(args) => crate::replay::run(*args).await,
+        Command::Publish(args) => crate::publish::run(*args).await,
         Command::Dlq { action } => crate::dlq::run(action).await,
         Command::Migrate {
             database_url,

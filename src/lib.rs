@@ -14,6 +14,7 @@ pub mod ingress;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod publish;
 pub mod replay;
 pub mod shutdown;
 pub mod source;

@@ -14,6 +14,7 @@ mod gcp_pubsub;
 mod ops;
 mod outage;
 mod processor;
+mod publish;
 mod replay;
 mod resilience;
 mod stores;

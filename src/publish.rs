@@ -1,0 +1,336 @@
+//! `helios publish`: send a test event through a cloud and watch it come back through that
+//! cloud's push into HELIOS.
+//!
+//! Modes, per cloud: **production** when that cloud's publishing settings are configured (or
+//! `DEPLOYMENT_MODE=production`, which then requires them and names what is missing), **demo**
+//! otherwise: the event is delivered straight to a HELIOS ingress (`--ingress-url`) in exactly the
+//! format that cloud's push uses (EventBridge event, Pub/Sub wrapped push, Event Grid schema or
+//! CloudEvents), so the whole path can be exercised without any cloud account.
+//!
+//! Production publishing in this version: Azure Event Grid (`POST {endpoint}/api/events` with
+//! `aeg-sas-key`). AWS and GCP production publishing are not in this version (see the README);
+//! their demo mode is.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+use crate::config::DeploymentMode;
+
+/// Which cloud(s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CloudChoice {
+    Aws,
+    Gcp,
+    Azure,
+    All,
+}
+
+/// Event Grid input schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AzureSchema {
+    Eventgrid,
+    Cloudevents,
+}
+
+/// `helios publish` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PublishArgs {
+    /// Where to publish.
+    #[arg(long, value_enum)]
+    pub cloud: CloudChoice,
+    /// Event type.
+    #[arg(long, default_value = "OrderPlaced")]
+    pub event_type: String,
+    /// order_id of the payload (default: a fresh one).
+    #[arg(long)]
+    pub order_id: Option<String>,
+    /// customer_id of the payload.
+    #[arg(long, default_value = "C-demo")]
+    pub customer_id: String,
+    /// amount of the payload.
+    #[arg(long, default_value_t = 42.0)]
+    pub amount: f64,
+    /// More payload fields, as a JSON object (merged over the ones above).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// How many events per cloud.
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+    /// The HELIOS ingress that demo mode delivers to.
+    #[arg(
+        long,
+        env = "HELIOS_INGRESS_URL",
+        default_value = "http://127.0.0.1:8000"
+    )]
+    pub ingress_url: String,
+    /// production requires every chosen cloud's settings; development picks per cloud.
+    #[arg(long, env = "DEPLOYMENT_MODE", value_enum, default_value_t = DeploymentMode::Development)]
+    pub deployment_mode: DeploymentMode,
+    /// Event Grid topic endpoint, e.g. https://<topic>.<region>-1.eventgrid.azure.net
+    #[arg(long, env = "AZURE_EVENTGRID_ENDPOINT")]
+    pub azure_endpoint: Option<String>,
+    /// Event Grid topic access key (sent as aeg-sas-key).
+    #[arg(long, env = "AZURE_EVENTGRID_KEY", hide_env_values = true)]
+    pub azure_key: Option<String>,
+    /// Event Grid schema or CloudEvents schema.
+    #[arg(long, value_enum, default_value_t = AzureSchema::Eventgrid)]
+    pub azure_schema: AzureSchema,
+    /// Secrets the ingress expects in demo mode (same variables as `helios ingress`).
+    #[arg(long, env = "HELIOS_EVENTBRIDGE_API_KEY", hide_env_values = true)]
+    pub eventbridge_api_key: Option<String>,
+    #[arg(
+        long,
+        env = "HELIOS_EVENTBRIDGE_API_KEY_HEADER",
+        default_value = "x-helios-key"
+    )]
+    pub eventbridge_api_key_header: String,
+    #[arg(long, env = "HELIOS_PUBSUB_TOKEN", hide_env_values = true)]
+    pub pubsub_token: Option<String>,
+    #[arg(long, env = "HELIOS_EVENTGRID_SECRET", hide_env_values = true)]
+    pub eventgrid_secret: Option<String>,
+}
+
+/// One cloud's outcome.
+#[derive(Debug)]
+pub struct Outcome {
+    pub cloud: &'static str,
+    pub mode: &'static str,
+    pub result: Result<Vec<String>, String>,
+}
+
+fn payload(a: &PublishArgs, order_id: &str) -> anyhow::Result<Value> {
+    let mut d = json!({"order_id": order_id, "customer_id": a.customer_id, "amount": a.amount});
+    if let Some(extra) = &a.data {
+        let v: Value = serde_json::from_str(extra).map_err(|e| {
+            anyhow::anyhow!("--data is not JSON ({e}); write e.g. '{{\"currency\":\"EUR\"}}'")
+        })?;
+        let Value::Object(m) = v else {
+            anyhow::bail!("--data must be a JSON object, e.g. '{{\"currency\":\"EUR\"}}'");
+        };
+        for (k, v) in m {
+            d[k] = v;
+        }
+    }
+    Ok(d)
+}
+
+fn azure_configured(a: &PublishArgs) -> bool {
+    a.azure_endpoint.is_some() || a.azure_key.is_some()
+}
+
+/// The Event Grid body (always an array) in the chosen schema.
+pub fn azure_events(a: &PublishArgs, data: &Value, id: &str) -> Value {
+    let now = chrono::Utc::now().to_rfc3339();
+    match a.azure_schema {
+        AzureSchema::Eventgrid => {
+            json!([{"id": id, "eventType": format!("Helios.Orders.{}", a.event_type),
+            "subject": format!("orders/{}", data["order_id"].as_str().unwrap_or("")), "eventTime": now,
+            "data": data, "dataVersion": "1.0"}])
+        }
+        AzureSchema::Cloudevents => {
+            json!([{"specversion": "1.0", "type": format!("Helios.Orders.{}", a.event_type),
+            "source": "/helios/publisher", "id": id, "time": now, "datacontenttype": "application/json", "data": data}])
+        }
+    }
+}
+
+async fn publish_azure(
+    a: &PublishArgs,
+    http: &reqwest::Client,
+    data: &Value,
+    id: &str,
+) -> Result<String, String> {
+    let endpoint = a
+        .azure_endpoint
+        .as_deref()
+        .unwrap_or("")
+        .trim_end_matches('/');
+    let key = a.azure_key.as_deref().unwrap_or("");
+    let content_type = match a.azure_schema {
+        AzureSchema::Eventgrid => "application/json",
+        AzureSchema::Cloudevents => "application/cloudevents-batch+json; charset=utf-8",
+    };
+    let resp = http
+        .post(format!("{endpoint}/api/events?api-version=2018-01-01"))
+        .header("aeg-sas-key", key)
+        .header("content-type", content_type)
+        .body(azure_events(a, data, id).to_string())
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {endpoint}: {e} (check AZURE_EVENTGRID_ENDPOINT)"))?;
+    match resp.status().as_u16() {
+        200..=299 => Ok(id.to_string()),
+        401 | 403 => Err(format!(
+            "Event Grid refused the key (HTTP {}): check AZURE_EVENTGRID_KEY",
+            resp.status()
+        )),
+        s => Err(format!(
+            "Event Grid answered HTTP {s}: {}",
+            resp.text().await.unwrap_or_default()
+        )),
+    }
+}
+
+async fn deliver_demo(
+    a: &PublishArgs,
+    http: &reqwest::Client,
+    cloud: &'static str,
+    data: &Value,
+    id: &str,
+) -> Result<String, String> {
+    let base = a.ingress_url.trim_end_matches('/');
+    let now = chrono::Utc::now().to_rfc3339();
+    let (path, body, mut headers): (String, Value, Vec<(String, String)>) = match cloud {
+        "aws" => (
+            "/api/v1/webhooks/aws/eventbridge".into(),
+            json!({"version": "0", "id": id, "detail-type": a.event_type, "source": "helios.publisher",
+                "account": "000000000000", "time": now, "region": "local", "resources": [], "detail": data}),
+            a.eventbridge_api_key
+                .iter()
+                .map(|k| (a.eventbridge_api_key_header.clone(), k.clone()))
+                .collect(),
+        ),
+        "gcp" => (
+            match &a.pubsub_token {
+                Some(t) => format!("/api/v1/webhooks/gcp/pubsub?token={t}"),
+                None => "/api/v1/webhooks/gcp/pubsub".into(),
+            },
+            json!({"message": {"data": base64::engine::general_purpose::STANDARD.encode(data.to_string()),
+                "attributes": {"eventType": a.event_type}, "messageId": id, "message_id": id,
+                "publishTime": now, "publish_time": now}, "subscription": "projects/demo/subscriptions/helios-push"}),
+            vec![],
+        ),
+        _ => (
+            match &a.eventgrid_secret {
+                Some(s) => format!("/api/v1/webhooks/azure/eventgrid?code={s}"),
+                None => "/api/v1/webhooks/azure/eventgrid".into(),
+            },
+            azure_events(a, data, id),
+            vec![
+                ("aeg-event-type".into(), "Notification".into()),
+                ("aeg-subscription-name".into(), "HELIOS-DEMO".into()),
+            ],
+        ),
+    };
+    headers.push((
+        "content-type".into(),
+        "application/json; charset=utf-8".into(),
+    ));
+    let mut req = http.post(format!("{base}{path}")).body(body.to_string());
+    for (k, v) in &headers {
+        req = req.header(k, v);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach the ingress at {base}: {e} (start `helios demo` or `helios ingress`, or set --ingress-url)"))?;
+    if resp.status().is_success() {
+        Ok(id.to_string())
+    } else {
+        Err(format!(
+            "the ingress answered HTTP {}: {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        ))
+    }
+}
+
+/// Publishes to the chosen clouds; prints one summary line per cloud.
+pub async fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
+    let clouds: Vec<&'static str> = match a.cloud {
+        CloudChoice::Aws => vec!["aws"],
+        CloudChoice::Gcp => vec!["gcp"],
+        CloudChoice::Azure => vec!["azure"],
+        CloudChoice::All => vec!["aws", "gcp", "azure"],
+    };
+    if a.deployment_mode == DeploymentMode::Production {
+        let mut missing = vec![];
+        for c in &clouds {
+            match *c {
+                "azure" => {
+                    if a.azure_endpoint.is_none() {
+                        missing.push("AZURE_EVENTGRID_ENDPOINT");
+                    }
+                    if a.azure_key.is_none() {
+                        missing.push("AZURE_EVENTGRID_KEY");
+                    }
+                }
+                other => anyhow::bail!(
+                    "DEPLOYMENT_MODE=production: publishing to {other} in production is not in this version of helios publish; publish with the cloud's own CLI, or use demo mode"
+                ),
+            }
+        }
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "DEPLOYMENT_MODE=production needs these variables: {}",
+                missing.join(", ")
+            );
+        }
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()?;
+    let mut outcomes = vec![];
+    for cloud in clouds {
+        let production = cloud == "azure" && azure_configured(&a);
+        let mode = if production { "production" } else { "demo" };
+        tracing::info!(cloud, mode, "publishing");
+        let mut ids = vec![];
+        let mut error = None;
+        for _ in 0..a.count.max(1) {
+            let order_id = a.order_id.clone().unwrap_or_else(|| {
+                format!("O-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+            });
+            let data = payload(&a, &order_id)?;
+            let id = uuid::Uuid::new_v4().to_string();
+            let r = if production {
+                if a.azure_endpoint.is_none() || a.azure_key.is_none() {
+                    Err("set both AZURE_EVENTGRID_ENDPOINT and AZURE_EVENTGRID_KEY".into())
+                } else {
+                    publish_azure(&a, &http, &data, &id).await
+                }
+            } else {
+                deliver_demo(&a, &http, cloud, &data, &id).await
+            };
+            match r {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        outcomes.push(Outcome {
+            cloud,
+            mode,
+            result: match error {
+                None => Ok(ids),
+                Some(e) => Err(e),
+            },
+        });
+    }
+    let mut ok = true;
+    for o in &outcomes {
+        match &o.result {
+            Ok(ids) => println!(
+                "{:<6} {:<10} ok      {} event(s): {}",
+                o.cloud,
+                o.mode,
+                ids.len(),
+                ids.join(", ")
+            ),
+            Err(e) => {
+                ok = false;
+                println!("{:<6} {:<10} FAILED  {e}", o.cloud, o.mode);
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

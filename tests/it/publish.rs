@@ -1,0 +1,178 @@
+//! `helios publish`: demo mode into a running ingress (→ raw topic → processor → PostgreSQL),
+//! Azure production publishing checked by a loopback endpoint that validates the request as
+//! Event Grid would, and the production-mode credential check.
+
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use helios::source::Source;
+
+use crate::common::*;
+
+/// Runs the command off the test's runtime thread (the servers it talks to live on that thread).
+async fn output(mut c: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || c.output().expect("run helios publish"))
+        .await
+        .unwrap()
+}
+
+fn publish(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_helios"));
+    c.arg("publish")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("DEPLOYMENT_MODE")
+        .env_remove("AZURE_EVENTGRID_ENDPOINT")
+        .env_remove("AZURE_EVENTGRID_KEY");
+    c
+}
+
+#[tokio::test]
+async fn demo_mode_delivers_each_clouds_push_format_end_to_end() {
+    let app = spawn_app(|_| {}).await;
+    let proc = spawn_processor(&app.topology).await;
+    let out = output(publish(&[
+        "--cloud",
+        "all",
+        "--order-id",
+        "O-PUB-1",
+        "--ingress-url",
+        &app.url(""),
+    ]))
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for cloud in ["aws", "gcp", "azure"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(cloud) && l.contains("demo") && l.contains("ok")),
+            "{stdout}"
+        );
+    }
+    for s in [Source::Aws, Source::Gcp, Source::Azure] {
+        read_exactly(&app.kafka.bootstrap_servers, &app.raw_topic(s), 1).await;
+    }
+    assert_eq!(
+        wait_count(
+            &proc.pool,
+            "SELECT count(*) FROM events WHERE order_id = 'O-PUB-1'",
+            3,
+            Duration::from_secs(60)
+        )
+        .await,
+        3
+    );
+    let sources: Vec<String> = sqlx::query_scalar("SELECT source FROM events ORDER BY source")
+        .fetch_all(&proc.pool)
+        .await
+        .unwrap();
+    assert_eq!(sources, ["aws", "azure", "gcp"]);
+    proc.stop().await;
+}
+
+type Seen = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
+
+async fn fake_event_grid(key: &'static str) -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let router = axum::Router::new()
+        .route(
+            "/api/events",
+            post(
+                move |State(seen): State<Seen>,
+                      Query(q): Query<std::collections::HashMap<String, String>>,
+                      headers: HeaderMap,
+                      body: String| async move {
+                    if q.get("api-version").map(String::as_str) != Some("2018-01-01") {
+                        return (StatusCode::BAD_REQUEST, "api-version".to_string());
+                    }
+                    if headers.get("aeg-sas-key").and_then(|v| v.to_str().ok()) != Some(key) {
+                        return (StatusCode::UNAUTHORIZED, "key".to_string());
+                    }
+                    let ct = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+                        return (StatusCode::BAD_REQUEST, "json".to_string());
+                    };
+                    if !v.is_array() {
+                        return (StatusCode::BAD_REQUEST, "array".to_string());
+                    }
+                    seen.lock().unwrap().push((ct, v));
+                    (StatusCode::OK, String::new())
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn azure_production_publishing_sends_what_event_grid_expects_in_both_schemas() {
+    let (endpoint, seen) = fake_event_grid("topic-key").await;
+    for schema in ["eventgrid", "cloudevents"] {
+        let mut c = publish(&[
+            "--cloud",
+            "azure",
+            "--azure-schema",
+            schema,
+            "--order-id",
+            "O-AZ",
+        ]);
+        c.env("AZURE_EVENTGRID_ENDPOINT", &endpoint)
+            .env("AZURE_EVENTGRID_KEY", "topic-key");
+        let out = output(c).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{schema}: {stdout}");
+        assert!(stdout.contains("azure  production ok"), "{stdout}");
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    let (ct, eg) = &seen[0];
+    assert!(ct.starts_with("application/json"), "{ct}");
+    assert_eq!(eg[0]["eventType"], "Helios.Orders.OrderPlaced");
+    assert_eq!(eg[0]["data"]["order_id"], "O-AZ");
+    assert!(
+        eg[0]["id"].is_string()
+            && eg[0]["eventTime"].is_string()
+            && eg[0]["dataVersion"].is_string()
+    );
+    let (ct, ce) = &seen[1];
+    assert!(ct.starts_with("application/cloudevents-batch+json"), "{ct}");
+    assert_eq!(ce[0]["specversion"], "1.0");
+    assert_eq!(ce[0]["type"], "Helios.Orders.OrderPlaced");
+
+    // A wrong key is reported with what to fix, exit code 1.
+    let mut c = publish(&["--cloud", "azure"]);
+    c.env("AZURE_EVENTGRID_ENDPOINT", &endpoint)
+        .env("AZURE_EVENTGRID_KEY", "wrong");
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("AZURE_EVENTGRID_KEY"));
+}
+
+#[tokio::test]
+async fn production_mode_without_credentials_names_the_variables() {
+    let mut c = publish(&["--cloud", "azure"]);
+    c.env("DEPLOYMENT_MODE", "production");
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("AZURE_EVENTGRID_ENDPOINT") && err.contains("AZURE_EVENTGRID_KEY"),
+        "{err}"
+    );
+}
