@@ -7,9 +7,10 @@
 //! format that cloud's push uses (EventBridge event, Pub/Sub wrapped push, Event Grid schema or
 //! CloudEvents), so the whole path can be exercised without any cloud account.
 //!
-//! Production publishing in this version: Azure Event Grid (`POST {endpoint}/api/events` with
-//! `aeg-sas-key`). AWS and GCP production publishing are not in this version (see the README);
-//! their demo mode is.
+//! Production publishing in this version: AWS EventBridge (`PutEvents` with the official SDK,
+//! credentials from the standard AWS chain) and Azure Event Grid (`POST {endpoint}/api/events`
+//! with `aeg-sas-key`). GCP production publishing is not in this version (see the README); its
+//! demo mode is.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -69,6 +70,19 @@ pub struct PublishArgs {
     /// production requires every chosen cloud's settings; development picks per cloud.
     #[arg(long, env = "DEPLOYMENT_MODE", value_enum, default_value_t = DeploymentMode::Development)]
     pub deployment_mode: DeploymentMode,
+    /// EventBridge bus to publish to.
+    #[arg(long, env = "HELIOS_EVENTBRIDGE_BUS", default_value = "default")]
+    pub aws_event_bus: String,
+    /// EventBridge `source` of published events.
+    #[arg(
+        long,
+        env = "HELIOS_EVENTBRIDGE_SOURCE",
+        default_value = "helios.publisher"
+    )]
+    pub aws_source: String,
+    /// AWS region (else the standard chain: AWS_REGION, profile).
+    #[arg(long, env = "AWS_REGION")]
+    pub aws_region: Option<String>,
     /// Event Grid topic endpoint, e.g. https://<topic>.<region>-1.eventgrid.azure.net
     #[arg(long, env = "AZURE_EVENTGRID_ENDPOINT")]
     pub azure_endpoint: Option<String>,
@@ -119,6 +133,84 @@ fn payload(a: &PublishArgs, order_id: &str) -> anyhow::Result<Value> {
 
 fn azure_configured(a: &PublishArgs) -> bool {
     a.azure_endpoint.is_some() || a.azure_key.is_some()
+}
+
+/// AWS credentials configured in the environment (the standard chain's usual sources).
+fn aws_configured() -> bool {
+    [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|x| !x.is_empty()))
+}
+
+async fn aws_client(a: &PublishArgs) -> aws_sdk_eventbridge::Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(r) = &a.aws_region {
+        loader = loader.region(aws_config::Region::new(r.clone()));
+    }
+    // AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_EVENTBRIDGE (emulators) are honoured by the SDK itself.
+    aws_sdk_eventbridge::Client::new(&loader.load().await)
+}
+
+/// PutEvents of up to 10 events (the API's limit per call); reports failures per entry.
+async fn publish_aws(
+    a: &PublishArgs,
+    client: &aws_sdk_eventbridge::Client,
+    events: &[Value],
+) -> Result<Vec<String>, String> {
+    use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+    let mut ids = vec![];
+    for chunk in events.chunks(10) {
+        let entries: Vec<PutEventsRequestEntry> = chunk
+            .iter()
+            .map(|d| {
+                PutEventsRequestEntry::builder()
+                    .event_bus_name(&a.aws_event_bus)
+                    .source(&a.aws_source)
+                    .detail_type(&a.event_type)
+                    .detail(d.to_string())
+                    .build()
+            })
+            .collect();
+        let out = client
+            .put_events()
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| {
+                format!(
+                    "PutEvents failed: {} (check AWS credentials, AWS_REGION and the bus name {})",
+                    aws_sdk_eventbridge::error::DisplayErrorContext(&e),
+                    a.aws_event_bus
+                )
+            })?;
+        let mut failures = vec![];
+        for (i, e) in out.entries().iter().enumerate() {
+            match (e.event_id(), e.error_code()) {
+                (Some(id), None) => ids.push(id.to_string()),
+                (_, code) => failures.push(format!(
+                    "entry {i}: {} {}",
+                    code.unwrap_or("error"),
+                    e.error_message().unwrap_or("")
+                )),
+            }
+        }
+        if out.failed_entry_count() > 0 || !failures.is_empty() {
+            return Err(format!(
+                "PutEvents refused {} of {} entries on bus `{}`: {}",
+                out.failed_entry_count().max(failures.len() as i32),
+                chunk.len(),
+                a.aws_event_bus,
+                failures.join("; ")
+            ));
+        }
+    }
+    Ok(ids)
 }
 
 /// The Event Grid body (always an array) in the chosen schema.
@@ -258,8 +350,16 @@ pub async fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
                         missing.push("AZURE_EVENTGRID_KEY");
                     }
                 }
+                "aws" => {
+                    if !aws_configured() {
+                        missing.push("AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)");
+                    }
+                    if a.aws_region.is_none() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+                        missing.push("AWS_REGION");
+                    }
+                }
                 other => anyhow::bail!(
-                    "DEPLOYMENT_MODE=production: publishing to {other} in production is not in this version of helios publish; publish with the cloud's own CLI, or use demo mode"
+                    "DEPLOYMENT_MODE=production: publishing to {other} in production is not in this version of helios publish (GCP: use `gcloud pubsub topics publish`), or use demo mode"
                 ),
             }
         }
@@ -275,9 +375,30 @@ pub async fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let mut outcomes = vec![];
     for cloud in clouds {
-        let production = cloud == "azure" && azure_configured(&a);
+        let production = match cloud {
+            "azure" => azure_configured(&a),
+            "aws" => aws_configured(),
+            _ => false,
+        };
         let mode = if production { "production" } else { "demo" };
         tracing::info!(cloud, mode, "publishing");
+        if production && cloud == "aws" {
+            let data: Vec<Value> = (0..a.count.max(1))
+                .map(|_| {
+                    let order_id = a.order_id.clone().unwrap_or_else(|| {
+                        format!("O-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+                    });
+                    payload(&a, &order_id)
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let client = aws_client(&a).await;
+            outcomes.push(Outcome {
+                cloud,
+                mode,
+                result: publish_aws(&a, &client, &data).await,
+            });
+            continue;
+        }
         let mut ids = vec![];
         let mut error = None;
         for _ in 0..a.count.max(1) {

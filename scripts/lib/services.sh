@@ -114,3 +114,19 @@ start_tansu() {
   wait_port 127.0.0.1 "$port" 30 "Tansu ($engine)" || { cat "$dir/broker.log" >&2; return 1; }
   echo "$pid"
 }
+
+# The AWS API emulator for `helios publish --cloud aws` tests (PyPI's moto).
+ensure_moto() {
+  if ! command -v moto_server >/dev/null 2>&1; then
+    log "installing moto (AWS API emulator)"
+    python3 -m pip install -q 'moto[server]' >&2
+  fi
+}
+
+# start_moto PORT LOGFILE: starts moto on loopback and waits for it; prints the PID.
+start_moto() {
+  ( exec moto_server -H 127.0.0.1 -p "$1" >"$2" 2>&1 ) &
+  local pid=$!
+  wait_port 127.0.0.1 "$1" 30 moto || { cat "$2" >&2; return 1; }
+  echo "$pid"
+}

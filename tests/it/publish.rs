@@ -27,7 +27,10 @@ fn publish(args: &[&str]) -> Command {
         .env("RUST_LOG", "warn")
         .env_remove("DEPLOYMENT_MODE")
         .env_remove("AZURE_EVENTGRID_ENDPOINT")
-        .env_remove("AZURE_EVENTGRID_KEY");
+        .env_remove("AZURE_EVENTGRID_KEY")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE");
     c
 }
 
@@ -173,6 +176,56 @@ async fn production_mode_without_credentials_names_the_variables() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("AZURE_EVENTGRID_ENDPOINT") && err.contains("AZURE_EVENTGRID_KEY"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn aws_production_publishing_goes_through_putevents_and_reports_errors() {
+    let moto = std::env::var("HELIOS_TEST_MOTO_URL").expect(
+        "HELIOS_TEST_MOTO_URL is not set: run the tests with scripts/test.sh, which starts moto",
+    );
+    let aws = |args: &[&str]| {
+        let mut c = publish(args);
+        c.env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL_EVENTBRIDGE", &moto);
+        c
+    };
+    // 12 events: two PutEvents calls (at most 10 entries each).
+    let out = output(aws(&["--cloud", "aws", "--count", "12"])).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("aws    production ok      12 event(s)"),
+        "{stdout}"
+    );
+    // An unknown bus is reported with what to check, exit code 1.
+    let out = output(aws(&["--cloud", "aws", "--aws-event-bus", "no-such-bus"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("FAILED") && stdout.contains("no-such-bus"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn aws_production_mode_without_credentials_names_the_variables() {
+    let mut c = publish(&["--cloud", "aws"]);
+    c.env("DEPLOYMENT_MODE", "production")
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION");
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("AWS_ACCESS_KEY_ID") && err.contains("AWS_REGION"),
         "{err}"
     );
 }
