@@ -131,31 +131,7 @@ async fn produce_backlog(
     for i in 0..n {
         let (source, endpoint, body, extra) = raw_record(i);
         let rid = format!("bench-{i}");
-        let mut h = OwnedHeaders::new_with_capacity(8)
-            .insert(Header {
-                key: "helios-source",
-                value: Some(source.as_str()),
-            })
-            .insert(Header {
-                key: "helios-endpoint",
-                value: Some(endpoint),
-            })
-            .insert(Header {
-                key: "helios-kind",
-                value: Some("event"),
-            })
-            .insert(Header {
-                key: "helios-received-at",
-                value: Some(now.as_str()),
-            })
-            .insert(Header {
-                key: "helios-request-id",
-                value: Some(rid.as_str()),
-            })
-            .insert(Header {
-                key: "content-type",
-                value: Some("application/json"),
-            });
+        let mut h = crate::ingress::landing::event_record_headers(source, endpoint, &rid, &now);
         for (k, v) in &extra {
             h = h.insert(Header {
                 key: k,

@@ -27,6 +27,31 @@ pub mod headers {
     pub const CONTENT_TYPE: &str = "content-type";
 }
 
+/// The contract headers of a JSON event landed by `endpoint` of `source`, for records produced
+/// outside an HTTP request (benchmark backlogs, tests that write raw topics directly).
+pub fn event_record_headers(
+    source: Source,
+    endpoint: &str,
+    request_id: &str,
+    received_at: &str,
+) -> OwnedHeaders {
+    [
+        (headers::SOURCE, source.as_str()),
+        (headers::ENDPOINT, endpoint),
+        (headers::KIND, "event"),
+        (headers::RECEIVED_AT, received_at),
+        (headers::REQUEST_ID, request_id),
+        (headers::CONTENT_TYPE, "application/json"),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new_with_capacity(8), |h, (key, value)| {
+        h.insert(Header {
+            key,
+            value: Some(value),
+        })
+    })
+}
+
 /// Prefixes of the cloud delivery headers that the processor needs later.
 const FORWARDED_PREFIXES: &[&str] = &["x-amz-sns-", "aeg-", "ce-", "x-goog-"];
 

@@ -358,7 +358,6 @@ pub async fn produce_raw_to(
     endpoint: &str,
     bodies: &[Vec<u8>],
 ) {
-    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -369,31 +368,8 @@ pub async fn produce_raw_to(
     let mut futs = vec![];
     for (i, b) in bodies.iter().enumerate() {
         let rid = format!("raw-{i}");
-        let h = OwnedHeaders::new()
-            .insert(Header {
-                key: "helios-source",
-                value: Some(source),
-            })
-            .insert(Header {
-                key: "helios-endpoint",
-                value: Some(endpoint),
-            })
-            .insert(Header {
-                key: "helios-kind",
-                value: Some("event"),
-            })
-            .insert(Header {
-                key: "helios-received-at",
-                value: Some(now.as_str()),
-            })
-            .insert(Header {
-                key: "helios-request-id",
-                value: Some(rid.as_str()),
-            })
-            .insert(Header {
-                key: "content-type",
-                value: Some("application/json"),
-            });
+        let source = Source::parse(source).expect("a source name");
+        let h = helios::ingress::landing::event_record_headers(source, endpoint, &rid, &now);
         let rec: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(topic).payload(b.as_slice()).headers(h);
         futs.push(producer.send(rec, Duration::from_secs(30)));
@@ -401,4 +377,37 @@ pub async fn produce_raw_to(
     for f in futs {
         f.await.expect("produced");
     }
+}
+
+/// `helios process` (the binary) on `topology`, with its own schema and dedup prefix, small
+/// batches and migrations at start-up. Callers add what their test needs and spawn it.
+pub fn helios_process_command(
+    bootstrap: &str,
+    topology: &Topology,
+    schema: &str,
+    dedup_prefix: &str,
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_helios"));
+    c.arg("process")
+        .env(
+            "HELIOS_TOPOLOGY",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/topology.yaml"),
+        )
+        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        .env("HELIOS_TOPIC_PREFIX", &topology.topic_prefix)
+        .env("HELIOS_CONSUMER_GROUP", &topology.consumer_group)
+        .env("DATABASE_URL", database_url())
+        .env("HELIOS_DB_SCHEMA", schema)
+        .env("HELIOS_MIGRATE", "true")
+        .env("REDIS_URL", redis_url())
+        .env("HELIOS_DEDUP_PREFIX", dedup_prefix)
+        .env("HELIOS_BATCH_SIZE", "50")
+        .env("HELIOS_METRICS_ADDR", "127.0.0.1:0")
+        .env(
+            "RUST_LOG",
+            std::env::var("HELIOS_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    c
 }

@@ -2,7 +2,6 @@
 //! a processor killed mid-stream and restarted; read_committed consumers see each event once.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -34,15 +33,7 @@ fn spawn_eos(
     schema: &str,
     prefix: &str,
 ) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_helios"))
-        .arg("process")
-        .env(
-            "HELIOS_TOPOLOGY",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/topology.yaml"),
-        )
-        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
-        .env("HELIOS_TOPIC_PREFIX", &topology.topic_prefix)
-        .env("HELIOS_CONSUMER_GROUP", &topology.consumer_group)
+    helios_process_command(bootstrap, topology, schema, prefix)
         .env("HELIOS_EXACTLY_ONCE", "true")
         // The mock cluster does not abort a fenced predecessor's open transaction at once (a real
         // cluster does, in init_transactions): a short timeout bounds how long it blocks readers.
@@ -51,16 +42,6 @@ fn spawn_eos(
             "HELIOS_TRANSACTIONAL_ID",
             format!("{}eos-test", topology.topic_prefix),
         )
-        .env("DATABASE_URL", database_url())
-        .env("HELIOS_DB_SCHEMA", schema)
-        .env("HELIOS_MIGRATE", "true")
-        .env("REDIS_URL", redis_url())
-        .env("HELIOS_DEDUP_PREFIX", prefix)
-        .env("HELIOS_BATCH_SIZE", "50")
-        .env("HELIOS_METRICS_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("start helios process --exactly-once")
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,34 +37,13 @@ fn stream(n: usize) -> (Vec<Vec<u8>>, HashSet<String>, usize) {
 }
 
 fn spawn_binary(topology: &helios::topology::Topology, schema: &str, prefix: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_helios"))
-        .arg("process")
-        .env(
-            "HELIOS_TOPOLOGY",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/topology.yaml"),
-        )
-        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
-        .env("HELIOS_TOPIC_PREFIX", &topology.topic_prefix)
-        .env("HELIOS_CONSUMER_GROUP", &topology.consumer_group)
-        .env("DATABASE_URL", database_url())
-        .env("HELIOS_DB_SCHEMA", schema)
-        .env("HELIOS_MIGRATE", "true")
-        .env("REDIS_URL", redis_url())
-        .env("HELIOS_DEDUP_PREFIX", prefix)
-        .env("HELIOS_BATCH_SIZE", "50")
+    helios_process_command(&kafka_bootstrap(), topology, schema, prefix)
         // Static membership: the restarted process takes over the killed one's place in the group
         // at once instead of waiting for the broker to expire it.
         .env(
             "KAFKA_GROUP_INSTANCE_ID",
             format!("{}crash-test", topology.topic_prefix),
         )
-        .env("HELIOS_METRICS_ADDR", "127.0.0.1:0")
-        .env(
-            "RUST_LOG",
-            std::env::var("HELIOS_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("start helios process")
 }
