@@ -21,6 +21,30 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
+/// The batch insert into PostgreSQL: one row per element of the eleven arrays, plus `$12` as the
+/// replay id; the conflict clause is appended per use.
+macro_rules! pg_insert_select {
+    () => {
+        "INSERT INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
+         SELECT s, i, t, o, g, d::jsonb, m::jsonb, rt, rp, ro, ri, $12
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int4[])
+           AS u(s, i, t, o, g, d, m, rt, rp, ro, ri)"
+    };
+}
+
+/// The batch insert into SQLite (after `INSERT OR IGNORE`/`OR REPLACE`): the rows travel as one
+/// JSON array bound to `?1`, unpacked by json_each.
+macro_rules! sqlite_insert_select {
+    () => {
+        " INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
+         SELECT json_extract(value, '$.source'), json_extract(value, '$.event_id'), json_extract(value, '$.event_type'),
+                json_extract(value, '$.occurred_at'), json_extract(value, '$.ingested_at'), json_extract(value, '$.data'),
+                json_extract(value, '$.metadata'), json_extract(value, '$.raw_topic'), json_extract(value, '$.raw_partition'),
+                json_extract(value, '$.raw_offset'), json_extract(value, '$.raw_index'), json_extract(value, '$.replay_id')
+         FROM json_each(?1)"
+    };
+}
+
 /// A database failure; the batch is retried, never dropped.
 #[derive(Debug, thiserror::Error)]
 #[error("PostgreSQL: {0}")]
@@ -197,26 +221,19 @@ impl PgStore {
             index.push(e.raw.index as i32);
         }
         let sql: &'static str = if replay_id.is_some() {
-            const UPSERT: &str = concat!(
-                "INSERT INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
-             SELECT s, i, t, o, g, d::jsonb, m::jsonb, rt, rp, ro, ri, $12
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int4[])
-               AS u(s, i, t, o, g, d, m, rt, rp, ro, ri)",
-                " ON CONFLICT (source, event_id) DO UPDATE SET event_type = EXCLUDED.event_type, occurred_at = EXCLUDED.occurred_at,
-                  data = EXCLUDED.data, metadata = EXCLUDED.metadata, raw_topic = EXCLUDED.raw_topic,
-                  raw_partition = EXCLUDED.raw_partition, raw_offset = EXCLUDED.raw_offset, raw_index = EXCLUDED.raw_index,
+            concat!(
+                pg_insert_select!(),
+                " ON CONFLICT (source, event_id) DO UPDATE SET event_type = EXCLUDED.event_type,
+                  occurred_at = EXCLUDED.occurred_at, data = EXCLUDED.data, metadata = EXCLUDED.metadata,
+                  raw_topic = EXCLUDED.raw_topic, raw_partition = EXCLUDED.raw_partition,
+                  raw_offset = EXCLUDED.raw_offset, raw_index = EXCLUDED.raw_index,
                   replay_id = EXCLUDED.replay_id, processed_at = now()"
-            );
-            UPSERT
+            )
         } else {
-            const DO_NOTHING: &str = concat!(
-                "INSERT INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
-             SELECT s, i, t, o, g, d::jsonb, m::jsonb, rt, rp, ro, ri, $12
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int4[])
-               AS u(s, i, t, o, g, d, m, rt, rp, ro, ri)",
+            concat!(
+                pg_insert_select!(),
                 " ON CONFLICT (source, event_id) DO NOTHING"
-            );
-            DO_NOTHING
+            )
         };
         let r = sqlx::query(sql)
             .bind(source)
@@ -395,20 +412,11 @@ impl SqliteStore {
                 })
             })
             .collect();
+        // OR REPLACE (replay bypass) rewrites the row; OR IGNORE leaves an existing one alone.
         let sql: &'static str = if replay_id.is_some() {
-            "INSERT OR REPLACE INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
-             SELECT json_extract(value, '$.source'), json_extract(value, '$.event_id'), json_extract(value, '$.event_type'),
-                    json_extract(value, '$.occurred_at'), json_extract(value, '$.ingested_at'), json_extract(value, '$.data'),
-                    json_extract(value, '$.metadata'), json_extract(value, '$.raw_topic'), json_extract(value, '$.raw_partition'),
-                    json_extract(value, '$.raw_offset'), json_extract(value, '$.raw_index'), json_extract(value, '$.replay_id')
-             FROM json_each(?1)"
+            concat!("INSERT OR REPLACE", sqlite_insert_select!())
         } else {
-            "INSERT OR IGNORE INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
-             SELECT json_extract(value, '$.source'), json_extract(value, '$.event_id'), json_extract(value, '$.event_type'),
-                    json_extract(value, '$.occurred_at'), json_extract(value, '$.ingested_at'), json_extract(value, '$.data'),
-                    json_extract(value, '$.metadata'), json_extract(value, '$.raw_topic'), json_extract(value, '$.raw_partition'),
-                    json_extract(value, '$.raw_offset'), json_extract(value, '$.raw_index'), json_extract(value, '$.replay_id')
-             FROM json_each(?1)"
+            concat!("INSERT OR IGNORE", sqlite_insert_select!())
         };
         let r = sqlx::query(sql)
             .bind(serde_json::Value::Array(rows).to_string())

@@ -100,6 +100,28 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// A direct event of `event_type` with `data` (ids derived as normalization would), for unit tests.
+#[cfg(test)]
+pub fn test_event(event_type: &str, data: serde_json::Value) -> CanonicalEvent {
+    CanonicalEvent {
+        event_id: "e".into(),
+        event_type: event_type.into(),
+        source: Source::Direct,
+        occurred_at: chrono::Utc::now(),
+        ingested_at: chrono::Utc::now(),
+        order_id: id_field(&data, "order_id", "orderId"),
+        customer_id: id_field(&data, "customer_id", "customerId"),
+        data,
+        metadata: Default::default(),
+        raw: RawRef {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            index: 0,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,12 +152,12 @@ impl ProcessorStats {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.filtered.fetch_add(plan.filtered, Ordering::Relaxed);
         let mut t = self.by_type.lock().unwrap_or_else(|p| p.into_inner());
-        for e in &plan.events {
-            *t.entry(e.event_type.clone()).or_default() += 1;
+        for (k, n) in tally(plan.events.iter().map(|e| e.event_type.as_str())) {
+            *t.entry(k.to_string()).or_default() += n;
         }
         let mut d = self.dlq_by_reason.lock().unwrap_or_else(|p| p.into_inner());
-        for x in &plan.dlq {
-            *d.entry(x.reason.as_str().to_string()).or_default() += 1;
+        for (k, n) in tally(plan.dlq.iter().map(|x| x.reason.as_str())) {
+            *d.entry(k.to_string()).or_default() += n;
         }
     }
 
@@ -946,12 +946,14 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
     async fn write_records(&self, batch: &[RawRecord], plan: &BatchPlan) -> Result<(), BatchError> {
         let topology = &self.cfg.topology;
         let mut sends = Vec::with_capacity(plan.events.len() + plan.dlq.len());
-        let mut payloads = Vec::with_capacity(plan.events.len());
+        let mut outgoing = Vec::with_capacity(plan.events.len());
         for e in &plan.events {
-            payloads.push(match &self.avro {
-                Some(avro) => avro.encode(&topology.event_topic(&e.event_type), e).await?,
+            let topic = topology.event_topic(&e.event_type);
+            let payload = match &self.avro {
+                Some(avro) => avro.encode(&topic, e).await?,
                 None => serde_json::to_vec(e).unwrap_or_default(),
-            });
+            };
+            outgoing.push((topic, payload));
         }
         let replay_id = self.replay.as_ref().map(|r| r.replay_id.as_str());
         let content_type = if self.avro.is_some() {
@@ -964,10 +966,9 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             Ok(f) => sends.push(f),
             Err((e, _)) => enqueue_errors.push(e.to_string()),
         };
-        for (e, payload) in plan.events.iter().zip(&payloads) {
-            let topic = topology.event_topic(&e.event_type);
+        for (e, (topic, payload)) in plan.events.iter().zip(&outgoing) {
             push(
-                FutureRecord::to(&topic)
+                FutureRecord::to(topic)
                     .key(e.partition_key().as_bytes())
                     .payload(payload.as_slice())
                     .headers(event_headers(e, content_type, replay_id)),
@@ -1044,29 +1045,40 @@ fn next_offsets(batch: &[RawRecord]) -> TopicPartitionList {
     tpl
 }
 
-fn record_metrics(batch: &[RawRecord], plan: &BatchPlan) {
-    let mut per_topic: HashMap<&str, u64> = HashMap::new();
-    for r in batch {
-        *per_topic.entry(r.topic.as_str()).or_default() += 1;
+/// Counts with the same labels added up first: one registry lookup per label set and batch,
+/// not per event.
+fn tally<K: Ord>(items: impl IntoIterator<Item = K>) -> BTreeMap<K, u64> {
+    let mut m = BTreeMap::new();
+    for k in items {
+        *m.entry(k).or_default() += 1;
     }
-    for (t, n) in per_topic {
+    m
+}
+
+fn record_metrics(batch: &[RawRecord], plan: &BatchPlan) {
+    for (t, n) in tally(batch.iter().map(|r| r.topic.as_str())) {
         metrics::counter!("helios_processor_raw_records_total", "topic" => t.to_string())
             .increment(n);
     }
-    for s in &plan.units_in {
-        metrics::counter!("helios_processor_events_in_total", "source" => s.as_str()).increment(1);
+    for (s, n) in tally(plan.units_in.iter()) {
+        metrics::counter!("helios_processor_events_in_total", "source" => s.as_str()).increment(n);
     }
-    for e in &plan.events {
-        metrics::counter!("helios_processor_events_out_total", "event_type" => e.event_type.clone(), "source" => e.source.as_str())
-            .increment(1);
+    for ((t, s), n) in tally(
+        plan.events
+            .iter()
+            .map(|e| (e.event_type.as_str(), e.source)),
+    ) {
+        metrics::counter!("helios_processor_events_out_total", "event_type" => t.to_string(), "source" => s.as_str())
+            .increment(n);
     }
-    for s in &plan.duplicates {
-        metrics::counter!("helios_processor_duplicates_total", "source" => s.as_str()).increment(1);
+    for (s, n) in tally(plan.duplicates.iter()) {
+        metrics::counter!("helios_processor_duplicates_total", "source" => s.as_str()).increment(n);
     }
-    for d in &plan.dlq {
-        metrics::counter!("helios_processor_dlq_total", "reason" => d.reason.as_str(), "stage" => d.stage).increment(1);
+    for ((r, st), n) in tally(plan.dlq.iter().map(|d| (d.reason, d.stage))) {
+        metrics::counter!("helios_processor_dlq_total", "reason" => r.as_str(), "stage" => st)
+            .increment(n);
     }
-    for s in &plan.handshakes {
-        metrics::counter!("helios_processor_handshakes_total", "source" => s.as_str()).increment(1);
+    for (s, n) in tally(plan.handshakes.iter()) {
+        metrics::counter!("helios_processor_handshakes_total", "source" => s.as_str()).increment(n);
     }
 }

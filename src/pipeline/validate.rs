@@ -114,27 +114,9 @@ impl Validator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::event::RawRef;
-    use crate::source::Source;
 
     fn ev(t: &str, data: serde_json::Value) -> CanonicalEvent {
-        CanonicalEvent {
-            event_id: "e".into(),
-            event_type: t.into(),
-            source: Source::Direct,
-            occurred_at: chrono::Utc::now(),
-            ingested_at: chrono::Utc::now(),
-            order_id: crate::pipeline::event::id_field(&data, "order_id", "orderId"),
-            customer_id: crate::pipeline::event::id_field(&data, "customer_id", "customerId"),
-            data,
-            metadata: Default::default(),
-            raw: RawRef {
-                topic: "t".into(),
-                partition: 0,
-                offset: 0,
-                index: 0,
-            },
-        }
+        crate::pipeline::event::test_event(t, data)
     }
 
     #[test]
