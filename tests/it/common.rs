@@ -38,6 +38,16 @@ pub fn test_topology() -> Topology {
     t
 }
 
+/// A fresh test topology, adjusted by `configure`, with its topics created on the test broker.
+pub async fn applied_topology(configure: impl FnOnce(&mut Topology)) -> Topology {
+    let mut t = test_topology();
+    configure(&mut t);
+    helios::kafka::apply_topology(&KafkaSettings::new(kafka_bootstrap()), &t, false)
+        .await
+        .expect("topology apply");
+    t
+}
+
 /// A running ingress for one test.
 pub struct TestApp {
     pub addr: std::net::SocketAddr,

@@ -16,11 +16,7 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let topology = test_topology();
-    let kafka = helios::config::KafkaSettings::new(kafka_bootstrap());
-    helios::kafka::apply_topology(&kafka, &topology, false)
-        .await
-        .unwrap();
+    let topology = applied_topology(|_| {}).await;
     let opts = ProcOpts::default();
     let pool = helios::db::connect(&database_url(), Some(&opts.schema))
         .await

@@ -50,12 +50,7 @@ fn spawn_binary(topology: &helios::topology::Topology, schema: &str, prefix: &st
 
 #[tokio::test]
 async fn killing_the_processor_mid_stream_loses_and_doubles_nothing() {
-    let mut topology = test_topology();
-    topology.raw_topics.direct.partitions = 2;
-    let kafka = helios::config::KafkaSettings::new(kafka_bootstrap());
-    helios::kafka::apply_topology(&kafka, &topology, false)
-        .await
-        .unwrap();
+    let topology = applied_topology(|t| t.raw_topics.direct.partitions = 2).await;
     let (bodies, valid, invalid) = stream(3000);
     produce_raw(
         &topology.raw_topic(Source::Direct),
@@ -156,12 +151,7 @@ async fn killing_the_processor_mid_stream_loses_and_doubles_nothing() {
 
 #[tokio::test]
 async fn two_instances_split_the_partitions_and_process_everything_once() {
-    let mut topology = test_topology();
-    topology.raw_topics.direct.partitions = 4;
-    let kafka = helios::config::KafkaSettings::new(kafka_bootstrap());
-    helios::kafka::apply_topology(&kafka, &topology, false)
-        .await
-        .unwrap();
+    let topology = applied_topology(|t| t.raw_topics.direct.partitions = 4).await;
     let opts = ProcOpts::default();
     let a = spawn_processor_with(&topology, opts.clone()).await;
     let b = spawn_processor_with(&topology, opts).await;
@@ -253,11 +243,7 @@ impl FlakyProxy {
 
 #[tokio::test]
 async fn redis_and_postgres_outages_pause_processing_and_lose_nothing() {
-    let topology = test_topology();
-    let kafka = helios::config::KafkaSettings::new(kafka_bootstrap());
-    helios::kafka::apply_topology(&kafka, &topology, false)
-        .await
-        .unwrap();
+    let topology = applied_topology(|_| {}).await;
     let redis_proxy = FlakyProxy::start("127.0.0.1:6379".parse().unwrap()).await;
     let pg_proxy = FlakyProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let schema = unique_schema();
