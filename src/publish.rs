@@ -7,12 +7,14 @@
 //! format that cloud's push uses (EventBridge event, Pub/Sub wrapped push, Event Grid schema or
 //! CloudEvents), so the whole path can be exercised without any cloud account.
 //!
-//! Production publishing in this version: AWS EventBridge (`PutEvents` with the official SDK,
-//! credentials from the standard AWS chain) and Azure Event Grid (`POST {endpoint}/api/events`
-//! with `aeg-sas-key`). GCP production publishing is not in this version (see the README); its
-//! demo mode is.
+//! Production publishing: AWS EventBridge (`PutEvents` with the official SDK, credentials from the
+//! standard AWS chain), GCP Pub/Sub (the official `google-cloud-pubsub` client over gRPC,
+//! credentials from Application Default Credentials, `PUBSUB_EMULATOR_HOST` honoured with anonymous
+//! credentials) and Azure Event Grid (`POST {endpoint}/api/events` through the azure_core pipeline,
+//! with `aeg-sas-key` or an Entra bearer token).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -89,6 +91,23 @@ pub struct PublishArgs {
     /// Event Grid topic access key (sent as aeg-sas-key).
     #[arg(long, env = "AZURE_EVENTGRID_KEY", hide_env_values = true)]
     pub azure_key: Option<String>,
+    /// A Microsoft Entra access token for Event Grid (scope https://eventgrid.azure.net/.default,
+    /// e.g. from `az account get-access-token --resource https://eventgrid.azure.net`); used
+    /// instead of the key. Sent only over https.
+    #[arg(long, env = "AZURE_EVENTGRID_TOKEN", hide_env_values = true)]
+    pub azure_token: Option<String>,
+    /// GCP project of the Pub/Sub topic (not needed when --gcp-topic is a full path).
+    #[arg(long, env = "GCP_PROJECT_ID")]
+    pub gcp_project: Option<String>,
+    /// Pub/Sub topic to publish to: a topic id (with --gcp-project) or `projects/P/topics/T`.
+    #[arg(long, env = "HELIOS_PUBSUB_TOPIC")]
+    pub gcp_topic: Option<String>,
+    /// A Pub/Sub emulator (host:port): plaintext gRPC with anonymous credentials.
+    #[arg(long, env = "PUBSUB_EMULATOR_HOST")]
+    pub pubsub_emulator_host: Option<String>,
+    /// How long one cloud's publishing may keep retrying before it is reported as failed.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
     /// Event Grid schema or CloudEvents schema.
     #[arg(long, value_enum, default_value_t = AzureSchema::Eventgrid)]
     pub azure_schema: AzureSchema,
@@ -132,7 +151,95 @@ fn payload(a: &PublishArgs, order_id: &str) -> anyhow::Result<Value> {
 }
 
 fn azure_configured(a: &PublishArgs) -> bool {
-    a.azure_endpoint.is_some() || a.azure_key.is_some()
+    a.azure_endpoint.is_some() || a.azure_key.is_some() || a.azure_token.is_some()
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|x| !x.is_empty())
+}
+
+/// GCP publishing configured: a topic, an emulator, or Google credentials in the environment.
+fn gcp_configured(a: &PublishArgs) -> bool {
+    a.gcp_topic.is_some()
+        || a.pubsub_emulator_host.is_some()
+        || env_set("GOOGLE_APPLICATION_CREDENTIALS")
+}
+
+/// The topic's full name, `projects/P/topics/T`.
+fn gcp_topic_path(a: &PublishArgs) -> Result<String, String> {
+    let Some(topic) = a.gcp_topic.as_deref().filter(|t| !t.is_empty()) else {
+        return Err(
+            "set HELIOS_PUBSUB_TOPIC (or --gcp-topic) to the Pub/Sub topic to publish to".into(),
+        );
+    };
+    if topic.starts_with("projects/") {
+        return if topic.split('/').count() == 4 && topic.split('/').nth(2) == Some("topics") {
+            Ok(topic.to_string())
+        } else {
+            Err(format!("HELIOS_PUBSUB_TOPIC `{topic}` is not of the form projects/<project>/topics/<topic>"))
+        };
+    }
+    let project = a
+        .gcp_project
+        .clone()
+        .or_else(|| std::env::var("GOOGLE_CLOUD_PROJECT").ok())
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| {
+            format!("set GCP_PROJECT_ID (or --gcp-project), or give HELIOS_PUBSUB_TOPIC as projects/<project>/topics/{topic}")
+        })?;
+    Ok(format!("projects/{project}/topics/{topic}"))
+}
+
+/// Publishes through Pub/Sub with the official client: one message per event, the `eventType`
+/// attribute set (HELIOS reads the event type from it), batched by the client.
+async fn publish_gcp(a: &PublishArgs, events: &[Value]) -> Result<Vec<String>, String> {
+    use google_cloud_gax::retry_policy::RetryPolicyExt;
+    use google_cloud_pubsub::client::Publisher;
+    use google_cloud_pubsub::model::Message;
+    let topic = gcp_topic_path(a)?;
+    let mut builder = Publisher::builder(topic.clone()).with_retry_policy(
+        google_cloud_pubsub::retry_policy::RetryableErrors
+            .with_time_limit(Duration::from_secs(a.timeout_secs)),
+    );
+    if let Some(host) = &a.pubsub_emulator_host {
+        // The official client does not read PUBSUB_EMULATOR_HOST itself: an emulator speaks
+        // plaintext gRPC and takes no credentials.
+        builder = builder
+            .with_endpoint(format!("http://{host}"))
+            .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+    }
+    let publisher = builder.build().await.map_err(|e| {
+        format!("cannot create the Pub/Sub publisher: {e} (Google credentials come from Application Default Credentials: set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run `gcloud auth application-default login`)")
+    })?;
+    let pending: Vec<_> = events
+        .iter()
+        .map(|d| {
+            publisher.publish(
+                Message::new()
+                    .set_data(d.to_string())
+                    .set_attributes([("eventType", a.event_type.as_str())]),
+            )
+        })
+        .collect();
+    let mut ids = vec![];
+    for p in pending {
+        match tokio::time::timeout(Duration::from_secs(a.timeout_secs + 5), p).await {
+            Ok(Ok(id)) => ids.push(id),
+            Ok(Err(e)) => {
+                let detail = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.to_string());
+                return Err(format!("Pub/Sub refused the publish to {topic}: {detail} (check that the topic exists and that the credentials may publish to it: roles/pubsub.publisher)"));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "Pub/Sub did not answer within {} s (publishing to {topic})",
+                    a.timeout_secs + 5
+                ))
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// AWS credentials configured in the environment (the standard chain's usual sources).
@@ -145,7 +252,7 @@ fn aws_configured() -> bool {
         "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
     ]
     .iter()
-    .any(|v| std::env::var(v).is_ok_and(|x| !x.is_empty()))
+    .any(|v| env_set(v))
 }
 
 async fn aws_client(a: &PublishArgs) -> aws_sdk_eventbridge::Client {
@@ -229,9 +336,79 @@ pub fn azure_events(a: &PublishArgs, data: &Value, id: &str) -> Value {
     }
 }
 
+/// Sends Event Grid's `aeg-sas-key` header on every try.
+#[derive(Debug)]
+struct SasKeyPolicy(String);
+
+#[async_trait::async_trait]
+impl azure_core::http::policies::Policy for SasKeyPolicy {
+    async fn send(
+        &self,
+        ctx: &azure_core::http::Context,
+        request: &mut azure_core::http::Request,
+        next: &[Arc<dyn azure_core::http::policies::Policy>],
+    ) -> azure_core::http::policies::PolicyResult {
+        request.insert_header("aeg-sas-key", self.0.clone());
+        next[0].send(ctx, request, &next[1..]).await
+    }
+}
+
+/// An Entra access token obtained outside HELIOS (AZURE_EVENTGRID_TOKEN).
+#[derive(Debug)]
+struct StaticToken(String);
+
+#[async_trait::async_trait]
+impl azure_core::credentials::TokenCredential for StaticToken {
+    async fn get_token(
+        &self,
+        _scopes: &[&str],
+        _options: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+        Ok(azure_core::credentials::AccessToken::new(
+            self.0.clone(),
+            azure_core::time::OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1),
+        ))
+    }
+}
+
+/// The Event Grid publishing pipeline: azure_core's retry (exponential, on 408/429/5xx, bounded by
+/// --timeout-secs), request-id and user-agent policies, then the key or the bearer token.
+fn azure_pipeline(a: &PublishArgs, http: &reqwest::Client) -> azure_core::http::Pipeline {
+    use azure_core::http::{
+        policies::Policy, ClientOptions, ExponentialRetryOptions, RetryOptions, Transport,
+    };
+    let auth: Arc<dyn Policy> = match (&a.azure_key, &a.azure_token) {
+        (Some(key), _) => Arc::new(SasKeyPolicy(key.clone())),
+        (None, token) => Arc::new(
+            azure_core::http::policies::auth::BearerTokenAuthorizationPolicy::new(
+                Arc::new(StaticToken(token.clone().unwrap_or_default())),
+                ["https://eventgrid.azure.net/.default"],
+            ),
+        ),
+    };
+    let options = ClientOptions {
+        transport: Some(Transport::new(Arc::new(http.clone()))),
+        retry: RetryOptions::exponential(ExponentialRetryOptions {
+            initial_delay: azure_core::time::Duration::milliseconds(200),
+            max_retries: 4,
+            max_total_elapsed: azure_core::time::Duration::seconds(a.timeout_secs as i64),
+            max_delay: azure_core::time::Duration::seconds(5),
+        }),
+        ..Default::default()
+    };
+    azure_core::http::Pipeline::new(
+        Some("helios"),
+        Some(env!("CARGO_PKG_VERSION")),
+        options,
+        vec![],
+        vec![auth],
+        None,
+    )
+}
+
 async fn publish_azure(
     a: &PublishArgs,
-    http: &reqwest::Client,
+    pipeline: &azure_core::http::Pipeline,
     data: &Value,
     id: &str,
 ) -> Result<String, String> {
@@ -240,29 +417,32 @@ async fn publish_azure(
         .as_deref()
         .unwrap_or("")
         .trim_end_matches('/');
-    let key = a.azure_key.as_deref().unwrap_or("");
+    let url: azure_core::http::Url = format!("{endpoint}/api/events?api-version=2018-01-01")
+        .parse()
+        .map_err(|e| format!("AZURE_EVENTGRID_ENDPOINT `{endpoint}` is not a URL: {e}"))?;
     let content_type = match a.azure_schema {
         AzureSchema::Eventgrid => "application/json",
         AzureSchema::Cloudevents => "application/cloudevents-batch+json; charset=utf-8",
     };
-    let resp = http
-        .post(format!("{endpoint}/api/events?api-version=2018-01-01"))
-        .header("aeg-sas-key", key)
-        .header("content-type", content_type)
-        .body(azure_events(a, data, id).to_string())
-        .send()
+    let mut req = azure_core::http::Request::new(url, azure_core::http::Method::Post);
+    req.insert_header("content-type", content_type);
+    req.set_body(azure_events(a, data, id).to_string());
+    match pipeline
+        .send(&azure_core::http::Context::new(), &mut req, None)
         .await
-        .map_err(|e| format!("cannot reach {endpoint}: {e} (check AZURE_EVENTGRID_ENDPOINT)"))?;
-    match resp.status().as_u16() {
-        200..=299 => Ok(id.to_string()),
-        401 | 403 => Err(format!(
-            "Event Grid refused the key (HTTP {}): check AZURE_EVENTGRID_KEY",
-            resp.status()
-        )),
-        s => Err(format!(
-            "Event Grid answered HTTP {s}: {}",
-            resp.text().await.unwrap_or_default()
-        )),
+    {
+        Ok(_) => Ok(id.to_string()),
+        Err(e) => Err(match e.http_status().map(u16::from) {
+            Some(s @ (401 | 403)) => format!(
+                "Event Grid refused the credentials (HTTP {s}): check AZURE_EVENTGRID_KEY (or AZURE_EVENTGRID_TOKEN and its role: EventGrid Data Sender)"
+            ),
+            Some(404) => format!("Event Grid answered 404: check AZURE_EVENTGRID_ENDPOINT `{endpoint}` (the topic endpoint, without /api/events)"),
+            Some(s) => format!("Event Grid answered HTTP {s}: {e}"),
+            None if a.azure_key.is_none() && !endpoint.starts_with("https://") => format!(
+                "an Entra token is only sent over https; AZURE_EVENTGRID_ENDPOINT is `{endpoint}` ({e})"
+            ),
+            None => format!("cannot reach {endpoint}: {e} (check AZURE_EVENTGRID_ENDPOINT)"),
+        }),
     }
 }
 
@@ -346,8 +526,20 @@ pub async fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
                     if a.azure_endpoint.is_none() {
                         missing.push("AZURE_EVENTGRID_ENDPOINT");
                     }
-                    if a.azure_key.is_none() {
-                        missing.push("AZURE_EVENTGRID_KEY");
+                    if a.azure_key.is_none() && a.azure_token.is_none() {
+                        missing.push("AZURE_EVENTGRID_KEY (or AZURE_EVENTGRID_TOKEN)");
+                    }
+                }
+                "gcp" => {
+                    if a.gcp_topic.is_none() {
+                        missing.push("HELIOS_PUBSUB_TOPIC");
+                    }
+                    let full = a
+                        .gcp_topic
+                        .as_deref()
+                        .is_some_and(|t| t.starts_with("projects/"));
+                    if !full && a.gcp_project.is_none() && !env_set("GOOGLE_CLOUD_PROJECT") {
+                        missing.push("GCP_PROJECT_ID");
                     }
                 }
                 "aws" => {
@@ -358,9 +550,7 @@ pub async fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
                         missing.push("AWS_REGION");
                     }
                 }
-                other => anyhow::bail!(
-                    "DEPLOYMENT_MODE=production: publishing to {other} in production is not in this version of helios publish (GCP: use `gcloud pubsub topics publish`), or use demo mode"
-                ),
+                _ => unreachable!("clouds are aws, gcp, azure"),
             }
         }
         if !missing.is_empty() {
@@ -371,18 +561,18 @@ pub async fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
+        .timeout(Duration::from_secs(a.timeout_secs.clamp(1, 15)))
         .build()?;
     let mut outcomes = vec![];
     for cloud in clouds {
         let production = match cloud {
             "azure" => azure_configured(&a),
             "aws" => aws_configured(),
-            _ => false,
+            _ => gcp_configured(&a),
         };
         let mode = if production { "production" } else { "demo" };
         tracing::info!(cloud, mode, "publishing");
-        if production && cloud == "aws" {
+        if production && cloud != "azure" {
             let data: Vec<Value> = (0..a.count.max(1))
                 .map(|_| {
                     let order_id = a.order_id.clone().unwrap_or_else(|| {
@@ -391,14 +581,19 @@ pub async fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
                     payload(&a, &order_id)
                 })
                 .collect::<anyhow::Result<_>>()?;
-            let client = aws_client(&a).await;
+            let result = if cloud == "aws" {
+                publish_aws(&a, &aws_client(&a).await, &data).await
+            } else {
+                publish_gcp(&a, &data).await
+            };
             outcomes.push(Outcome {
                 cloud,
                 mode,
-                result: publish_aws(&a, &client, &data).await,
+                result,
             });
             continue;
         }
+        let pipeline = azure_pipeline(&a, &http);
         let mut ids = vec![];
         let mut error = None;
         for _ in 0..a.count.max(1) {
@@ -408,10 +603,11 @@ pub async fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
             let data = payload(&a, &order_id)?;
             let id = uuid::Uuid::new_v4().to_string();
             let r = if production {
-                if a.azure_endpoint.is_none() || a.azure_key.is_none() {
-                    Err("set both AZURE_EVENTGRID_ENDPOINT and AZURE_EVENTGRID_KEY".into())
+                if a.azure_endpoint.is_none() || (a.azure_key.is_none() && a.azure_token.is_none())
+                {
+                    Err("set AZURE_EVENTGRID_ENDPOINT and AZURE_EVENTGRID_KEY (or AZURE_EVENTGRID_TOKEN)".into())
                 } else {
-                    publish_azure(&a, &http, &data, &id).await
+                    publish_azure(&a, &pipeline, &data, &id).await
                 }
             } else {
                 deliver_demo(&a, &http, cloud, &data, &id).await

@@ -137,6 +137,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
     pub headers: BTreeMap<String, Vec<u8>>,
+    /// The producer's create time, ms since the epoch.
+    pub timestamp: Option<i64>,
 }
 
 impl Record {
@@ -192,6 +194,7 @@ pub async fn read_records(
                     key: m.key().map(|k| k.to_vec()),
                     value: m.payload().unwrap_or_default().to_vec(),
                     headers,
+                    timestamp: m.timestamp().to_millis(),
                 });
             }
         }

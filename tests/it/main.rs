@@ -15,6 +15,7 @@ mod ops;
 mod outage;
 mod processor;
 mod publish;
+mod pubsub_standin;
 mod replay;
 mod resilience;
 mod stores;

@@ -1,6 +1,8 @@
 //! `helios publish`: demo mode into a running ingress (→ raw topic → processor → PostgreSQL),
 //! Azure production publishing checked by a loopback endpoint that validates the request as
-//! Event Grid would, and the production-mode credential check.
+//! Event Grid would, GCP production publishing through the official client into a Pub/Sub
+//! stand-in that pushes back into HELIOS, AWS through moto, and the production-mode credential
+//! checks.
 
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -12,6 +14,7 @@ use axum::routing::post;
 use helios::source::Source;
 
 use crate::common::*;
+use crate::pubsub_standin::PubSubStandIn;
 
 /// Runs the command off the test's runtime thread (the servers it talks to live on that thread).
 async fn output(mut c: Command) -> std::process::Output {
@@ -28,6 +31,12 @@ fn publish(args: &[&str]) -> Command {
         .env_remove("DEPLOYMENT_MODE")
         .env_remove("AZURE_EVENTGRID_ENDPOINT")
         .env_remove("AZURE_EVENTGRID_KEY")
+        .env_remove("AZURE_EVENTGRID_TOKEN")
+        .env_remove("GCP_PROJECT_ID")
+        .env_remove("GOOGLE_CLOUD_PROJECT")
+        .env_remove("HELIOS_PUBSUB_TOPIC")
+        .env_remove("PUBSUB_EMULATOR_HOST")
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE");
@@ -228,4 +237,144 @@ async fn aws_production_mode_without_credentials_names_the_variables() {
         err.contains("AWS_ACCESS_KEY_ID") && err.contains("AWS_REGION"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn gcp_production_publishing_goes_through_pubsub_and_comes_back_through_its_push() {
+    let app = spawn_app(|c| c.pubsub.token = Some("push-token".into())).await;
+    let proc = spawn_processor(&app.topology).await;
+    let standin = PubSubStandIn::start(
+        &["projects/helios-test/topics/orders"],
+        Some(app.url("/api/v1/webhooks/gcp/pubsub?token=push-token")),
+    )
+    .await;
+    let gcp = |args: &[&str]| {
+        let mut c = publish(args);
+        c.env("PUBSUB_EMULATOR_HOST", &standin.host)
+            .env("GCP_PROJECT_ID", "helios-test")
+            .env("HELIOS_PUBSUB_TOPIC", "orders");
+        c
+    };
+    let out = output(gcp(&[
+        "--cloud",
+        "gcp",
+        "--count",
+        "3",
+        "--order-id",
+        "O-GCP-1",
+        "--event-type",
+        "PaymentProcessed",
+        "--data",
+        r#"{"payment_id":"P-1","currency":"EUR"}"#,
+    ]))
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("gcp    production ok      3 event(s)"),
+        "{stdout}"
+    );
+
+    // What Pub/Sub received: three messages on the topic, the event type as the attribute HELIOS
+    // reads, the payload as data; the client routed the call by topic.
+    let published = standin.published();
+    assert_eq!(published.len(), 3);
+    for p in &published {
+        assert_eq!(p.topic, "projects/helios-test/topics/orders");
+        assert!(
+            p.request_params.contains("topic=projects"),
+            "{}",
+            p.request_params
+        );
+        assert_eq!(p.message.attributes["eventType"], "PaymentProcessed");
+        let data: serde_json::Value = serde_json::from_slice(&p.message.data).unwrap();
+        assert_eq!(data["order_id"], "O-GCP-1");
+        assert_eq!(data["currency"], "EUR");
+        assert!(stdout.contains(&p.message.message_id), "{stdout}");
+    }
+    // ...and its push brought them back through HELIOS into PostgreSQL, keyed by Pub/Sub's ids.
+    assert_eq!(
+        wait_count(
+            &proc.pool,
+            "SELECT count(*) FROM events WHERE order_id = 'O-GCP-1' AND source = 'gcp' AND event_type = 'PaymentProcessed'",
+            3,
+            Duration::from_secs(60)
+        )
+        .await,
+        3
+    );
+    let mut ids: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM events WHERE order_id = 'O-GCP-1'")
+            .fetch_all(&proc.pool)
+            .await
+            .unwrap();
+    ids.sort();
+    let mut sent: Vec<String> = published
+        .iter()
+        .map(|p| p.message.message_id.clone())
+        .collect();
+    sent.sort();
+    assert_eq!(ids, sent);
+
+    // An unknown topic: Pub/Sub's NOT_FOUND is reported with what to check, exit code 1.
+    let mut c = gcp(&["--cloud", "gcp", "--timeout-secs", "5"]);
+    c.env("HELIOS_PUBSUB_TOPIC", "no-such-topic");
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("gcp    production FAILED")
+            && stdout.contains("projects/helios-test/topics/no-such-topic")
+            && stdout.contains("Resource not found"),
+        "{stdout}"
+    );
+    assert_eq!(standin.published().len(), 3);
+    proc.stop().await;
+}
+
+#[tokio::test]
+async fn gcp_production_mode_without_settings_names_the_variables() {
+    let mut c = publish(&["--cloud", "gcp"]);
+    c.env("DEPLOYMENT_MODE", "production");
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HELIOS_PUBSUB_TOPIC") && err.contains("GCP_PROJECT_ID"),
+        "{err}"
+    );
+    // A topic given as a full path needs no project.
+    let mut c = publish(&["--cloud", "gcp", "--timeout-secs", "2"]);
+    c.env("DEPLOYMENT_MODE", "production")
+        .env("HELIOS_PUBSUB_TOPIC", "projects/p/topics/t")
+        .env("PUBSUB_EMULATOR_HOST", "127.0.0.1:9");
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("needs these variables")
+            && stdout.contains("gcp    production FAILED")
+            && stdout.contains("projects/p/topics/t"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn azure_entra_token_is_never_sent_over_plain_http() {
+    let (endpoint, seen) = fake_event_grid("topic-key").await;
+    let mut c = publish(&["--cloud", "azure"]);
+    c.env("AZURE_EVENTGRID_ENDPOINT", &endpoint)
+        .env("AZURE_EVENTGRID_TOKEN", "eyJ-entra-token");
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("azure  production FAILED") && stdout.contains("only sent over https"),
+        "{stdout}"
+    );
+    assert!(seen.lock().unwrap().is_empty());
 }
