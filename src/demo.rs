@@ -303,8 +303,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ok = send_and_report(&base, &stats, &store).await?;
     }
     if let Some(signals) = signals {
-        println!("\nRunning; Ctrl-C stops.");
+        println!("\nRunning; Ctrl-C stops. Arrivals (e.g. from `helios publish --cloud all`):");
+        let feed = tokio::spawn(live_feed(stats.clone(), store.clone()));
         signals.wait().await;
+        feed.abort();
     }
     stop.trigger();
     ingress.wait().await?;
@@ -314,6 +316,48 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Prints what the processor did since the last look: each stored event, and counts of
+/// duplicates and DLQ'd records, so a user watching the demo sees pushes arrive.
+async fn live_feed(
+    stats: std::sync::Arc<crate::pipeline::processor::ProcessorStats>,
+    store: SqliteStore,
+) {
+    let (_, _, mut out, mut dups, mut dlq) = stats.snapshot();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, _, o, d, q) = stats.snapshot();
+        if o > out {
+            let new = (o - out) as i64;
+            let rows = store.recent(new.min(20)).await.unwrap_or_default();
+            if new > 20 {
+                println!("  + {} events stored (the latest 20 below)", new);
+            }
+            for r in rows.iter().rev() {
+                println!(
+                    "  + stored     {:<6} {:<18} order={:<10} id={}",
+                    r.source,
+                    r.event_type,
+                    r.order_id.as_deref().unwrap_or("-"),
+                    r.event_id
+                );
+            }
+        }
+        if d > dups {
+            println!(
+                "  = duplicate  {} event(s) seen before: not stored again",
+                d - dups
+            );
+        }
+        if q > dlq {
+            println!(
+                "  ! DLQ        {} record(s) sent to the dead-letter topic (`helios dlq list`)",
+                q - dlq
+            );
+        }
+        (out, dups, dlq) = (o, d, q);
+    }
 }
 
 async fn send_and_report(

@@ -424,3 +424,10 @@ pub fn helios_process_command(
         .stderr(std::process::Stdio::inherit());
     c
 }
+
+/// A fresh directory under the system's temp dir, `helios-<tag>-<uuid>`.
+pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("helios-{tag}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

@@ -3,10 +3,11 @@
 
 use std::process::Command;
 
+use crate::common::scratch_dir;
+
 #[test]
 fn demo_sends_samples_and_reports_what_happened_twice_on_one_store() {
-    let dir = std::env::temp_dir().join(format!("helios-demo-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("demo");
     let store = dir.join("demo.db");
     for run in 1..=2 {
         let out = Command::new(env!("CARGO_BIN_EXE_helios"))

@@ -122,8 +122,7 @@ fn make_keys() -> Keys {
     let rsa = Rsa::generate(2048).unwrap();
     let jwks = json!({"keys": [{"kty": "RSA", "alg": "RS256", "use": "sig", "kid": "k1",
         "n": bn(rsa.n()), "e": bn(rsa.e())}]});
-    let dir = std::env::temp_dir().join(format!("helios-jwks-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("jwks");
     let jwks_path = dir.join("jwks.json");
     std::fs::write(&jwks_path, jwks.to_string()).unwrap();
     Keys {

@@ -82,7 +82,7 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn broker_down_gives_503_and_recovery_gives_2xx_without_restart() {
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("helios-outage-{}", uuid::Uuid::new_v4()));
+    let dir = scratch_dir("outage");
     let mut broker = Broker::start(dir.clone(), port);
     let bootstrap = format!("127.0.0.1:{port}");
     let app = spawn_app_on(KafkaSettings::new(bootstrap.clone()), |c| {

@@ -378,3 +378,72 @@ async fn azure_entra_token_is_never_sent_over_plain_http() {
     );
     assert!(seen.lock().unwrap().is_empty());
 }
+
+/// The acceptance path: `helios publish --cloud all` in demo mode against a running
+/// `helios demo` shows the three events arriving on the demo's console.
+#[tokio::test]
+async fn publish_all_into_a_running_demo_shows_three_arrivals() {
+    use std::io::BufRead;
+    let dir = scratch_dir("demo");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_helios"))
+        .args(["demo", "--port", "0", "--store"])
+        .arg(dir.join("demo.db"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start helios demo");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = demo.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |timeout: Duration| rx.recv_timeout(timeout).ok();
+    let mut ingress = None;
+    while let Some(l) = next_line(Duration::from_secs(60)) {
+        if let Some(rest) = l.trim_start().strip_prefix("ingress") {
+            ingress = rest.split_whitespace().next().map(str::to_string);
+        }
+        if l.starts_with("Running;") {
+            break;
+        }
+    }
+    let ingress = ingress.expect("the demo printed its ingress URL");
+    let out = output(publish(&[
+        "--cloud",
+        "all",
+        "--order-id",
+        "O-DEMO-PUB",
+        "--ingress-url",
+        &ingress,
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let mut arrived = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while arrived.len() < 3 && std::time::Instant::now() < deadline {
+        let Some(l) = next_line(Duration::from_secs(1)) else {
+            continue;
+        };
+        if l.contains("+ stored") && l.contains("order=O-DEMO-PUB") {
+            arrived.insert(l.split_whitespace().nth(2).unwrap_or("").to_string());
+        }
+    }
+    let _ = demo.kill();
+    let _ = demo.wait();
+    assert_eq!(
+        arrived.into_iter().collect::<Vec<_>>(),
+        ["aws", "azure", "gcp"]
+    );
+}
