@@ -28,6 +28,9 @@ pub struct Row {
     pub rss_before_mb: f64,
     pub rss_peak_mb: f64,
     pub outcome: (u64, u64, u64, u64),
+    /// The same events inserted by the same statement and batch size into an empty table, with
+    /// nothing else running: what PostgreSQL alone ingests here.
+    pub pg_alone_per_s: f64,
 }
 
 /// (utime + stime) of this process in microseconds, from /proc.
@@ -310,6 +313,15 @@ pub async fn run_once(
     )))
     .execute(&pool)
     .await?;
+    eprintln!("[bench] PostgreSQL alone ...");
+    let pg_alone_per_s = pg_alone(
+        database_url,
+        &format!("{schema}_pg"),
+        &topology,
+        n,
+        batch_size,
+    )
+    .await?;
     Ok(Row {
         records: n,
         passthrough_rps,
@@ -318,19 +330,94 @@ pub async fn run_once(
         rss_before_mb,
         rss_peak_mb,
         outcome: (units, out, dups, dlq),
+        pg_alone_per_s,
     })
+}
+
+/// Inserts the backlog's events (normalized here, duplicates and invalid ones left out, as the
+/// processor would) with the processor's own batch statement and batch size into a fresh schema,
+/// timing only the inserts: the rate PostgreSQL alone sustains on this machine.
+async fn pg_alone(
+    database_url: &str,
+    schema: &str,
+    topology: &Topology,
+    n: usize,
+    batch_size: usize,
+) -> anyhow::Result<f64> {
+    use crate::db::EventStore;
+    use crate::pipeline::normalize::{normalize, Normalized, RawRecord};
+    let pool = crate::db::connect(database_url, Some(schema)).await?;
+    crate::db::migrate(&pool).await?;
+    let store = crate::db::PgStore::new(pool.clone());
+    let now = chrono::Utc::now().to_rfc3339();
+    let mut seen = std::collections::HashSet::new();
+    let (mut rows, mut spent) = (0u64, Duration::ZERO);
+    let mut chunk = Vec::with_capacity(batch_size);
+    for i in 0..n {
+        let (source, endpoint, body, extra) = raw_record(i);
+        let mut headers: Vec<(String, Vec<u8>)> = crate::ingress::landing::event_record_headers(
+            source,
+            endpoint,
+            &format!("bench-{i}"),
+            &now,
+        )
+        .iter()
+        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+        .collect();
+        headers.extend(
+            extra
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into_bytes())),
+        );
+        let raw = RawRecord {
+            topic: topology.raw_topic(source),
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: None,
+            key: None,
+            value: body,
+            headers,
+        };
+        if let Normalized::Events(events) = normalize(&raw) {
+            for e in events.into_iter().flatten() {
+                let valid = e.customer_id.is_some();
+                if valid && seen.insert(e.dedup_key()) {
+                    chunk.push(e);
+                }
+            }
+        }
+        if chunk.len() >= batch_size || (i + 1 == n && !chunk.is_empty()) {
+            let t = Instant::now();
+            rows += store.insert_events(&chunk).await?;
+            spent += t.elapsed();
+            chunk.clear();
+        }
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA \"{schema}\" CASCADE"
+    )))
+    .execute(&pool)
+    .await?;
+    Ok(rows as f64 / spent.as_secs_f64().max(1e-9))
 }
 
 /// Prints the results table.
 pub fn print(rows: &[Row]) {
     println!("\nHELIOS processor benchmark (one instance, Tansu memory engine, PostgreSQL + Redis on loopback)");
     println!(
-        "{:>9} {:>14} {:>12} {:>9} {:>13} {:>10} {:>10}   events in = out + dup + dlq",
-        "records", "passthru rec/s", "events/s", "% ceil", "CPU us/event", "RSS MiB", "peak MiB"
+        "{:>9} {:>14} {:>12} {:>9} {:>13} {:>10} {:>10} {:>13}   events in = out + dup + dlq",
+        "records",
+        "passthru rec/s",
+        "events/s",
+        "% ceil",
+        "CPU us/event",
+        "RSS MiB",
+        "peak MiB",
+        "PG alone ev/s"
     );
     for r in rows {
         println!(
-            "{:>9} {:>14.0} {:>12.0} {:>8.1}% {:>13.1} {:>10.1} {:>10.1}   {} = {} + {} + {}",
+            "{:>9} {:>14.0} {:>12.0} {:>8.1}% {:>13.1} {:>10.1} {:>10.1} {:>13.0}   {} = {} + {} + {}",
             r.records,
             r.passthrough_rps,
             r.events_per_s,
@@ -338,6 +425,7 @@ pub fn print(rows: &[Row]) {
             r.cpu_us_per_event,
             r.rss_before_mb,
             r.rss_peak_mb,
+            r.pg_alone_per_s,
             r.outcome.0,
             r.outcome.1,
             r.outcome.2,

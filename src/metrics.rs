@@ -27,6 +27,16 @@ pub fn install() -> PrometheusHandle {
             // which a test would catch, so keep going rather than abort the process.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            // Histogram samples wait in the recorder until they are folded into their buckets:
+            // by a scrape, or by upkeep. Without this, an instance nobody scrapes would keep every
+            // request's sample (16 bytes per request) for ever.
+            let h = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    h.run_upkeep();
+                });
             handle
         })
         .clone()
