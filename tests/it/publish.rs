@@ -176,13 +176,21 @@ async fn azure_production_publishing_sends_what_event_grid_expects_in_both_schem
     assert!(String::from_utf8_lossy(&out.stdout).contains("AZURE_EVENTGRID_KEY"));
 }
 
-#[tokio::test]
-async fn production_mode_without_credentials_names_the_variables() {
-    let mut c = publish(&["--cloud", "azure"]);
+/// `DEPLOYMENT_MODE=production` without the cloud's settings: exit code 1; returns stderr.
+async fn refused_in_production(cloud: &str, unset: &[&str]) -> String {
+    let mut c = publish(&["--cloud", cloud]);
     c.env("DEPLOYMENT_MODE", "production");
+    for v in unset {
+        c.env_remove(v);
+    }
     let out = output(c).await;
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn production_mode_without_credentials_names_the_variables() {
+    let err = refused_in_production("azure", &[]).await;
     assert!(
         err.contains("AZURE_EVENTGRID_ENDPOINT") && err.contains("AZURE_EVENTGRID_KEY"),
         "{err}"
@@ -226,13 +234,7 @@ async fn aws_production_publishing_goes_through_putevents_and_reports_errors() {
 
 #[tokio::test]
 async fn aws_production_mode_without_credentials_names_the_variables() {
-    let mut c = publish(&["--cloud", "aws"]);
-    c.env("DEPLOYMENT_MODE", "production")
-        .env_remove("AWS_REGION")
-        .env_remove("AWS_DEFAULT_REGION");
-    let out = output(c).await;
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_in_production("aws", &["AWS_REGION", "AWS_DEFAULT_REGION"]).await;
     assert!(
         err.contains("AWS_ACCESS_KEY_ID") && err.contains("AWS_REGION"),
         "{err}"
@@ -338,11 +340,7 @@ async fn gcp_production_publishing_goes_through_pubsub_and_comes_back_through_it
 
 #[tokio::test]
 async fn gcp_production_mode_without_settings_names_the_variables() {
-    let mut c = publish(&["--cloud", "gcp"]);
-    c.env("DEPLOYMENT_MODE", "production");
-    let out = output(c).await;
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_in_production("gcp", &[]).await;
     assert!(
         err.contains("HELIOS_PUBSUB_TOPIC") && err.contains("GCP_PROJECT_ID"),
         "{err}"
