@@ -23,6 +23,17 @@ async fn output(mut c: Command) -> std::process::Output {
         .unwrap()
 }
 
+/// Asserts the command succeeded (showing both streams if not); returns its stdout.
+fn succeeded(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 fn publish(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_helios"));
     c.arg("publish")
@@ -56,12 +67,7 @@ async fn demo_mode_delivers_each_clouds_push_format_end_to_end() {
         &app.url(""),
     ]))
     .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     for cloud in ["aws", "gcp", "azure"] {
         assert!(
             stdout
@@ -212,12 +218,7 @@ async fn aws_production_publishing_goes_through_putevents_and_reports_errors() {
     };
     // 12 events: two PutEvents calls (at most 10 entries each).
     let out = output(aws(&["--cloud", "aws", "--count", "12"])).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(
         stdout.contains("aws    production ok      12 event(s)"),
         "{stdout}"
@@ -270,12 +271,7 @@ async fn gcp_production_publishing_goes_through_pubsub_and_comes_back_through_it
         r#"{"payment_id":"P-1","currency":"EUR"}"#,
     ]))
     .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(
         stdout.contains("gcp    production ok      3 event(s)"),
         "{stdout}"
