@@ -593,7 +593,8 @@ pub async fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
             });
             continue;
         }
-        let pipeline = azure_pipeline(&a, &http);
+        // Past this point a production cloud is Azure (AWS and GCP were handled above).
+        let pipeline = production.then(|| azure_pipeline(&a, &http));
         let mut ids = vec![];
         let mut error = None;
         for _ in 0..a.count.max(1) {
@@ -602,15 +603,15 @@ pub async fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
             });
             let data = payload(&a, &order_id)?;
             let id = uuid::Uuid::new_v4().to_string();
-            let r = if production {
-                if a.azure_endpoint.is_none() || (a.azure_key.is_none() && a.azure_token.is_none())
+            let r = match &pipeline {
+                Some(_)
+                    if a.azure_endpoint.is_none()
+                        || (a.azure_key.is_none() && a.azure_token.is_none()) =>
                 {
                     Err("set AZURE_EVENTGRID_ENDPOINT and AZURE_EVENTGRID_KEY (or AZURE_EVENTGRID_TOKEN)".into())
-                } else {
-                    publish_azure(&a, &pipeline, &data, &id).await
                 }
-            } else {
-                deliver_demo(&a, &http, cloud, &data, &id).await
+                Some(pipeline) => publish_azure(&a, pipeline, &data, &id).await,
+                None => deliver_demo(&a, &http, cloud, &data, &id).await,
             };
             match r {
                 Ok(id) => ids.push(id),
