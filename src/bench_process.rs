@@ -308,11 +308,7 @@ pub async fn run_once(
     stop.trigger();
     task.await??;
     let (_, units, out, dups, dlq) = stats.snapshot();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA \"{schema}\" CASCADE"
-    )))
-    .execute(&pool)
-    .await?;
+    drop_schema(&pool, &schema).await?;
     eprintln!("[bench] PostgreSQL alone ...");
     let pg_alone_per_s = pg_alone(
         database_url,
@@ -393,12 +389,18 @@ async fn pg_alone(
             chunk.clear();
         }
     }
+    drop_schema(&pool, schema).await?;
+    Ok(rows as f64 / spent.as_secs_f64().max(1e-9))
+}
+
+/// Drops a benchmark's scratch schema.
+async fn drop_schema(pool: &sqlx::PgPool, schema: &str) -> anyhow::Result<()> {
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP SCHEMA \"{schema}\" CASCADE"
     )))
-    .execute(&pool)
+    .execute(pool)
     .await?;
-    Ok(rows as f64 / spent.as_secs_f64().max(1e-9))
+    Ok(())
 }
 
 /// Prints the results table.
