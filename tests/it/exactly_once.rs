@@ -1,5 +1,7 @@
 //! Exactly-once mode against librdkafka's mock cluster (Tansu 0.6.0 has no transactions):
-//! a processor killed mid-stream and restarted; read_committed consumers see each event once.
+//! a processor killed mid-stream and restarted; nothing lost, nothing written twice by one
+//! instance, and nothing the killed instance committed written again. (The mock shows aborted
+//! transactions to read_committed consumers, so their invisibility is Kafka's part, not shown here.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
