@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use apache_avro::types::Value;
 use axum::extract::{Path, State};
@@ -84,16 +83,7 @@ async fn avro_mode_registers_on_first_use_and_writes_confluent_wire_format() {
             .unwrap();
         assert_eq!(r.status(), 202);
     }
-    assert_eq!(
-        wait_count(
-            &proc.pool,
-            "SELECT count(*) FROM events",
-            3,
-            Duration::from_secs(60)
-        )
-        .await,
-        3
-    );
+    expect_count(&proc.pool, "SELECT count(*) FROM events", 3).await;
     let topic = app.topology.event_topic("OrderPlaced");
     let recs = read_exactly(&app.kafka.bootstrap_servers, &topic, 3).await;
 

@@ -358,6 +358,38 @@ pub async fn wait_count(pool: &sqlx::PgPool, sql: &'static str, n: i64, timeout:
     }
 }
 
+/// Direct-ingest raw records (as the ingress lands them) into the topology's direct raw topic.
+pub async fn produce_direct_to(bootstrap: &str, topology: &Topology, bodies: &[Vec<u8>]) {
+    produce_raw_to(
+        bootstrap,
+        &topology.raw_topic(Source::Direct),
+        "direct",
+        "ingest",
+        bodies,
+    )
+    .await
+}
+
+/// A fresh PostgreSQL schema, a fresh dedup key prefix, and a pool on that schema: what a
+/// processor started as a separate process writes to.
+pub async fn scratch_store() -> (String, String, sqlx::PgPool) {
+    let schema = unique_schema();
+    let prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
+    let pool = helios::db::connect(&database_url(), Some(&schema))
+        .await
+        .unwrap();
+    (schema, prefix, pool)
+}
+
+/// Waits (up to 60 s) until `sql` counts `n`, and asserts it is exactly `n`.
+pub async fn expect_count(pool: &sqlx::PgPool, sql: &'static str, n: i64) {
+    assert_eq!(
+        wait_count(pool, sql, n, Duration::from_secs(60)).await,
+        n,
+        "{sql}"
+    );
+}
+
 /// Produces raw records straight into a raw topic, as the ingress would have landed them.
 pub async fn produce_raw(topic: &str, source: &str, endpoint: &str, bodies: &[Vec<u8>]) {
     produce_raw_to(&kafka_bootstrap(), topic, source, endpoint, bodies).await

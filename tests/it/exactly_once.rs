@@ -7,7 +7,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use helios::source::Source;
 use rdkafka::mocking::MockCluster;
 use serde_json::json;
 
@@ -61,20 +60,9 @@ async fn exactly_once_across_a_crash_on_the_mock_cluster() {
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| json!({"event_type": "OrderPlaced", "event_id": format!("x-{i}"), "data": {"order_id": format!("O-{i}"), "customer_id": "C"}}).to_string().into_bytes())
         .collect();
-    produce_raw_to(
-        &bootstrap,
-        &topology.raw_topic(Source::Direct),
-        "direct",
-        "ingest",
-        &bodies,
-    )
-    .await;
+    produce_direct_to(&bootstrap, &topology, &bodies).await;
 
-    let schema = unique_schema();
-    let prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
-    let pool = helios::db::connect(&database_url(), Some(&schema))
-        .await
-        .unwrap();
+    let (schema, prefix, pool) = scratch_store().await;
     let mut first = spawn_eos(&bootstrap, &topology, &schema, &prefix);
     let seen = wait_count(
         &pool,

@@ -121,14 +121,7 @@ async fn every_cloud_end_to_end_into_postgres_and_fan_out() {
         202
     );
 
-    let n = wait_count(
-        &proc.pool,
-        "SELECT count(*) FROM events",
-        6,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(n, 6);
+    expect_count(&proc.pool, "SELECT count(*) FROM events", 6).await;
     let rows = sqlx::query("SELECT source, event_id, event_type, order_id, customer_id, raw_topic FROM events ORDER BY event_id")
         .fetch_all(&proc.pool).await.unwrap();
     type Row5 = (String, String, String, Option<String>, Option<String>);
@@ -249,16 +242,7 @@ async fn the_same_event_twice_and_through_two_deliveries_is_one_row_and_one_fan_
         .await,
         200
     );
-    assert_eq!(
-        wait_count(
-            &proc.pool,
-            "SELECT count(*) FROM events",
-            2,
-            Duration::from_secs(60)
-        )
-        .await,
-        2
-    );
+    expect_count(&proc.pool, "SELECT count(*) FROM events", 2).await;
     let ids: Vec<String> = sqlx::query_scalar("SELECT event_id FROM events ORDER BY event_id")
         .fetch_all(&proc.pool)
         .await
@@ -313,16 +297,7 @@ async fn rule_violations_go_to_the_dlq_with_reasons_and_the_partition_keeps_movi
         post(&app, "/api/v1/events/ingest", good.to_string(), &[]).await,
         202
     );
-    assert_eq!(
-        wait_count(
-            &proc.pool,
-            "SELECT count(*) FROM events",
-            1,
-            Duration::from_secs(60)
-        )
-        .await,
-        1
-    );
+    expect_count(&proc.pool, "SELECT count(*) FROM events", 1).await;
 
     let dlq = read_exactly(&app.kafka.bootstrap_servers, &app.topology.dlq_topic(), 7).await;
     let by_id = |id: &str| {
@@ -407,16 +382,7 @@ async fn handshakes_are_counted_and_skipped() {
         post(&app, "/api/v1/events/ingest", ok.to_string(), &[]).await,
         202
     );
-    assert_eq!(
-        wait_count(
-            &proc.pool,
-            "SELECT count(*) FROM events",
-            1,
-            Duration::from_secs(60)
-        )
-        .await,
-        1
-    );
+    expect_count(&proc.pool, "SELECT count(*) FROM events", 1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&proc.pool)

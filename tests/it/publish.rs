@@ -79,16 +79,12 @@ async fn demo_mode_delivers_each_clouds_push_format_end_to_end() {
     for s in [Source::Aws, Source::Gcp, Source::Azure] {
         read_exactly(&app.kafka.bootstrap_servers, &app.raw_topic(s), 1).await;
     }
-    assert_eq!(
-        wait_count(
-            &proc.pool,
-            "SELECT count(*) FROM events WHERE order_id = 'O-PUB-1'",
-            3,
-            Duration::from_secs(60)
-        )
-        .await,
-        3
-    );
+    expect_count(
+        &proc.pool,
+        "SELECT count(*) FROM events WHERE order_id = 'O-PUB-1'",
+        3,
+    )
+    .await;
     let sources: Vec<String> = sqlx::query_scalar("SELECT source FROM events ORDER BY source")
         .fetch_all(&proc.pool)
         .await
@@ -295,16 +291,7 @@ async fn gcp_production_publishing_goes_through_pubsub_and_comes_back_through_it
         assert!(stdout.contains(&p.message.message_id), "{stdout}");
     }
     // ...and its push brought them back through HELIOS into PostgreSQL, keyed by Pub/Sub's ids.
-    assert_eq!(
-        wait_count(
-            &proc.pool,
-            "SELECT count(*) FROM events WHERE order_id = 'O-GCP-1' AND source = 'gcp' AND event_type = 'PaymentProcessed'",
-            3,
-            Duration::from_secs(60)
-        )
-        .await,
-        3
-    );
+    expect_count(&proc.pool, "SELECT count(*) FROM events WHERE order_id = 'O-GCP-1' AND source = 'gcp' AND event_type = 'PaymentProcessed'", 3).await;
     let mut ids: Vec<String> =
         sqlx::query_scalar("SELECT event_id FROM events WHERE order_id = 'O-GCP-1'")
             .fetch_all(&proc.pool)

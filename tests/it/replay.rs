@@ -163,16 +163,7 @@ async fn respect_changes_nothing_and_bypass_renormalizes_with_marked_fan_out() {
     let topic = e.topology.raw_topic(Source::Direct);
     produce_raw(&topic, "direct", "ingest", &orders(0, 10)).await;
     let live = spawn_processor_with(&e.topology, e.opts.clone()).await;
-    assert_eq!(
-        wait_count(
-            &e.pool,
-            "SELECT count(*) FROM events",
-            10,
-            Duration::from_secs(60)
-        )
-        .await,
-        10
-    );
+    expect_count(&e.pool, "SELECT count(*) FROM events", 10).await;
     live.stop().await;
     let out_topic = e.topology.event_topic("OrderPlaced");
     read_exactly(&kafka_bootstrap(), &out_topic, 10).await;
@@ -363,16 +354,7 @@ async fn redrive_after_a_rule_fix_turns_dlq_records_into_events_and_failures_com
         &["dlq", "redrive", "--reason", "missing_required_field"],
     ));
     assert!(out.contains("redriven 2"), "{out}");
-    assert_eq!(
-        wait_count(
-            &e.pool,
-            "SELECT count(*) FROM events",
-            1,
-            Duration::from_secs(60)
-        )
-        .await,
-        1
-    );
+    expect_count(&e.pool, "SELECT count(*) FROM events", 1).await;
     let id: String = sqlx::query_scalar("SELECT event_id FROM events")
         .fetch_one(&e.pool)
         .await

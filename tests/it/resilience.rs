@@ -52,19 +52,9 @@ fn spawn_binary(topology: &helios::topology::Topology, schema: &str, prefix: &st
 async fn killing_the_processor_mid_stream_loses_and_doubles_nothing() {
     let topology = applied_topology(|t| t.raw_topics.direct.partitions = 2).await;
     let (bodies, valid, invalid) = stream(3000);
-    produce_raw(
-        &topology.raw_topic(Source::Direct),
-        "direct",
-        "ingest",
-        &bodies,
-    )
-    .await;
+    produce_direct_to(&kafka_bootstrap(), &topology, &bodies).await;
 
-    let schema = unique_schema();
-    let prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
-    let pool = helios::db::connect(&database_url(), Some(&schema))
-        .await
-        .unwrap();
+    let (schema, prefix, pool) = scratch_store().await;
     let mut first = spawn_binary(&topology, &schema, &prefix);
     let seen = wait_count(
         &pool,
@@ -158,13 +148,7 @@ async fn two_instances_split_the_partitions_and_process_everything_once() {
     // Let the group settle (Tansu rebalances take a few seconds).
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (bodies, valid, invalid) = stream(800);
-    produce_raw(
-        &topology.raw_topic(Source::Direct),
-        "direct",
-        "ingest",
-        &bodies,
-    )
-    .await;
+    produce_direct_to(&kafka_bootstrap(), &topology, &bodies).await;
     let n = wait_count(
         &a.pool,
         "SELECT count(*) FROM events",
@@ -264,16 +248,7 @@ async fn redis_and_postgres_outages_pause_processing_and_lose_nothing() {
     };
     let raw_topic = topology.raw_topic(Source::Direct);
     produce_raw(&raw_topic, "direct", "ingest", &events(0, 20)).await;
-    assert_eq!(
-        wait_count(
-            &direct_pool,
-            "SELECT count(*) FROM events",
-            20,
-            Duration::from_secs(60)
-        )
-        .await,
-        20
-    );
+    expect_count(&direct_pool, "SELECT count(*) FROM events", 20).await;
 
     for (name, proxy) in [("redis", &redis_proxy), ("postgres", &pg_proxy)] {
         let before: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
