@@ -130,12 +130,22 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
 
 /// Where canonical events are stored.
 pub trait EventStore: Send + Sync + 'static {
+    /// Writes the events in one statement. Without `replay_id`, rows already present are left
+    /// alone; with it, they are replaced and marked with it. Returns rows written.
+    fn write_events(
+        &self,
+        events: &[CanonicalEvent],
+        replay_id: Option<&str>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Inserts the events in one statement; rows already present are left alone
     /// (idempotent on `(source, event_id)`). Returns how many rows were new.
     fn insert_events(
         &self,
         events: &[CanonicalEvent],
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.write_events(events, None)
+    }
 
     /// Inserts or, for rows already present, replaces them with this normalization and marks
     /// them with `replay_id` (replay with dedup bypassed). Returns rows written.
@@ -143,7 +153,9 @@ pub trait EventStore: Send + Sync + 'static {
         &self,
         events: &[CanonicalEvent],
         replay_id: &str,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.write_events(events, Some(replay_id))
+    }
 
     /// Which of these `(source, event_id)` keys already have a row.
     fn existing(
@@ -186,8 +198,8 @@ impl PgStore {
     }
 }
 
-impl PgStore {
-    async fn write(
+impl EventStore for PgStore {
+    async fn write_events(
         &self,
         events: &[CanonicalEvent],
         replay_id: Option<&str>,
@@ -251,20 +263,6 @@ impl PgStore {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected())
-    }
-}
-
-impl EventStore for PgStore {
-    async fn insert_events(&self, events: &[CanonicalEvent]) -> Result<u64, StoreError> {
-        self.write(events, None).await
-    }
-
-    async fn upsert_events(
-        &self,
-        events: &[CanonicalEvent],
-        replay_id: &str,
-    ) -> Result<u64, StoreError> {
-        self.write(events, Some(replay_id)).await
     }
 
     async fn existing(
@@ -383,8 +381,8 @@ impl SqliteStore {
     }
 }
 
-impl SqliteStore {
-    async fn write(
+impl EventStore for SqliteStore {
+    async fn write_events(
         &self,
         events: &[CanonicalEvent],
         replay_id: Option<&str>,
@@ -423,20 +421,6 @@ impl SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected())
-    }
-}
-
-impl EventStore for SqliteStore {
-    async fn insert_events(&self, events: &[CanonicalEvent]) -> Result<u64, StoreError> {
-        self.write(events, None).await
-    }
-
-    async fn upsert_events(
-        &self,
-        events: &[CanonicalEvent],
-        replay_id: &str,
-    ) -> Result<u64, StoreError> {
-        self.write(events, Some(replay_id)).await
     }
 
     async fn existing(
