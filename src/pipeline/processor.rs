@@ -321,19 +321,19 @@ pub async fn plan_batch<D: DedupStore, S: EventStore>(
         }
     }
     // Duplicates inside the batch never reach the store; the first occurrence claims.
+    // Each key is computed once: it is both the in-batch check and the Redis claim.
     let mut seen = HashSet::new();
     let mut firsts = vec![];
+    let mut claims_in: Vec<(String, String)> = vec![];
     for (i, ev) in candidates {
-        if seen.insert(ev.dedup_key()) {
+        let key = ev.dedup_key();
+        if seen.insert(key.clone()) {
+            claims_in.push((key, mark_owner(&records[i], &ev)));
             firsts.push((i, ev));
         } else {
             plan.duplicates.push(ev.source);
         }
     }
-    let claims_in: Vec<(String, String)> = firsts
-        .iter()
-        .map(|(i, e)| (e.dedup_key(), mark_owner(&records[*i], e)))
-        .collect();
     let is_dup: Vec<bool> = match ctx.replay {
         None => ctx
             .dedup
