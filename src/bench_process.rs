@@ -189,7 +189,7 @@ async fn passthrough(
     let consumer: StreamConsumer = c.create()?;
     let topics: Vec<String> = Source::ALL.iter().map(|s| topology.raw_topic(*s)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let producer = output_producer(settings)?;
+    let producer = output_producer(settings, &crate::limits::SizeLimits::default())?;
     let started = Instant::now();
     let mut pending = Vec::with_capacity(2000);
     let mut seen = 0;
@@ -276,14 +276,8 @@ pub async fn run_once(
         Duration::from_secs(900),
     )
     .await?;
-    let cfg = ProcessorConfig {
-        kafka: settings.clone(),
-        topology: topology.clone(),
-        batch_size,
-        linger: Duration::from_millis(50),
-        transactional_id: None,
-        schema_registry_url: None,
-    };
+    let mut cfg = ProcessorConfig::new(settings.clone(), topology.clone());
+    cfg.batch.records = batch_size;
     let p = Processor::new(cfg, dedup, crate::db::PgStore::new(pool.clone()))?;
     let stats = p.stats();
     let (stop, shutdown) = Shutdown::new();
@@ -341,7 +335,8 @@ async fn pg_alone(
     batch_size: usize,
 ) -> anyhow::Result<f64> {
     use crate::db::EventStore;
-    use crate::pipeline::normalize::{normalize, Normalized, RawRecord};
+    use crate::model::{Normalized, RawRecord};
+    use crate::pipeline::normalize::normalize;
     let pool = crate::db::connect(database_url, Some(schema)).await?;
     crate::db::migrate(&pool).await?;
     let store = crate::db::PgStore::new(pool.clone());
@@ -374,10 +369,10 @@ async fn pg_alone(
             value: body,
             headers,
         };
-        if let Normalized::Events(events) = normalize(&raw) {
+        if let Normalized::Events { events, .. } = normalize(&raw) {
             for e in events.into_iter().flatten() {
                 let valid = e.customer_id.is_some();
-                if valid && seen.insert(e.dedup_key()) {
+                if valid && seen.insert(crate::pipeline::dedup::DedupKey::of(&e)) {
                     chunk.push(e);
                 }
             }

@@ -136,10 +136,22 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The ingress refuses to start when a raw topic cannot hold the bodies it would accept.
+async fn check_raw_topic_sizes(cfg: &IngressConfig, kafka: &KafkaArgs) -> anyhow::Result<()> {
+    crate::kafka::check_topic_sizes(
+        &cfg.kafka,
+        &cfg.topology,
+        &kafka.limits()?,
+        &[crate::limits::TopicKind::Raw],
+    )
+    .await
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ingress { kafka, ingress } => {
             let cfg = IngressConfig::from_args(&kafka, &ingress)?;
+            check_raw_topic_sizes(&cfg, &kafka).await?;
             let running = crate::ingress::start(cfg, Shutdown::on_signals()).await?;
             println!(
                 "HELIOS ingress listening on http://{} (docs: /docs, metrics: /metrics)",
@@ -165,6 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             process,
         } => {
             let cfg = IngressConfig::from_args(&kafka, &ingress)?;
+            check_raw_topic_sizes(&cfg, &kafka).await?;
             let shutdown = Shutdown::on_signals();
             let running = crate::ingress::start(cfg, shutdown.clone()).await?;
             println!(

@@ -44,9 +44,24 @@ pub struct KafkaArgs {
     /// Consumer group of the processors (overrides `consumer_group` in the topology file).
     #[arg(long, env = "HELIOS_CONSUMER_GROUP")]
     pub consumer_group: Option<String>,
+    /// Largest request body the ingress accepts (larger ones get 413). Every other record size
+    /// derives from it: raw records, the processor's fan-out and DLQ records, and the
+    /// `max.message.bytes` each topic must allow (checked at start-up).
+    #[arg(long, env = "HELIOS_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
 }
 
 impl KafkaArgs {
+    /// The record size limits (from `HELIOS_MAX_BODY_BYTES`).
+    pub fn limits(&self) -> anyhow::Result<crate::limits::SizeLimits> {
+        if self.max_body_bytes == 0 {
+            bail!("HELIOS_MAX_BODY_BYTES / --max-body-bytes must be greater than 0");
+        }
+        Ok(crate::limits::SizeLimits {
+            max_body_bytes: self.max_body_bytes,
+        })
+    }
+
     /// Loads the topology file and builds the Kafka settings from it, the environment and flags.
     pub fn resolve(&self) -> anyhow::Result<(Topology, KafkaSettings)> {
         let mut topology = Topology::load(&self.topology)?;
@@ -146,9 +161,6 @@ pub struct IngressArgs {
     /// development (unauthenticated endpoints allowed, with a warning) or production.
     #[arg(long, env = "DEPLOYMENT_MODE", value_enum, default_value_t = DeploymentMode::Development)]
     pub deployment_mode: DeploymentMode,
-    /// Largest request body accepted; larger ones get 413.
-    #[arg(long, env = "HELIOS_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
-    pub max_body_bytes: usize,
     /// How long a request waits for Kafka's acknowledgement before answering 503.
     /// Below EventBridge's 5 s response deadline by default.
     #[arg(long, env = "HELIOS_PRODUCE_TIMEOUT_MS", default_value_t = 4000)]
@@ -341,10 +353,7 @@ impl IngressConfig {
         c.host = a.api_host.clone();
         c.port = a.api_port;
         c.mode = a.deployment_mode;
-        if a.max_body_bytes == 0 {
-            bail!("HELIOS_MAX_BODY_BYTES / --max-body-bytes must be greater than 0");
-        }
-        c.max_body_bytes = a.max_body_bytes;
+        c.max_body_bytes = kafka_args.limits()?.max_body_bytes;
         if a.produce_timeout_ms == 0 {
             bail!("HELIOS_PRODUCE_TIMEOUT_MS / --produce-timeout-ms must be greater than 0");
         }
@@ -479,8 +488,11 @@ pub struct ProcessArgs {
     #[arg(long, env = "HELIOS_DEDUP_PREFIX", default_value = "helios:dedup:")]
     pub dedup_prefix: String,
     /// Most raw records per batch.
-    #[arg(long, env = "HELIOS_BATCH_SIZE", default_value_t = 1000)]
+    #[arg(long, env = "HELIOS_BATCH_SIZE", default_value_t = crate::pipeline::processor::DEFAULT_BATCH_RECORDS)]
     pub batch_size: usize,
+    /// Most bytes (values, keys, headers) per batch; a single larger record is a batch alone.
+    #[arg(long, env = "HELIOS_BATCH_MAX_BYTES", default_value_t = crate::pipeline::processor::DEFAULT_BATCH_BYTES)]
+    pub batch_max_bytes: usize,
     /// How long a batch waits to fill after its first record.
     #[arg(long, env = "HELIOS_BATCH_LINGER_MS", default_value_t = 50)]
     pub batch_linger_ms: u64,
@@ -502,6 +514,9 @@ impl ProcessArgs {
     pub fn check(&self) -> anyhow::Result<()> {
         if self.batch_size == 0 {
             bail!("HELIOS_BATCH_SIZE / --batch-size must be at least 1");
+        }
+        if self.batch_max_bytes == 0 {
+            bail!("HELIOS_BATCH_MAX_BYTES / --batch-max-bytes must be at least 1");
         }
         if self.dedup_ttl_secs == 0 {
             bail!("HELIOS_DEDUP_TTL_SECS / --dedup-ttl-secs must be at least 1");

@@ -9,7 +9,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, Row};
 
-use crate::pipeline::event::CanonicalEvent;
+use crate::model::fault::{classify_sqlstate, Fault};
+use crate::model::CanonicalEvent;
 
 /// Embedded migrations: (version, name, SQL).
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -45,14 +46,52 @@ macro_rules! sqlite_insert_select {
     };
 }
 
-/// A database failure; the batch is retried, never dropped.
+/// A database failure, classified: transient ones retry the batch; ones caused by the data
+/// isolate the offending events to the DLQ (see [`crate::model::fault`]).
 #[derive(Debug, thiserror::Error)]
-#[error("PostgreSQL: {0}")]
-pub struct StoreError(pub String);
+#[error("{message}")]
+pub struct StoreError {
+    pub message: String,
+    pub fault: Fault,
+}
+
+impl StoreError {
+    /// A transient failure (connection, configuration) with this message.
+    pub fn transient(message: impl Into<String>) -> Self {
+        StoreError {
+            message: message.into(),
+            fault: Fault::Transient,
+        }
+    }
+}
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        StoreError(e.to_string())
+        let fault = match &e {
+            sqlx::Error::Database(db) => {
+                if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                    classify_sqlstate(pg.code())
+                } else {
+                    // SQLite (the demo's store): constraint violations are the data's fault.
+                    use sqlx::error::ErrorKind::*;
+                    match db.kind() {
+                        UniqueViolation | ForeignKeyViolation | NotNullViolation
+                        | CheckViolation => Fault::Data {
+                            code: db.code().map(|c| c.to_string()).unwrap_or_default(),
+                        },
+                        _ => Fault::Transient,
+                    }
+                }
+            }
+            sqlx::Error::Encode(_) => Fault::Data {
+                code: "encode".into(),
+            },
+            _ => Fault::Transient,
+        };
+        StoreError {
+            message: format!("PostgreSQL: {e}"),
+            fault,
+        }
     }
 }
 
@@ -66,7 +105,7 @@ fn check_schema_name(schema: &str) -> Result<(), StoreError> {
     if ok {
         Ok(())
     } else {
-        Err(StoreError(format!(
+        Err(StoreError::transient(format!(
             "schema name `{schema}` must be lower-case letters, digits and `_` (HELIOS_DB_SCHEMA)"
         )))
     }
@@ -75,7 +114,7 @@ fn check_schema_name(schema: &str) -> Result<(), StoreError> {
 /// Opens a pool; with `schema`, the schema is created if missing and used as `search_path`.
 pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgPool, StoreError> {
     let mut opts = PgConnectOptions::from_str(url)
-        .map_err(|e| StoreError(format!("DATABASE_URL is not a PostgreSQL URL: {e}")))?;
+        .map_err(|e| StoreError::transient(format!("DATABASE_URL is not a PostgreSQL URL: {e}")))?;
     if let Some(s) = schema {
         check_schema_name(s)?;
         let mut c = sqlx::PgConnection::connect_with(&opts).await?;
@@ -134,7 +173,7 @@ pub trait EventStore: Send + Sync + 'static {
     /// alone; with it, they are replaced and marked with it. Returns rows written.
     fn write_events(
         &self,
-        events: &[CanonicalEvent],
+        events: &[&CanonicalEvent],
         replay_id: Option<&str>,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
@@ -144,7 +183,10 @@ pub trait EventStore: Send + Sync + 'static {
         &self,
         events: &[CanonicalEvent],
     ) -> impl Future<Output = Result<u64, StoreError>> + Send {
-        self.write_events(events, None)
+        async move {
+            let refs: Vec<&CanonicalEvent> = events.iter().collect();
+            self.write_events(&refs, None).await
+        }
     }
 
     /// Inserts or, for rows already present, replaces them with this normalization and marks
@@ -154,8 +196,18 @@ pub trait EventStore: Send + Sync + 'static {
         events: &[CanonicalEvent],
         replay_id: &str,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send {
-        self.write_events(events, Some(replay_id))
+        async move {
+            let refs: Vec<&CanonicalEvent> = events.iter().collect();
+            self.write_events(&refs, Some(replay_id)).await
+        }
     }
+
+    /// Deletes the rows of these events that *their own* raw record wrote (same lineage), so a
+    /// row a sink's refusal left without its fan-out record is taken back. Returns rows deleted.
+    fn remove_events(
+        &self,
+        events: &[&CanonicalEvent],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Which of these `(source, event_id)` keys already have a row.
     fn existing(
@@ -201,7 +253,7 @@ impl PgStore {
 impl EventStore for PgStore {
     async fn write_events(
         &self,
-        events: &[CanonicalEvent],
+        events: &[&CanonicalEvent],
         replay_id: Option<&str>,
     ) -> Result<u64, StoreError> {
         if events.is_empty() {
@@ -262,6 +314,33 @@ impl EventStore for PgStore {
             .bind(replay_id)
             .execute(&self.pool)
             .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn remove_events(&self, events: &[&CanonicalEvent]) -> Result<u64, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let source: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
+        let id: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+        let topic: Vec<&str> = events.iter().map(|e| e.raw.topic.as_str()).collect();
+        let partition: Vec<i32> = events.iter().map(|e| e.raw.partition).collect();
+        let offset: Vec<i64> = events.iter().map(|e| e.raw.offset).collect();
+        let index: Vec<i32> = events.iter().map(|e| e.raw.index as i32).collect();
+        let r = sqlx::query(
+            "DELETE FROM events e USING UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int4[])
+               AS k(s, i, rt, rp, ro, ri)
+             WHERE e.source = k.s AND e.event_id = k.i AND e.raw_topic = k.rt
+               AND e.raw_partition = k.rp AND e.raw_offset = k.ro AND e.raw_index = k.ri",
+        )
+        .bind(source)
+        .bind(id)
+        .bind(topic)
+        .bind(partition)
+        .bind(offset)
+        .bind(index)
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected())
     }
 
@@ -345,7 +424,7 @@ impl SqliteStore {
             .connect_with(opts)
             .await
             .map_err(|e| {
-                StoreError(format!(
+                StoreError::transient(format!(
                     "cannot open the SQLite store {}: {e}",
                     path.display()
                 ))
@@ -384,7 +463,7 @@ impl SqliteStore {
 impl EventStore for SqliteStore {
     async fn write_events(
         &self,
-        events: &[CanonicalEvent],
+        events: &[&CanonicalEvent],
         replay_id: Option<&str>,
     ) -> Result<u64, StoreError> {
         if events.is_empty() {
@@ -421,6 +500,25 @@ impl EventStore for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected())
+    }
+
+    async fn remove_events(&self, events: &[&CanonicalEvent]) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for e in events {
+            n += sqlx::query(
+                "DELETE FROM events WHERE source = ?1 AND event_id = ?2 AND raw_topic = ?3 AND raw_partition = ?4 AND raw_offset = ?5 AND raw_index = ?6",
+            )
+            .bind(e.source.as_str())
+            .bind(&e.event_id)
+            .bind(&e.raw.topic)
+            .bind(e.raw.partition)
+            .bind(e.raw.offset)
+            .bind(e.raw.index as i32)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(n)
     }
 
     async fn existing(

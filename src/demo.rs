@@ -267,13 +267,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     cfg.sns.auto_confirm = false;
     let ingress = crate::ingress::start(cfg, local.clone()).await?;
     let processor = Processor::new(
-        ProcessorConfig {
-            kafka,
-            topology: topology.clone(),
-            batch_size: 200,
-            linger: Duration::from_millis(20),
-            transactional_id: None,
-            schema_registry_url: None,
+        {
+            let mut c = ProcessorConfig::new(kafka, topology.clone());
+            c.batch.records = 200;
+            c.batch.linger = Duration::from_millis(20);
+            c
         },
         dedup,
         store.clone(),
@@ -321,7 +319,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 /// Prints what the processor did since the last look: each stored event, and counts of
 /// duplicates and DLQ'd records, so a user watching the demo sees pushes arrive.
 async fn live_feed(
-    stats: std::sync::Arc<crate::pipeline::processor::ProcessorStats>,
+    stats: std::sync::Arc<crate::pipeline::stats::ProcessorStats>,
     store: SqliteStore,
 ) {
     let (_, _, mut out, mut dups, mut dlq) = stats.snapshot();
@@ -362,7 +360,7 @@ async fn live_feed(
 
 async fn send_and_report(
     base: &str,
-    stats: &crate::pipeline::processor::ProcessorStats,
+    stats: &crate::pipeline::stats::ProcessorStats,
     store: &SqliteStore,
 ) -> anyhow::Result<bool> {
     let client = reqwest::Client::new();

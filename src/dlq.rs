@@ -15,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{KafkaArgs, KafkaSettings};
-use crate::pipeline::processor::{dlq_headers as dh, REDRIVE_COUNT, REDRIVE_OF};
+use crate::model::headers::{dlq as dh, REDRIVEN_AT, REDRIVE_COUNT, REDRIVE_OF};
 
 /// Which DLQ records a command looks at.
 #[derive(Debug, Clone, clap::Args)]
@@ -349,10 +349,10 @@ pub async fn run(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
                 let now = Utc::now().to_rfc3339();
                 let mut h = OwnedHeaders::new();
                 for (k, v) in &r.headers {
-                    if !k.starts_with("helios-dlq-")
+                    if !k.starts_with(dh::PREFIX)
                         && k != REDRIVE_COUNT
                         && k != REDRIVE_OF
-                        && k != "helios-redriven-at"
+                        && k != REDRIVEN_AT
                     {
                         h = h.insert(Header {
                             key: k,
@@ -370,7 +370,7 @@ pub async fn run(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
                         value: Some(original.as_str()),
                     })
                     .insert(Header {
-                        key: "helios-redriven-at",
+                        key: REDRIVEN_AT,
                         value: Some(now.as_str()),
                     });
                 let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&raw_topic)

@@ -14,6 +14,8 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::KafkaSettings;
+use crate::limits::{SizeLimits, TopicKind};
+use crate::model::Fault;
 use crate::topology::{PlannedTopic, Topology};
 
 /// Why a record could not be landed.
@@ -45,7 +47,7 @@ impl RawProducer {
     pub fn new(
         settings: &KafkaSettings,
         timeout: Duration,
-        max_record_bytes: usize,
+        limits: &SizeLimits,
     ) -> Result<Self, KafkaError> {
         let mut cfg = settings.client_config();
         // Defaults a user may override. Idempotence stays off by default (librdkafka's own
@@ -65,11 +67,8 @@ impl RawProducer {
         // What "ack means durable" depends on, which they may not override.
         cfg.set("acks", "all");
         cfg.set("message.timeout.ms", timeout.as_millis().to_string());
-        // Room for the body plus headers; librdkafka's default (1 MB) would refuse 1 MiB bodies.
-        cfg.set(
-            "message.max.bytes",
-            (max_record_bytes + 64 * 1024).max(1_000_000).to_string(),
-        );
+        // Room for the body plus headers (see crate::limits); a larger record gets 413.
+        cfg.set("message.max.bytes", limits.raw_record_max().to_string());
         let producer: FutureProducer = cfg.create()?;
         Ok(RawProducer { producer, timeout })
     }
@@ -126,6 +125,22 @@ fn classify(e: KafkaError) -> ProduceError {
             ProduceError::Refused(e)
         }
         _ => ProduceError::Failed(e),
+    }
+}
+
+/// What a produce error means for a retry (see [`crate::model::fault`]): a record too large or
+/// invalid for the broker is the data's fault; everything else (timeouts, a broker or a topic
+/// unavailable, a full local queue) is transient.
+pub fn produce_fault(e: &KafkaError) -> Fault {
+    use RDKafkaErrorCode::*;
+    match e.rdkafka_error_code() {
+        Some(
+            code @ (MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge | InvalidRecord
+            | InvalidMessage | InvalidTimestamp),
+        ) => Fault::Data {
+            code: format!("{code:?}"),
+        },
+        _ => Fault::Transient,
     }
 }
 
@@ -325,4 +340,80 @@ pub async fn apply_topology(
         }
     }
     Ok(reports)
+}
+
+/// Checks that every topic of `kinds` allows the records HELIOS writes to it (see
+/// [`crate::limits`]): the broker's `max.message.bytes` for topics that exist (asked with
+/// DescribeConfigs), else the value topology.yaml declares for the topics `topology apply` will
+/// create. A broker that cannot describe configs is reported and the declared values are used.
+pub async fn check_topic_sizes(
+    settings: &KafkaSettings,
+    topology: &Topology,
+    limits: &SizeLimits,
+    kinds: &[TopicKind],
+) -> anyhow::Result<()> {
+    use rdkafka::admin::ResourceSpecifier;
+    let planned: Vec<(PlannedTopic, TopicKind)> = topology
+        .planned_topics()
+        .into_iter()
+        .map(|t| {
+            let kind = if t.role.starts_with("raw") {
+                TopicKind::Raw
+            } else {
+                TopicKind::Output
+            };
+            (t, kind)
+        })
+        .filter(|(_, k)| kinds.contains(k))
+        .collect();
+    let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
+    let specs: Vec<ResourceSpecifier<'_>> = planned
+        .iter()
+        .map(|(t, _)| ResourceSpecifier::Topic(&t.name))
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let described = match tokio::time::timeout(
+        Duration::from_secs(12),
+        admin.describe_configs(&specs, &opts),
+    )
+    .await
+    {
+        Ok(Ok(r)) => Some(r),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read topic configs from the broker; checking topology.yaml's max.message.bytes only");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("the broker did not answer DescribeConfigs; checking topology.yaml's max.message.bytes only");
+            None
+        }
+    };
+    let mut problems = vec![];
+    for (i, (t, kind)) in planned.iter().enumerate() {
+        let from_broker = described
+            .as_ref()
+            .and_then(|d| d.get(i))
+            .and_then(|r| r.as_ref().ok())
+            .and_then(|c| c.get("max.message.bytes"))
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|v| (v, "on the broker"));
+        let declared = t
+            .config
+            .get("max.message.bytes")
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|v| (v, "declared in topology.yaml"));
+        if let Some((found, origin)) = from_broker.or(declared) {
+            if let Err(p) = limits.check_topic(&t.name, *kind, found, origin) {
+                problems.push(p);
+            }
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "record size settings disagree:\n  - {}",
+            problems.join("\n  - ")
+        );
+    }
+    Ok(())
 }

@@ -14,7 +14,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{KafkaArgs, KafkaSettings};
 use crate::pipeline::dedup::RedisDedup;
-use crate::pipeline::processor::{DedupPolicy, Processor, ProcessorConfig, ReplaySpec};
+use crate::pipeline::plan::{DedupPolicy, ReplaySpec};
+use crate::pipeline::processor::{Processor, ProcessorConfig};
 use crate::shutdown::Shutdown;
 use crate::source::Source;
 use crate::topology::Topology;
@@ -346,19 +347,16 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         sources,
         event_types: args.event_types.clone(),
     };
-    let cfg = ProcessorConfig {
-        kafka: settings,
-        topology,
-        // With a rate cap, small batches so the pacing is smooth.
-        batch_size: args
-            .max_rate
-            .map_or(500, |r| (r / 5).clamp(1, 500) as usize),
-        linger: Duration::from_millis(20),
-        transactional_id: None,
-        schema_registry_url: std::env::var("SCHEMA_REGISTRY_URL")
-            .ok()
-            .filter(|s| !s.is_empty()),
-    };
+    let mut cfg = ProcessorConfig::new(settings, topology);
+    // With a rate cap, small batches so the pacing is smooth.
+    cfg.batch.records = args
+        .max_rate
+        .map_or(500, |r| (r / 5).clamp(1, 500) as usize);
+    cfg.batch.linger = Duration::from_millis(20);
+    cfg.schema_registry_url = std::env::var("SCHEMA_REGISTRY_URL")
+        .ok()
+        .filter(|s| !s.is_empty());
+    cfg.limits = args.kafka.limits()?;
     let runner = Processor::for_replay(cfg, dedup, store, spec)?;
     let stats = runner.stats();
     let result = runner

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::ingress::landing::RecordKind;
-use crate::ingress::{parse_json, secret_matches, App, Incoming, IngressError};
+use crate::ingress::{parse_json_lenient, secret_matches, App, Incoming, IngressError};
 use crate::source::Source;
 
 const ENDPOINT: &str = "ingest";
@@ -37,22 +37,23 @@ async fn process(app: &App, inc: &Incoming) -> Result<Response, IngressError> {
         }
     }
     let body = inc.body()?;
-    let count = match parse_json(body)? {
-        serde_json::Value::Object(_) => 1,
-        serde_json::Value::Array(a) if a.is_empty() => {
+    let count = match parse_json_lenient(body)? {
+        None => None,
+        Some(serde_json::Value::Object(_)) => Some(1),
+        Some(serde_json::Value::Array(a)) if a.is_empty() => {
             return Err(IngressError::BadRequest(
                 "empty array: nothing to ingest".into(),
             ))
         }
-        serde_json::Value::Array(a) => {
+        Some(serde_json::Value::Array(a)) => {
             if let Some(i) = a.iter().position(|e| !e.is_object()) {
                 return Err(IngressError::BadRequest(format!(
                     "element {i} of the array is not an event object"
                 )));
             }
-            a.len()
+            Some(a.len())
         }
-        _ => {
+        Some(_) => {
             return Err(IngressError::BadRequest(
                 "body must be an event object or an array of event objects".into(),
             ))
@@ -76,9 +77,8 @@ async fn process(app: &App, inc: &Incoming) -> Result<Response, IngressError> {
 
 // ---- normalization (processor side) ----------------------------------------------------------
 
-use crate::pipeline::normalize::{
-    generic_draft, json, object_or_array, DlqReason, NormalizeError, Normalized, RawRecord,
-};
+use crate::model::draft::{generic_draft, json, object_or_array};
+use crate::model::{DlqReason, NormalizeError, Normalized, RawRecord};
 
 /// Normalizes a direct ingestion: one event object or an array of them. An event without an
 /// id gets one derived from its raw record position (stable across reprocessing; send your own
@@ -106,10 +106,11 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
             }
             let mut d = generic_draft(e);
             if d.event_id.is_none() {
-                d.event_id = Some(format!("raw-{}", raw.raw_ref(i).owner()));
+                // From the original raw record's position, so a redriven copy derives the same id.
+                d.event_id = Some(format!("raw-{}/{i}", raw.origin()));
             }
             d.finish(Source::Direct, raw, i)
         })
         .collect();
-    Normalized::Events(out)
+    Normalized::events(out)
 }

@@ -10,22 +10,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::ingress::error::IngressError;
 use crate::kafka::{ProduceError, RawProducer};
+use crate::model::headers::raw as headers;
 use crate::source::Source;
 use crate::topology::Topology;
-
-/// Header names of the raw-record contract.
-pub mod headers {
-    pub const SOURCE: &str = "helios-source";
-    pub const RECEIVED_AT: &str = "helios-received-at";
-    pub const REQUEST_ID: &str = "helios-request-id";
-    /// Which endpoint received it (`eventbridge`, `sns`, `pubsub`, `eventgrid`, `ingest`).
-    pub const ENDPOINT: &str = "helios-endpoint";
-    /// `event` or `handshake`.
-    pub const KIND: &str = "helios-kind";
-    /// For handshakes: which one (`sns-subscription-confirmation`, `eventgrid-validation`, ...).
-    pub const HANDSHAKE: &str = "helios-handshake";
-    pub const CONTENT_TYPE: &str = "content-type";
-}
 
 /// The contract headers of a JSON event landed by `endpoint` of `source`, for records produced
 /// outside an HTTP request (benchmark backlogs, tests that write raw topics directly).

@@ -45,7 +45,10 @@ impl App {
     /// Builds the state: the producer, the health probe, the per-cloud verifiers.
     pub fn new(cfg: IngressConfig) -> anyhow::Result<Arc<App>> {
         let metrics = crate::metrics::install();
-        let producer = RawProducer::new(&cfg.kafka, cfg.produce_timeout, cfg.max_body_bytes)?;
+        let limits = crate::limits::SizeLimits {
+            max_body_bytes: cfg.max_body_bytes,
+        };
+        let producer = RawProducer::new(&cfg.kafka, cfg.produce_timeout, &limits)?;
         let kafka_health = KafkaHealth::start(producer.producer().clone(), Duration::from_secs(2));
         let mut secret_headers = vec![
             cfg.eventbridge.api_key_header.clone(),
@@ -223,10 +226,15 @@ pub fn check_json(body: &[u8]) -> Result<(), IngressError> {
         .map_err(|e| IngressError::BadRequest(format!("body is not valid JSON: {e}")))
 }
 
-/// Parses a JSON body, with a message that says where it is not JSON.
-pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, IngressError> {
-    serde_json::from_slice(body)
-        .map_err(|e| IngressError::BadRequest(format!("body is not valid JSON: {e}")))
+/// A JSON body, parsed; or `None` when it is well-formed JSON that cannot be represented as a
+/// value (a lone surrogate `\ud800`, a number such as `1e400`). Such a body is still landed
+/// untouched: the processor dead-letters it (`invalid_json`) and the raw topic keeps it, so a
+/// later fix can replay it. Only what is not JSON at all is refused (400).
+pub fn parse_json_lenient(body: &[u8]) -> Result<Option<serde_json::Value>, IngressError> {
+    match serde_json::from_slice(body) {
+        Ok(v) => Ok(Some(v)),
+        Err(_) => check_json(body).map(|()| None),
+    }
 }
 
 /// Constant-time comparison of a presented secret with the expected one.

@@ -11,8 +11,8 @@ use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 
-use super::event::CanonicalEvent;
 use super::schema::CANONICAL_EVENT;
+use crate::model::CanonicalEvent;
 use crate::source::Source;
 
 /// Encodes canonical events for the fan-out topics.

@@ -7,6 +7,10 @@
 //!   so it is processed again, never dropped (guarantee 4: a mark never loses an event);
 //! - someone else's: a true duplicate, counted and skipped.
 //!
+//! Marks are kept only for events that were stored and fanned out: a mark whose event a sink
+//! refused is released again (deleted if it is still this record's), so a corrected resend of
+//! the same id is processed. Events refused before the store (rules, schemas) never claim one.
+//!
 //! One implementation talks to Redis (`SET key owner NX GET EX ttl`, pipelined: one round trip
 //! per batch); the other is in memory with the same semantics, for the embedded demo.
 
@@ -14,6 +18,31 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::model::CanonicalEvent;
+
+/// The key of a dedup mark: `source:event_id` (the event id is bounded before it gets here,
+/// see `pipeline::guard`, so keys cannot grow Redis without limit).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DedupKey(pub String);
+
+impl DedupKey {
+    /// The key of an event.
+    pub fn of(e: &CanonicalEvent) -> Self {
+        DedupKey(format!("{}:{}", e.source.as_str(), e.event_id))
+    }
+}
+
+/// Who set a mark: the raw record position (`topic/partition/offset/index`) that claimed it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MarkOwner(pub String);
+
+impl MarkOwner {
+    /// The owner an event's raw record claims with.
+    pub fn of(e: &CanonicalEvent) -> Self {
+        MarkOwner(e.raw.owner())
+    }
+}
 
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,20 +66,26 @@ pub trait DedupStore: Send + Sync + 'static {
     /// may be assumed about which marks were set (a retry is safe: own marks read as `Own`).
     fn claim(
         &self,
-        items: &[(String, String)],
+        items: &[(DedupKey, MarkOwner)],
     ) -> impl Future<Output = Result<Vec<Claim>, DedupError>> + Send;
+
+    /// Deletes each mark that `owner` still holds (marks of events a sink refused).
+    fn release(
+        &self,
+        items: &[(DedupKey, MarkOwner)],
+    ) -> impl Future<Output = Result<(), DedupError>> + Send;
 
     /// Reads the owners of `keys` without setting anything (dry runs).
     fn peek(
         &self,
-        keys: &[String],
+        keys: &[DedupKey],
     ) -> impl Future<Output = Result<Vec<Option<String>>, DedupError>> + Send;
 }
 
-fn classify(existing: Option<String>, owner: &str) -> Claim {
+fn classify(existing: Option<String>, owner: &MarkOwner) -> Claim {
     match existing {
         None => Claim::New,
-        Some(o) if o == owner => Claim::Own,
+        Some(o) if o == owner.0 => Claim::Own,
         Some(o) => Claim::Duplicate { owner: o },
     }
 }
@@ -83,7 +118,7 @@ impl RedisDedup {
 }
 
 impl DedupStore for RedisDedup {
-    async fn claim(&self, items: &[(String, String)]) -> Result<Vec<Claim>, DedupError> {
+    async fn claim(&self, items: &[(DedupKey, MarkOwner)]) -> Result<Vec<Claim>, DedupError> {
         if items.is_empty() {
             return Ok(vec![]);
         }
@@ -93,7 +128,7 @@ impl DedupStore for RedisDedup {
             .get(true)
             .with_expiration(redis::SetExpiry::EX(self.ttl.as_secs().max(1)));
         for (key, owner) in items {
-            pipe.set_options(format!("{}{}", self.prefix, key), owner, opts.clone());
+            pipe.set_options(format!("{}{}", self.prefix, key.0), &owner.0, opts.clone());
         }
         let mut conn = self.conn.clone();
         let previous: Vec<Option<String>> = pipe
@@ -107,19 +142,37 @@ impl DedupStore for RedisDedup {
             .collect())
     }
 
-    async fn peek(&self, keys: &[String]) -> Result<Vec<Option<String>>, DedupError> {
-        self.mget(keys).await
+    async fn release(&self, items: &[(DedupKey, MarkOwner)]) -> Result<(), DedupError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        // Compare-and-delete, atomically per key: never remove a mark another record owns.
+        const SCRIPT: &str = "for i, k in ipairs(KEYS) do \
+               if redis.call('GET', k) == ARGV[i] then redis.call('DEL', k) end \
+             end \
+             return 0";
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SCRIPT).arg(items.len());
+        for (key, _) in items {
+            cmd.arg(format!("{}{}", self.prefix, key.0));
+        }
+        for (_, owner) in items {
+            cmd.arg(&owner.0);
+        }
+        let mut conn = self.conn.clone();
+        cmd.query_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| DedupError(e.to_string()))
     }
-}
 
-impl RedisDedup {
-    async fn mget(&self, keys: &[String]) -> Result<Vec<Option<String>>, DedupError> {
+    async fn peek(&self, keys: &[DedupKey]) -> Result<Vec<Option<String>>, DedupError> {
         if keys.is_empty() {
             return Ok(vec![]);
         }
         let mut pipe = redis::pipe();
         for k in keys {
-            pipe.get(format!("{}{}", self.prefix, k));
+            pipe.get(format!("{}{}", self.prefix, k.0));
         }
         let mut conn = self.conn.clone();
         pipe.query_async(&mut conn)
@@ -145,7 +198,7 @@ impl MemoryDedup {
 }
 
 impl DedupStore for MemoryDedup {
-    async fn claim(&self, items: &[(String, String)]) -> Result<Vec<Claim>, DedupError> {
+    async fn claim(&self, items: &[(DedupKey, MarkOwner)]) -> Result<Vec<Claim>, DedupError> {
         let now = Instant::now();
         let mut m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() > 100_000 {
@@ -155,24 +208,34 @@ impl DedupStore for MemoryDedup {
             .iter()
             .map(|(key, owner)| {
                 let existing = m
-                    .get(key)
+                    .get(&key.0)
                     .filter(|(_, exp)| *exp > now)
                     .map(|(o, _)| o.clone());
                 if existing.is_none() {
-                    m.insert(key.clone(), (owner.clone(), now + self.ttl));
+                    m.insert(key.0.clone(), (owner.0.clone(), now + self.ttl));
                 }
                 classify(existing, owner)
             })
             .collect())
     }
 
-    async fn peek(&self, keys: &[String]) -> Result<Vec<Option<String>>, DedupError> {
+    async fn release(&self, items: &[(DedupKey, MarkOwner)]) -> Result<(), DedupError> {
+        let mut m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, owner) in items {
+            if m.get(&key.0).is_some_and(|(o, _)| *o == owner.0) {
+                m.remove(&key.0);
+            }
+        }
+        Ok(())
+    }
+
+    async fn peek(&self, keys: &[DedupKey]) -> Result<Vec<Option<String>>, DedupError> {
         let now = Instant::now();
         let m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         Ok(keys
             .iter()
             .map(|k| {
-                m.get(k)
+                m.get(&k.0)
                     .filter(|(_, exp)| *exp > now)
                     .map(|(o, _)| o.clone())
             })

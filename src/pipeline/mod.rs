@@ -1,17 +1,30 @@
-//! The processor's pipeline, one module per stage: raw records are normalized into canonical
-//! events, deduplicated, validated, and routed to the fan-out topics, PostgreSQL and the DLQ.
+//! The processor's pipeline, one module per stage: raw records are consumed in batches
+//! ([`consume`]), planned ([`plan`]: [`normalize`], [`validate`], [`guard`], [`dedup`]),
+//! delivered to PostgreSQL, the fan-out topics ([`fanout`]) and the DLQ ([`dead_letter`]) by
+//! [`deliver`], and committed; [`processor`] runs the loop, [`retry`] is its one retry loop,
+//! [`stats`] counts what happened.
 
+pub mod avro;
+pub mod consume;
+pub mod dead_letter;
 pub mod dedup;
-pub mod event;
+pub mod deliver;
+pub mod fanout;
+pub mod guard;
 pub mod normalize;
+pub mod plan;
 pub mod processor;
+pub mod retry;
+pub mod schema;
+pub mod stats;
 pub mod validate;
+
+pub use retry::Unavailable;
 
 use std::time::Duration;
 
 use crate::config::{KafkaArgs, ProcessArgs};
 use crate::shutdown::Shutdown;
-
 /// Builds a processor from flags/environment (Redis dedup, PostgreSQL store) and runs it until
 /// shutdown.
 pub async fn run_processor(
@@ -32,22 +45,38 @@ pub async fn run_processor(
         Duration::from_secs(args.dedup_ttl_secs),
     )
     .await?;
-    let transactional_id = args.exactly_once.then(|| {
-        args.transactional_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/etc/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "local".into());
-            format!("helios-{}-{host}", topology.consumer_group)
-        })
-    });
-    let cfg = processor::ProcessorConfig {
-        kafka: settings,
-        topology,
-        batch_size: args.batch_size,
-        linger: Duration::from_millis(args.batch_linger_ms),
-        transactional_id,
-        schema_registry_url: args.schema_registry_url.clone(),
+    let limits = kafka.limits()?;
+    crate::kafka::check_topic_sizes(
+        &settings,
+        &topology,
+        &limits,
+        &[
+            crate::limits::TopicKind::Raw,
+            crate::limits::TopicKind::Output,
+        ],
+    )
+    .await?;
+    let mode = if args.exactly_once {
+        deliver::DeliveryMode::Transactional {
+            transactional_id: args.transactional_id.clone().unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "local".into());
+                format!("helios-{}-{host}", topology.consumer_group)
+            }),
+        }
+    } else {
+        deliver::DeliveryMode::AtLeastOnce
     };
+    let mut cfg = processor::ProcessorConfig::new(settings, topology);
+    cfg.batch = consume::BatchLimits {
+        records: args.batch_size,
+        bytes: args.batch_max_bytes,
+        linger: Duration::from_millis(args.batch_linger_ms),
+    };
+    cfg.mode = mode;
+    cfg.schema_registry_url = args.schema_registry_url.clone();
+    cfg.limits = limits;
     processor::Processor::new(cfg, dedup, crate::db::PgStore::new(pool))?
         .run(shutdown)
         .await
@@ -79,5 +108,3 @@ pub async fn serve_metrics(addr: &str, shutdown: Shutdown) -> anyhow::Result<std
     });
     Ok(bound)
 }
-pub mod avro;
-pub mod schema;

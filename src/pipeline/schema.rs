@@ -6,7 +6,7 @@ use apache_avro::types::Value as AvroValue;
 use apache_avro::Schema;
 use std::collections::HashMap;
 
-use super::event::CanonicalEvent;
+use crate::model::CanonicalEvent;
 use crate::topology::Topology;
 
 /// Schemas shipped in the binary, used when no topology file (and so no schemas/ folder) is at hand.
@@ -163,7 +163,7 @@ mod tests {
     use super::*;
 
     fn ev(t: &str, data: serde_json::Value) -> CanonicalEvent {
-        crate::pipeline::event::test_event(t, data)
+        crate::model::event::test_event(t, data)
     }
 
     #[test]

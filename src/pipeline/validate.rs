@@ -3,21 +3,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::event::CanonicalEvent;
-use super::normalize::DlqReason;
 use super::schema::SchemaSet;
+use crate::model::{CanonicalEvent, DlqReason, DlqStage, Refusal};
 use crate::topology::{Topology, UnknownEventTypePolicy};
-
-/// Why an event was refused.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rejection {
-    pub reason: DlqReason,
-    pub stage: &'static str,
-    pub detail: String,
-    pub field: Option<String>,
-    /// For schema violations: (subject, version).
-    pub schema: Option<(String, String)>,
-}
 
 /// Checks events against the topology's rules and the payload schemas.
 #[derive(Debug, Clone)]
@@ -58,15 +46,15 @@ impl Validator {
         e: &CanonicalEvent,
         existing_topics: &HashSet<String>,
         topic_of: impl Fn(&str) -> String,
-    ) -> Result<(), Rejection> {
+    ) -> Result<(), Refusal> {
         let Some(required) = self.rules.get(&e.event_type) else {
             let topic = topic_of(&e.event_type);
             return match self.policy {
                 UnknownEventTypePolicy::FanOutIfTopicExists if existing_topics.contains(&topic) => Ok(()),
-                policy => Err(Rejection {
-                    reason: DlqReason::UnknownEventType,
-                    stage: "route",
-                    detail: match policy {
+                policy => Err(Refusal::new(
+                    DlqReason::UnknownEventType,
+                    DlqStage::Route,
+                    match policy {
                         UnknownEventTypePolicy::Dlq => format!(
                             "event type `{}` is not declared in topology.yaml (unknown_event_types: dlq)",
                             e.event_type
@@ -76,9 +64,7 @@ impl Validator {
                             e.event_type
                         ),
                     },
-                    field: None,
-                    schema: None,
-                }),
+                )),
             };
         };
         for field in required {
@@ -92,21 +78,21 @@ impl Validator {
                 },
             };
             if !present {
-                return Err(Rejection {
-                    reason: DlqReason::MissingRequiredField,
-                    stage: "validate",
-                    detail: format!("{} requires `{field}` (topology.yaml rule)", e.event_type),
-                    field: Some(field.clone()),
-                    schema: None,
-                });
+                return Err(Refusal::new(
+                    DlqReason::MissingRequiredField,
+                    DlqStage::Validate,
+                    format!("{} requires `{field}` (topology.yaml rule)", e.event_type),
+                )
+                .field(field.clone()));
             }
         }
-        self.schemas.check(e).map_err(|v| Rejection {
+        self.schemas.check(e).map_err(|v| Refusal {
             reason: DlqReason::SchemaViolation,
-            stage: "validate",
+            stage: DlqStage::Validate,
             detail: v.detail,
             field: v.field,
-            schema: Some((v.subject, v.version)),
+            schema: Some(Box::new((v.subject, v.version))),
+            sink_code: None,
         })
     }
 }
@@ -116,7 +102,7 @@ mod tests {
     use super::*;
 
     fn ev(t: &str, data: serde_json::Value) -> CanonicalEvent {
-        crate::pipeline::event::test_event(t, data)
+        crate::model::event::test_event(t, data)
     }
 
     #[test]
@@ -184,7 +170,10 @@ mod tests {
         let e = ev("ShipmentSent", serde_json::json!({}));
         let topic = |x: &str| Topology::builtin().event_topic(x);
         let r = v.check(&e, &HashSet::new(), topic).unwrap_err();
-        assert_eq!((r.reason, r.stage), (DlqReason::UnknownEventType, "route"));
+        assert_eq!(
+            (r.reason, r.stage),
+            (DlqReason::UnknownEventType, DlqStage::Route)
+        );
         let exists: HashSet<String> = ["helios.events.ShipmentSent".to_string()].into();
         assert!(v.check(&e, &exists, topic).is_ok());
         t.unknown_event_types = UnknownEventTypePolicy::Dlq;

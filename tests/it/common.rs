@@ -2,6 +2,9 @@
 //! run in parallel without sharing state), and read records back with a plain Kafka consumer.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use helios::config::{IngressConfig, KafkaSettings};
@@ -12,6 +15,7 @@ use helios::topology::Topology;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::net::{TcpListener, TcpStream};
 
 /// The broker the test script started.
 pub fn kafka_bootstrap() -> String {
@@ -180,8 +184,16 @@ pub async fn read_records(
         consumer.assign(&tpl).expect("assign");
         let deadline = Instant::now() + timeout;
         let mut out = vec![];
+        let mut errors = 0;
         while out.len() < n && Instant::now() < deadline {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let polled = consumer.poll(Duration::from_millis(200));
+            if let Some(Err(e)) = &polled {
+                errors += 1;
+                if errors <= 3 {
+                    eprintln!("read_records({topic}): {e}");
+                }
+            }
+            if let Some(Ok(m)) = polled {
                 let mut headers = BTreeMap::new();
                 if let Some(h) = m.headers() {
                     for hd in h.iter() {
@@ -255,7 +267,7 @@ pub fn unique_schema() -> String {
 /// A processor running in this process, with its own schema and dedup prefix.
 pub struct TestProcessor {
     pub pool: sqlx::PgPool,
-    pub stats: std::sync::Arc<helios::pipeline::processor::ProcessorStats>,
+    pub stats: std::sync::Arc<helios::pipeline::stats::ProcessorStats>,
     stop: Option<ShutdownTrigger>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -289,6 +301,8 @@ pub struct ProcOpts {
     pub dedup_prefix: String,
     pub database_url: String,
     pub redis_url: String,
+    /// librdkafka properties for the processor's clients.
+    pub kafka_properties: Vec<(String, String)>,
 }
 
 impl Default for ProcOpts {
@@ -299,6 +313,7 @@ impl Default for ProcOpts {
             dedup_prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
             database_url: database_url(),
             redis_url: redis_url(),
+            kafka_properties: vec![],
         }
     }
 }
@@ -321,14 +336,11 @@ pub async fn spawn_processor_with(topology: &Topology, o: ProcOpts) -> TestProce
     )
     .await
     .expect("redis");
-    let cfg = helios::pipeline::processor::ProcessorConfig {
-        kafka: KafkaSettings::new(kafka_bootstrap()),
-        topology: topology.clone(),
-        batch_size: 200,
-        linger: Duration::from_millis(50),
-        transactional_id: None,
-        schema_registry_url: o.schema_registry_url.clone(),
-    };
+    let mut kafka = KafkaSettings::new(kafka_bootstrap());
+    kafka.properties.extend(o.kafka_properties.iter().cloned());
+    let mut cfg = helios::pipeline::processor::ProcessorConfig::new(kafka, topology.clone());
+    cfg.batch.records = 200;
+    cfg.schema_registry_url = o.schema_registry_url.clone();
     let p = helios::pipeline::processor::Processor::new(
         cfg,
         dedup,
@@ -407,6 +419,8 @@ pub async fn produce_raw_to(
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "20")
+        // Raw topics allow 2 MiB: tests may land records larger than the ingress would.
+        .set("message.max.bytes", "2000000")
         .create()
         .expect("producer");
     let now = chrono::Utc::now().to_rfc3339();
@@ -420,7 +434,9 @@ pub async fn produce_raw_to(
         futs.push(producer.send(rec, Duration::from_secs(30)));
     }
     for f in futs {
-        f.await.expect("produced");
+        if let Err((e, _)) = f.await {
+            panic!("producing a raw record failed: {e}");
+        }
     }
 }
 
@@ -462,4 +478,76 @@ pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("helios-{tag}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// A TCP forwarder that can be cut: while down it closes every connection and refuses new ones.
+pub struct FlakyProxy {
+    pub addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl FlakyProxy {
+    pub async fn start(target: SocketAddr) -> FlakyProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (d, c) = (down.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let h = tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                c.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        FlakyProxy { addr, down, conns }
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            for h in self.conns.lock().unwrap().drain(..) {
+                h.abort();
+            }
+        }
+    }
+}
+
+/// `helios <args>` (the binary) on `topology`, with the store and dedup prefix of `opts`.
+pub fn helios_cli(topology: &Topology, opts: &ProcOpts, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_helios"));
+    c.args(args)
+        .env(
+            "HELIOS_TOPOLOGY",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/topology.yaml"),
+        )
+        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+        .env("HELIOS_TOPIC_PREFIX", &topology.topic_prefix)
+        .env("HELIOS_CONSUMER_GROUP", &topology.consumer_group)
+        .env("DATABASE_URL", &opts.database_url)
+        .env("HELIOS_DB_SCHEMA", &opts.schema)
+        .env("REDIS_URL", &opts.redis_url)
+        .env("HELIOS_DEDUP_PREFIX", &opts.dedup_prefix)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// Runs a command, asserts it succeeded, returns its stdout.
+pub fn run_ok(mut c: std::process::Command) -> String {
+    let out = c.output().expect("run helios");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }

@@ -13,6 +13,7 @@ mod exactly_once;
 mod gcp_pubsub;
 mod ops;
 mod outage;
+mod poison;
 mod processor;
 mod publish;
 mod pubsub_standin;

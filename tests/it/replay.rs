@@ -1,6 +1,6 @@
 //! `helios replay` and `helios dlq` (the binary, against the real broker, Redis and PostgreSQL).
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use helios::source::Source;
@@ -30,33 +30,7 @@ async fn env() -> Env {
 }
 
 fn helios(e: &Env, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_helios"));
-    c.args(args)
-        .env(
-            "HELIOS_TOPOLOGY",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/topology.yaml"),
-        )
-        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
-        .env("HELIOS_TOPIC_PREFIX", &e.topology.topic_prefix)
-        .env("HELIOS_CONSUMER_GROUP", &e.topology.consumer_group)
-        .env("DATABASE_URL", database_url())
-        .env("HELIOS_DB_SCHEMA", &e.opts.schema)
-        .env("REDIS_URL", redis_url())
-        .env("HELIOS_DEDUP_PREFIX", &e.opts.dedup_prefix)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    c
-}
-
-fn run_ok(mut c: Command) -> String {
-    let out: Output = c.output().expect("run helios");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    helios_cli(&e.topology, &e.opts, args)
 }
 
 fn orders(from: usize, to: usize) -> Vec<Vec<u8>> {

@@ -2,15 +2,11 @@
 //! PostgreSQL, every event on its topic at least once, the invariant holds.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::process::Child;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use helios::source::Source;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::*;
 
@@ -183,46 +179,6 @@ async fn two_instances_split_the_partitions_and_process_everything_once() {
     );
     a.stop().await;
     b.stop().await;
-}
-
-/// A TCP forwarder that can be cut: while down it closes every connection and refuses new ones.
-struct FlakyProxy {
-    addr: SocketAddr,
-    down: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl FlakyProxy {
-    async fn start(target: SocketAddr) -> FlakyProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let down = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (d, c) = (down.clone(), conns.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if d.load(Ordering::SeqCst) {
-                    continue; // dropped: connection refused in effect
-                }
-                let h = tokio::spawn(async move {
-                    if let Ok(mut out) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-                c.lock().unwrap().push(h.abort_handle());
-            }
-        });
-        FlakyProxy { addr, down, conns }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-        if down {
-            for h in self.conns.lock().unwrap().drain(..) {
-                h.abort();
-            }
-        }
-    }
 }
 
 #[tokio::test]

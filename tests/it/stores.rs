@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use chrono::TimeZone;
 use helios::db::{EventStore, PgStore, SqliteStore};
-use helios::pipeline::dedup::{Claim, DedupStore, MemoryDedup, RedisDedup};
-use helios::pipeline::event::{CanonicalEvent, RawRef};
+use helios::model::event::{CanonicalEvent, RawRef};
+use helios::pipeline::dedup::{Claim, DedupKey, DedupStore, MarkOwner, MemoryDedup, RedisDedup};
 use helios::source::Source;
 
 use crate::common::*;
@@ -18,8 +18,8 @@ fn event(id: &str, t: &str, data: serde_json::Value, index: u32) -> CanonicalEve
         source: Source::Aws,
         occurred_at: chrono::Utc.with_ymd_and_hms(2026, 11, 22, 9, 0, 0).unwrap(),
         ingested_at: chrono::Utc.with_ymd_and_hms(2026, 11, 22, 9, 0, 1).unwrap(),
-        order_id: helios::pipeline::event::id_field(&data, "order_id", "orderId"),
-        customer_id: helios::pipeline::event::id_field(&data, "customer_id", "customerId"),
+        order_id: helios::model::event::id_field(&data, "order_id", "orderId"),
+        customer_id: helios::model::event::id_field(&data, "customer_id", "customerId"),
         data,
         metadata: [("aws_region".to_string(), "eu-west-1".to_string())].into(),
         raw: RawRef {
@@ -106,9 +106,13 @@ async fn sqlite_store_passes_the_store_suite() {
     let _ = std::fs::remove_file(&path);
 }
 
+fn mark(key: &str, owner: &str) -> (DedupKey, MarkOwner) {
+    (DedupKey(key.into()), MarkOwner(owner.into()))
+}
+
 async fn dedup_suite<D: DedupStore>(d: D, ttl: Duration) {
-    let a = ("aws:e-1".to_string(), "raw/0/1/0".to_string());
-    let b = ("aws:e-2".to_string(), "raw/0/2/0".to_string());
+    let a = mark("aws:e-1", "raw/0/1/0");
+    let b = mark("aws:e-2", "raw/0/2/0");
     assert_eq!(
         d.claim(&[a.clone(), b.clone()]).await.unwrap(),
         vec![Claim::New, Claim::New]
@@ -119,17 +123,29 @@ async fn dedup_suite<D: DedupStore>(d: D, ttl: Duration) {
         vec![Claim::Own]
     );
     // Another raw record with the same event: a duplicate, naming the owner.
-    let dup = ("aws:e-1".to_string(), "raw/1/9/0".to_string());
+    let dup = mark("aws:e-1", "raw/1/9/0");
     assert_eq!(
-        d.claim(&[dup]).await.unwrap(),
+        d.claim(std::slice::from_ref(&dup)).await.unwrap(),
         vec![Claim::Duplicate {
             owner: "raw/0/1/0".into()
         }]
     );
     assert_eq!(d.claim(&[]).await.unwrap(), vec![]);
+    // Releasing is compare-and-delete: another record's release leaves the mark alone...
+    d.release(std::slice::from_ref(&dup)).await.unwrap();
+    assert_eq!(
+        d.peek(std::slice::from_ref(&a.0)).await.unwrap(),
+        vec![Some("raw/0/1/0".to_string())]
+    );
+    // ...the owner's release removes it, so the next sighting is new.
+    d.release(std::slice::from_ref(&b)).await.unwrap();
+    assert_eq!(
+        d.claim(&[mark("aws:e-2", "raw/3/3/0")]).await.unwrap(),
+        vec![Claim::New]
+    );
     // Marks expire after the TTL.
     tokio::time::sleep(ttl + Duration::from_millis(1200)).await;
-    let late = ("aws:e-1".to_string(), "raw/2/5/0".to_string());
+    let late = mark("aws:e-1", "raw/2/5/0");
     assert_eq!(d.claim(&[late]).await.unwrap(), vec![Claim::New]);
 }
 

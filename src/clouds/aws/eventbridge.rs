@@ -80,9 +80,8 @@ fn basic_credentials(header: Option<&str>) -> Option<(String, String)> {
 
 // ---- normalization (processor side) ----------------------------------------------------------
 
-use crate::pipeline::normalize::{
-    generic_draft, json, single, str_field, DlqReason, Draft, NormalizeError, Normalized, RawRecord,
-};
+use crate::model::draft::{generic_draft, json, single, str_field, Draft};
+use crate::model::{DlqReason, NormalizeError, Normalized, RawRecord};
 
 /// True when `v` has the EventBridge envelope's identifying keys.
 pub fn is_envelope(v: &serde_json::Value) -> bool {

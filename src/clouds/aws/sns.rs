@@ -439,9 +439,8 @@ pub async fn process(
 
 // ---- normalization (processor side) ----------------------------------------------------------
 
-use crate::pipeline::normalize::{
-    generic_draft, json, single, str_field, DlqReason, Draft, NormalizeError, Normalized, RawRecord,
-};
+use crate::model::draft::{generic_draft, json, single, str_field, Draft};
+use crate::model::{DlqReason, NormalizeError, Normalized, RawRecord};
 
 /// SNS `Message` (or a raw-delivery body) as a draft: an EventBridge event inside is unwrapped
 /// (its own id and type win); a JSON object describes itself or takes its type from the

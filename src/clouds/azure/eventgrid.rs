@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::ingress::landing::RecordKind;
-use crate::ingress::{accepted, parse_json, secret_matches, App, Incoming, IngressError};
+use crate::ingress::{accepted, parse_json_lenient, secret_matches, App, Incoming, IngressError};
 use crate::source::Source;
 
 const ENDPOINT: &str = "eventgrid";
@@ -120,7 +120,18 @@ async fn process_post(app: &App, inc: &Incoming) -> Result<Response, IngressErro
         return Err(e);
     }
     let body = inc.body()?;
-    let v = parse_json(body)?;
+    let Some(v) = parse_json_lenient(body)? else {
+        if validation_header {
+            return Err(IngressError::BadRequest(
+                "SubscriptionValidation body is not readable JSON".into(),
+            ));
+        }
+        // Well-formed but not representable (e.g. a lone surrogate): landed for the processor
+        // to dead-letter, replayable after a fix.
+        app.land(Source::Azure, ENDPOINT, inc, body, RecordKind::Event, false)
+            .await?;
+        return Ok(accepted(inc, StatusCode::OK));
+    };
     let events: Vec<&serde_json::Value> = match &v {
         serde_json::Value::Array(a) => a.iter().collect(),
         serde_json::Value::Object(_) => vec![&v],
@@ -143,30 +154,34 @@ async fn process_post(app: &App, inc: &Incoming) -> Result<Response, IngressErro
         .iter()
         .find(|e| e.get("eventType").and_then(|t| t.as_str()) == Some(VALIDATION_EVENT));
     if validation_header || validation.is_some() {
-        let kind = "eventgrid_subscription_validation";
+        let metric_kind = "eventgrid_subscription_validation";
         let code = validation
             .and_then(|e| e.get("data"))
             .and_then(|d| d.get("validationCode"))
             .and_then(|c| c.as_str())
             .ok_or_else(|| {
-                handshake_metric(kind, subscription_label(inc), "refused");
+                handshake_metric(metric_kind, subscription_label(inc), "refused");
                 IngressError::BadRequest(
                     "SubscriptionValidation without data.validationCode".into(),
                 )
             })?
             .to_string();
-        app.land(
-            Source::Azure,
-            ENDPOINT,
-            inc,
-            body,
-            RecordKind::Handshake("eventgrid-subscription-validation"),
-            false,
-        )
-        .await
-        .inspect_err(|_| handshake_metric(kind, subscription_label(inc), "failed"))?;
-        handshake_metric(kind, subscription_label(inc), "validated");
-        tracing::info!(subscription = %subscription_label(inc), "Event Grid subscription validation answered");
+        // A delivery that also carries business events is landed as events: the processor
+        // skips the validation element (counted as a handshake) and keeps the others.
+        let business = events.iter().any(|e| {
+            let t = e.get("eventType").and_then(|t| t.as_str());
+            t != Some(VALIDATION_EVENT) && t != Some(DELETION_EVENT)
+        });
+        let kind = if business {
+            RecordKind::Event
+        } else {
+            RecordKind::Handshake("eventgrid-subscription-validation")
+        };
+        app.land(Source::Azure, ENDPOINT, inc, body, kind, false)
+            .await
+            .inspect_err(|_| handshake_metric(metric_kind, subscription_label(inc), "failed"))?;
+        handshake_metric(metric_kind, subscription_label(inc), "validated");
+        tracing::info!(subscription = %subscription_label(inc), business_events = business, "Event Grid subscription validation answered");
         return Ok((
             StatusCode::OK,
             Json(serde_json::json!({ "validationResponse": code })),
@@ -182,9 +197,8 @@ async fn process_post(app: &App, inc: &Incoming) -> Result<Response, IngressErro
 
 use base64::Engine;
 
-use crate::pipeline::normalize::{
-    json, object_or_array, str_field, DlqReason, Draft, NormalizeError, Normalized, RawRecord,
-};
+use crate::model::draft::{json, object_or_array, str_field, Draft};
+use crate::model::{DlqReason, NormalizeError, Normalized, RawRecord};
 
 const DELETION_EVENT: &str = "Microsoft.EventGrid.SubscriptionDeletedEvent";
 
@@ -281,5 +295,8 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
             "Event Grid body holds no events",
         ));
     }
-    Normalized::Events(out)
+    Normalized::Events {
+        events: out,
+        handshakes,
+    }
 }

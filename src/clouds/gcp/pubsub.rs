@@ -100,9 +100,8 @@ async fn authenticate(app: &App, inc: &Incoming) -> Result<(), IngressError> {
 
 use base64::Engine;
 
-use crate::pipeline::normalize::{
-    generic_draft, json, single, str_field, DlqReason, Draft, NormalizeError, Normalized, RawRecord,
-};
+use crate::model::draft::{generic_draft, json, single, str_field, Draft};
+use crate::model::{DlqReason, NormalizeError, Normalized, RawRecord};
 
 /// The published bytes as a draft: a JSON object describes itself (type from the `eventType`
 /// attribute when present); anything else is kept as `{"data": text}`.

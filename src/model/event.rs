@@ -52,11 +52,6 @@ impl CanonicalEvent {
     pub fn partition_key(&self) -> &str {
         self.order_id.as_deref().unwrap_or(&self.event_id)
     }
-
-    /// The dedup key: source + event id.
-    pub fn dedup_key(&self) -> String {
-        format!("{}:{}", self.source.as_str(), self.event_id)
-    }
 }
 
 /// `Contoso.Orders.OrderPlaced` → `OrderPlaced`; `EC2 Instance State-change Notification` →
@@ -82,15 +77,27 @@ pub fn normalize_type(raw: &str) -> Option<String> {
     (starts_ok && out.len() <= 200).then_some(out)
 }
 
-/// `order_id` / `orderId` (or `customer_id` / `customerId`) at the top of the payload, as text.
-/// PostgreSQL's generated columns use the same rule.
+/// `order_id` / `orderId` (or `customer_id` / `customerId`) at the top of the payload, as text:
+/// the first of the two that is present and not null, as PostgreSQL's generated columns compute
+/// it (`coalesce(data->>'order_id', data->>'orderId')`). Objects and arrays give `None` here;
+/// the processor refuses them before they reach PostgreSQL (see `pipeline::guard`).
 pub fn id_field(data: &serde_json::Value, snake: &str, camel: &str) -> Option<String> {
-    let v = data.get(snake).or_else(|| data.get(camel))?;
-    match v {
+    match id_value(data, snake, camel)? {
         serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
         serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
+}
+
+/// The JSON value `id_field` reads: `snake` unless absent or null, else `camel`.
+pub fn id_value<'a>(
+    data: &'a serde_json::Value,
+    snake: &str,
+    camel: &str,
+) -> Option<&'a serde_json::Value> {
+    let present = |k: &str| data.get(k).filter(|v| !v.is_null());
+    present(snake).or_else(|| present(camel))
 }
 
 /// Parses an RFC 3339 time (any offset) into UTC.

@@ -1,0 +1,230 @@
+//! DLQ records: at most one per raw record, whatever failed in it. The record is the raw record
+//! unchanged (value, key, its own headers) plus bounded `helios-dlq-*` headers: the first
+//! failure's reason, stage, detail and field, how many events of the record failed, and a bounded
+//! JSON list of the failing indices and reasons. So a DLQ record is never larger than its raw
+//! record plus a small constant, and an array whose every element fails costs one record.
+//!
+//! A DLQ record that still cannot be written (its raw record was larger than HELIOS may write)
+//! becomes a *reference record*: no value, only the headers, with reason `too_large` and the raw
+//! record's coordinates, so nothing stalls and nothing is lost (the raw topic keeps the value).
+
+use chrono::SecondsFormat;
+use rdkafka::message::{Header, OwnedHeaders};
+
+use crate::model::headers::dlq as h;
+use crate::model::{DlqReason, DlqStage, RawRecord, Refusal};
+
+/// Longest `helios-dlq-detail` value, in bytes (longer ones are cut, with a marker).
+pub const DETAIL_MAX: usize = 1024;
+/// Longest value of the other echoed headers (field, schema subject/version, sink code).
+pub const VALUE_MAX: usize = 256;
+/// Longest `helios-dlq-failures` list, in bytes.
+pub const FAILURES_MAX: usize = 4096;
+
+/// One refused unit: a whole raw record (`index` none) or one event of it.
+#[derive(Debug, Clone)]
+pub struct DlqItem {
+    /// Position of the raw record in its batch.
+    pub record: usize,
+    /// Which event of the raw record (arrays carry several); none: the record as a whole.
+    pub index: Option<u32>,
+    pub refusal: Refusal,
+}
+
+/// Cuts `s` to at most `max` bytes (at a character boundary), saying how long it was.
+pub fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let marker = format!("…[truncated, {} bytes]", s.len());
+    let mut end = max.saturating_sub(marker.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{marker}", &s[..end]).into()
+}
+
+/// The headers of the DLQ record of `raw`, whose refused units are `items` (at least one).
+pub fn record_headers(raw: &RawRecord, items: &[&DlqItem]) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(raw.headers.len() + 12);
+    for (k, v) in &raw.headers {
+        if !k.starts_with(h::PREFIX) {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
+        }
+    }
+    append(h, &dlq_pairs(raw, items))
+}
+
+/// The headers of the reference record written instead of a DLQ record of `size` bytes that
+/// could not be written (`error`: what the broker or the limit said).
+pub fn reference_headers(
+    raw: &RawRecord,
+    items: &[&DlqItem],
+    size: usize,
+    error: &str,
+) -> OwnedHeaders {
+    let first = &items[0].refusal;
+    let tl = Refusal::new(
+        DlqReason::TooLarge,
+        DlqStage::Dlq,
+        format!(
+            "the DLQ copy of this raw record ({size} bytes) could not be written ({error}); \
+             its value stays in the raw topic at the coordinates below. It was refused for: {}",
+            first.detail
+        ),
+    );
+    let reference = DlqItem {
+        record: items[0].record,
+        index: items[0].index,
+        refusal: tl,
+    };
+    let mut pairs = dlq_pairs(raw, &[&reference]);
+    pairs.push((h::ORIGINAL_REASON, first.reason.as_str().to_string()));
+    if items.len() > 1 {
+        pairs.push((h::FAILED_COUNT, items.len().to_string()));
+        pairs.push((h::FAILURES, failures_json(items)));
+    }
+    append(OwnedHeaders::new_with_capacity(pairs.len()), &pairs)
+}
+
+/// Bytes a record with this value, key and headers occupies, for the size check.
+pub fn record_size(raw: &RawRecord, headers: &OwnedHeaders) -> usize {
+    use rdkafka::message::Headers;
+    raw.value.len()
+        + raw.key.as_ref().map_or(0, Vec::len)
+        + headers
+            .iter()
+            .map(|x| x.key.len() + x.value.map_or(0, <[u8]>::len) + 8)
+            .sum::<usize>()
+}
+
+fn dlq_pairs(raw: &RawRecord, items: &[&DlqItem]) -> Vec<(&'static str, String)> {
+    let first = &items[0].refusal;
+    let mut detail = first.detail.clone();
+    if items.len() > 1 {
+        detail = format!(
+            "{} (and {} more failing event(s) of this record, see {})",
+            bounded(&detail, DETAIL_MAX - 96),
+            items.len() - 1,
+            h::FAILURES
+        );
+    }
+    let now = chrono::Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    let mut pairs: Vec<(&'static str, String)> = vec![
+        (h::REASON, first.reason.as_str().to_string()),
+        (h::STAGE, first.stage.as_str().to_string()),
+        (h::DETAIL, bounded(&detail, DETAIL_MAX).into_owned()),
+        (h::RAW_TOPIC, raw.topic.clone()),
+        (h::RAW_PARTITION, raw.partition.to_string()),
+        (h::RAW_OFFSET, raw.offset.to_string()),
+        (h::FAILED_AT, now),
+    ];
+    if let Some(f) = &first.field {
+        pairs.push((h::FIELD, bounded(f, VALUE_MAX).into_owned()));
+    }
+    if let Some(i) = items[0].index {
+        pairs.push((h::EVENT_INDEX, i.to_string()));
+    }
+    if let Some((subject, version)) = first.schema.as_deref() {
+        pairs.push((h::SCHEMA_SUBJECT, bounded(subject, VALUE_MAX).into_owned()));
+        pairs.push((h::SCHEMA_VERSION, bounded(version, VALUE_MAX).into_owned()));
+    }
+    if let Some(code) = &first.sink_code {
+        pairs.push((h::SINK_CODE, bounded(code, VALUE_MAX).into_owned()));
+    }
+    if items.len() > 1 {
+        pairs.push((h::FAILED_COUNT, items.len().to_string()));
+        pairs.push((h::FAILURES, failures_json(items)));
+    }
+    pairs
+}
+
+/// `[{"index":0,"reason":"…","stage":"…"},…]`, cut before FAILURES_MAX with `{"more":N}`.
+fn failures_json(items: &[&DlqItem]) -> String {
+    let mut out = String::from("[");
+    for (n, it) in items.iter().enumerate() {
+        let entry = serde_json::json!({
+            "index": it.index,
+            "reason": it.refusal.reason.as_str(),
+            "stage": it.refusal.stage.as_str(),
+        })
+        .to_string();
+        if n > 0 {
+            out.push(',');
+        }
+        if out.len() + entry.len() + 32 > FAILURES_MAX {
+            out.push_str(&format!("{{\"more\":{}}}", items.len() - n));
+            break;
+        }
+        out.push_str(&entry);
+    }
+    out.push(']');
+    out
+}
+
+fn append(mut h: OwnedHeaders, pairs: &[(&str, String)]) -> OwnedHeaders {
+    for (k, v) in pairs {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v.as_str()),
+        });
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers;
+
+    fn item(i: u32, detail: &str) -> DlqItem {
+        DlqItem {
+            record: 0,
+            index: Some(i),
+            refusal: Refusal::new(DlqReason::MissingEventType, DlqStage::Normalize, detail),
+        }
+    }
+
+    #[test]
+    fn headers_stay_bounded_whatever_the_failures() {
+        let raw = RawRecord {
+            topic: "t".into(),
+            value: vec![b'x'; 300_000],
+            headers: vec![("helios-dlq-reason".into(), b"forged".to_vec())],
+            ..Default::default()
+        };
+        let huge = "T".repeat(600_000);
+        let items: Vec<DlqItem> = (0..100_000)
+            .map(|i| item(i, if i == 0 { &huge } else { "no type" }))
+            .collect();
+        let refs: Vec<&DlqItem> = items.iter().collect();
+        let h = record_headers(&raw, &refs);
+        let extra = record_size(&raw, &h) - raw.value.len();
+        assert!(extra < 8 * 1024, "DLQ headers are {extra} bytes");
+        let forged = h.iter().filter(|x| x.key == "helios-dlq-reason").count();
+        assert_eq!(
+            forged, 1,
+            "the raw record's own helios-dlq-* headers are dropped"
+        );
+        let failures = h.iter().find(|x| x.key == h::FAILURES).unwrap();
+        let list: serde_json::Value = serde_json::from_slice(failures.value.unwrap()).unwrap();
+        assert!(
+            list.as_array().unwrap().last().unwrap()["more"]
+                .as_u64()
+                .unwrap()
+                > 99_000
+        );
+    }
+
+    #[test]
+    fn bounded_cuts_at_a_character_boundary_and_says_so() {
+        let s = "é".repeat(1000);
+        let b = bounded(&s, 100);
+        assert!(b.len() <= 100);
+        assert!(b.ends_with("[truncated, 2000 bytes]"), "{b}");
+        assert_eq!(bounded("short", 100), "short");
+    }
+}

@@ -1,0 +1,76 @@
+//! Fan-out records (`helios.events.<EventType>`): keyed by the order id (else the event id), the
+//! canonical event as JSON (or Avro through the registry), CloudEvents binary-mode headers plus
+//! lineage back to the raw record.
+
+use chrono::SecondsFormat;
+use rdkafka::message::{Header, OwnedHeaders};
+
+use crate::model::headers::{lineage, REPLAY_ID};
+use crate::model::CanonicalEvent;
+
+/// `application/json` or `application/avro`.
+pub fn content_type(avro: bool) -> &'static str {
+    if avro {
+        "application/avro"
+    } else {
+        "application/json"
+    }
+}
+
+/// The header pairs of an event's fan-out record.
+fn pairs<'a>(
+    e: &'a CanonicalEvent,
+    content_type: &'a str,
+    replay_id: Option<&'a str>,
+) -> Vec<(&'static str, std::borrow::Cow<'a, str>)> {
+    let mut v: Vec<(&'static str, std::borrow::Cow<'a, str>)> = vec![
+        ("ce_specversion", "1.0".into()),
+        ("ce_id", e.event_id.as_str().into()),
+        ("ce_source", format!("/helios/{}", e.source.as_str()).into()),
+        ("ce_type", e.event_type.as_str().into()),
+        (
+            "ce_time",
+            e.occurred_at
+                .to_rfc3339_opts(SecondsFormat::Millis, true)
+                .into(),
+        ),
+        ("content-type", content_type.into()),
+        (lineage::SOURCE, e.source.as_str().into()),
+        (lineage::RAW_TOPIC, e.raw.topic.as_str().into()),
+        (lineage::RAW_PARTITION, e.raw.partition.to_string().into()),
+        (lineage::RAW_OFFSET, e.raw.offset.to_string().into()),
+        (lineage::RAW_INDEX, e.raw.index.to_string().into()),
+    ];
+    if let Some(id) = replay_id {
+        v.push((REPLAY_ID, id.into()));
+    }
+    v
+}
+
+/// The fan-out record's headers: CloudEvents binary mode plus lineage.
+pub fn headers(e: &CanonicalEvent, content_type: &str, replay_id: Option<&str>) -> OwnedHeaders {
+    let p = pairs(e, content_type, replay_id);
+    let mut h = OwnedHeaders::new_with_capacity(p.len());
+    for (k, v) in &p {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v.as_ref()),
+        });
+    }
+    h
+}
+
+/// Bytes the key and headers of an event's fan-out record take (for the size check).
+pub fn key_and_headers_size(e: &CanonicalEvent, replay_id: Option<&str>) -> usize {
+    e.partition_key().len()
+        + pairs(e, content_type(true), replay_id)
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum::<usize>()
+}
+
+/// The JSON value of an event's fan-out record.
+pub fn json_payload(e: &CanonicalEvent) -> Vec<u8> {
+    // Serializing a CanonicalEvent cannot fail: string keys, no non-finite floats.
+    serde_json::to_vec(e).unwrap_or_default()
+}

@@ -1,0 +1,86 @@
+//! Transient failures and the one retry loop. A dependency that is unavailable (Redis,
+//! PostgreSQL, Kafka, the schema registry) pauses the batch: the same work is tried again with
+//! backoff (0.2 s doubling to 5 s) until it succeeds or the process is asked to stop, and the
+//! caller keeps its consumer polling meanwhile (see `pipeline::consume`), so the group never
+//! evicts the instance however long the outage lasts.
+
+use std::time::Duration;
+
+use super::consume::RawConsumer;
+use crate::model::Sink;
+use crate::shutdown::Shutdown;
+
+/// A dependency could not do its part; the same work will be retried.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{sink} unavailable: {message}")]
+pub struct Unavailable {
+    pub sink: Sink,
+    pub message: String,
+}
+
+impl Unavailable {
+    pub fn new(sink: Sink, message: impl Into<String>) -> Self {
+        Unavailable {
+            sink,
+            message: message.into(),
+        }
+    }
+}
+
+/// Backoff between retries: 0.2 s doubling to 5 s.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(200),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next attempt (and doubles the one after).
+    pub fn next_wait(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        d
+    }
+}
+
+/// The one retry policy, used as `loop { match work().await { Ok(v) => break v, Err(e) =>
+/// if !retry.after(&e, consumer, shutdown).await { return None } } }`: counts the retry, logs
+/// it, and waits the backoff while the consumer keeps polling (partitions paused).
+pub struct Retry {
+    what: &'static str,
+    backoff: Backoff,
+}
+
+impl Retry {
+    pub fn new(what: &'static str) -> Self {
+        Retry {
+            what,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Waits before the next attempt after `e`. `false`: shutdown came first, give up.
+    pub async fn after(
+        &mut self,
+        e: &Unavailable,
+        consumer: &mut RawConsumer,
+        shutdown: &Shutdown,
+    ) -> bool {
+        let pause = self.backoff.next_wait();
+        metrics::counter!("helios_processor_retries_total", "stage" => e.sink.as_str())
+            .increment(1);
+        tracing::warn!(error = %e, what = self.what, retry_in_ms = pause.as_millis() as u64,
+            "batch paused: a dependency failed; retrying the same work (nothing is committed)");
+        tokio::select! {
+            _ = consumer.idle(pause) => true,
+            _ = shutdown.clone().wait() => false,
+        }
+    }
+}
