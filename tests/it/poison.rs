@@ -282,7 +282,7 @@ async fn a_raw_record_over_the_output_limit_becomes_a_reference_record() {
         &rig.app.raw_topic(Source::Direct),
         "direct",
         "ingest",
-        &[body.clone()],
+        std::slice::from_ref(&body),
     )
     .await;
     rig.valid_after(DIRECT).await;
