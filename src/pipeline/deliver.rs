@@ -197,67 +197,55 @@ impl Delivery {
         out: &Outputs<'_, S, D>,
     ) -> Result<(Refused, Option<Unavailable>), Unavailable> {
         let content_type = fanout::content_type(out.avro.is_some());
-        let mut encoded: Vec<(usize, String, Vec<u8>)> = vec![];
-        if let Some(avro) = out.avro {
-            for (i, p) in self.plan.events.iter().enumerate() {
-                if !self.fanned[i] {
-                    let topic = out.topology.event_topic(&p.event.event_type);
-                    let v = avro
-                        .encode(&topic, &p.event)
-                        .await
-                        .map_err(|e| Unavailable::new(Sink::SchemaRegistry, e.to_string()))?;
-                    encoded.push((i, topic, v));
-                }
-            }
-        }
-        let mut pending = vec![];
-        let mut refused = vec![];
-        let mut transient = None;
+        let avro_values = self.avro_values(out).await?;
         let replay_id = out.replay_id();
+        let mut sends = Sends::default();
         for (i, p) in self.plan.events.iter().enumerate() {
             if self.fanned[i] {
                 continue;
             }
-            let (topic, payload) = match (&p.payload, encoded.iter().find(|(j, _, _)| *j == i)) {
-                (_, Some((_, t, v))) => (t.clone(), v.as_slice()),
-                (Some(v), None) => (out.topology.event_topic(&p.event.event_type), v.as_slice()),
-                (None, None) => (out.topology.event_topic(&p.event.event_type), &[][..]),
+            let topic = out.topology.event_topic(&p.event.event_type);
+            let payload = match avro_values.get(&i) {
+                Some(v) => v.as_slice(),
+                None => p.payload.as_deref().unwrap_or_default(),
             };
             let rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
                 .key(p.event.partition_key().as_bytes())
                 .payload(payload)
                 .headers(fanout::headers(&p.event, content_type, replay_id));
-            match enqueue(out.producer, rec, i, &mut pending).await {
-                Ok(()) => {}
-                Err(e) => match produce_fault(&e) {
-                    Fault::Data { code } => refused.push((i, kafka_refusal(&e, code))),
-                    Fault::Transient => {
-                        transient.get_or_insert(Unavailable::new(Sink::Kafka, e.to_string()));
-                    }
-                },
-            }
+            sends.send(out.producer, i, rec).await;
         }
-        for (i, r) in join_all(
-            pending
-                .into_iter()
-                .map(|(i, f)| async move { (i, f.await) }),
-        )
-        .await
-        {
-            match r {
-                Ok(Ok(_)) => self.fanned[i] = true,
-                Ok(Err((e, _))) => match produce_fault(&e) {
-                    Fault::Data { code } => refused.push((i, kafka_refusal(&e, code))),
-                    Fault::Transient => {
-                        transient.get_or_insert(Unavailable::new(Sink::Kafka, e.to_string()));
-                    }
-                },
-                Err(_) => {
-                    transient.get_or_insert(Unavailable::new(Sink::Kafka, "delivery canceled"));
-                }
-            }
+        let (acked, refused, transient) = sends.settle().await;
+        for i in acked {
+            self.fanned[i] = true;
         }
+        let refused = refused
+            .into_iter()
+            .map(|(i, e, code)| (i, kafka_refusal(&e, code)))
+            .collect();
         Ok((refused, transient))
+    }
+
+    /// Avro mode: the encoded values of the events not yet fanned out, by position.
+    async fn avro_values<S, D>(
+        &self,
+        out: &Outputs<'_, S, D>,
+    ) -> Result<BTreeMap<usize, Vec<u8>>, Unavailable> {
+        let mut values = BTreeMap::new();
+        let Some(avro) = out.avro else {
+            return Ok(values);
+        };
+        for (i, p) in self.plan.events.iter().enumerate() {
+            if !self.fanned[i] {
+                let topic = out.topology.event_topic(&p.event.event_type);
+                let v = avro
+                    .encode(&topic, &p.event)
+                    .await
+                    .map_err(|e| Unavailable::new(Sink::SchemaRegistry, e.to_string()))?;
+                values.insert(i, v);
+            }
+        }
+        Ok(values)
     }
 
     /// Takes the rows of events Kafka refused back out of PostgreSQL, then moves those events
@@ -313,8 +301,9 @@ impl Delivery {
         }
     }
 
-    /// (3) One DLQ record per raw record with refused units, not yet acknowledged. In a
-    /// transaction (`in_txn`) a refusal cannot be followed by another send: it is returned.
+    /// (3) One DLQ record per raw record with refused units, not yet acknowledged. A DLQ copy
+    /// too large to write is replaced by a reference record. In a transaction (`in_txn`) a
+    /// refusal cannot be followed by another send: how many were refused is returned instead.
     async fn dead_letter<S, D>(
         &mut self,
         out: &Outputs<'_, S, D>,
@@ -327,81 +316,32 @@ impl Delivery {
                 by_record.entry(d.record).or_default().push(d);
             }
         }
-        let mut pending = vec![];
-        let mut too_large: Vec<(usize, String)> = vec![];
-        let mut transient = None;
+        let mut sends = Sends::default();
         for (record, items) in &mut by_record {
             items.sort_by_key(|d| d.index);
-            let raw = &self.records[*record];
-            let full = dead_letter::record_headers(raw, items);
-            let size = dead_letter::record_size(raw, &full);
-            let limit = out.limits.output_record_max();
-            let reference = self.dlq_reference.get(record).cloned().or_else(|| {
-                (size > limit).then(|| format!("{size} bytes is over the {limit}-byte limit"))
-            });
-            let rec: FutureRecord<'_, [u8], [u8]> = match &reference {
-                Some(why) => FutureRecord::to(&topic)
-                    .payload(&[][..])
-                    .headers(dead_letter::reference_headers(raw, items, size, why)),
-                None => {
-                    let mut r = FutureRecord::to(&topic)
-                        .payload(raw.value.as_slice())
-                        .headers(full);
-                    if let Some(k) = &raw.key {
-                        r = r.key(k.as_slice());
-                    }
-                    r
-                }
-            };
-            match enqueue(out.producer, rec, *record, &mut pending).await {
-                Ok(()) => {}
-                Err(e) if produce_fault(&e).is_data() && reference.is_none() => {
-                    too_large.push((*record, e.to_string()))
-                }
-                Err(e) => {
-                    transient.get_or_insert(Unavailable::new(Sink::Kafka, e.to_string()));
-                }
-            }
+            let reference = self.dlq_reference.get(record).map(String::as_str);
+            let rec = dlq_record(&topic, &self.records[*record], items, reference, out.limits);
+            sends.send(out.producer, *record, rec).await;
         }
-        for (record, r) in join_all(
-            pending
-                .into_iter()
-                .map(|(i, f)| async move { (i, f.await) }),
-        )
-        .await
-        {
-            match r {
-                Ok(Ok(_)) => {
-                    self.dlq_sent.insert(record);
-                }
-                Ok(Err((e, _)))
-                    if produce_fault(&e).is_data() && !self.dlq_reference.contains_key(&record) =>
-                {
-                    too_large.push((record, e.to_string()))
-                }
-                Ok(Err((e, _))) => {
-                    transient.get_or_insert(Unavailable::new(Sink::Kafka, e.to_string()));
-                }
-                Err(_) => {
-                    transient.get_or_insert(Unavailable::new(Sink::Kafka, "delivery canceled"));
-                }
+        let (acked, refused, transient) = sends.settle().await;
+        self.dlq_sent.extend(acked);
+        let mut newly = 0;
+        for (record, e, _) in refused {
+            // A reference record refused for its data cannot be made smaller: retry it.
+            if self.dlq_reference.insert(record, e.to_string()).is_some() {
+                return Err(Unavailable::new(Sink::Kafka, e.to_string()));
             }
-        }
-        let refused = too_large.len();
-        for (record, why) in too_large {
-            self.dlq_reference.insert(record, why);
+            newly += 1;
         }
         if let Some(e) = transient {
             return Err(e);
         }
-        if refused > 0 {
-            if in_txn {
-                return Ok(Some(refused));
-            }
+        match (newly, in_txn) {
+            (0, _) => Ok(None),
+            (n, true) => Ok(Some(n)),
             // Outside a transaction the reference records can follow at once.
-            return Box::pin(self.dead_letter(out, false)).await;
+            (_, false) => Box::pin(self.dead_letter(out, false)).await,
         }
-        Ok(None)
     }
 
     /// (4) Releases the marks of events a sink refused.
@@ -515,6 +455,93 @@ async fn write_isolating<S: EventStore>(
         }
     }
     Ok((written, refused))
+}
+
+/// The DLQ record of `raw` for its refused `items`: the raw record with DLQ headers, or (when
+/// that copy is over the output limit, or was refused before: `reference`) a reference record.
+fn dlq_record<'a>(
+    topic: &'a str,
+    raw: &'a RawRecord,
+    items: &[&DlqItem],
+    reference: Option<&str>,
+    limits: &SizeLimits,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let full = dead_letter::record_headers(raw, items);
+    let size = dead_letter::record_size(raw, &full);
+    let limit = limits.output_record_max();
+    let over = format!("{size} bytes is over the {limit}-byte limit");
+    let why = reference.or((size > limit).then_some(over.as_str()));
+    match why {
+        Some(why) => FutureRecord::to(topic)
+            .payload(&[][..])
+            .headers(dead_letter::reference_headers(raw, items, size, why)),
+        None => {
+            let r = FutureRecord::to(topic)
+                .payload(raw.value.as_slice())
+                .headers(full);
+            match &raw.key {
+                Some(k) => r.key(k.as_slice()),
+                None => r,
+            }
+        }
+    }
+}
+
+/// Records in flight to Kafka, each tagged with what it stands for.
+#[derive(Default)]
+struct Sends {
+    pending: Vec<(usize, DeliveryFuture)>,
+    failed: Vec<(usize, KafkaError)>,
+}
+
+/// What came back: the acknowledged tags, the tags refused for their data (with the error and
+/// its code), and the first transient failure.
+type Settled = (
+    Vec<usize>,
+    Vec<(usize, KafkaError, String)>,
+    Option<Unavailable>,
+);
+
+impl Sends {
+    async fn send(
+        &mut self,
+        producer: &FutureProducer,
+        tag: usize,
+        rec: FutureRecord<'_, [u8], [u8]>,
+    ) {
+        if let Err(e) = enqueue(producer, rec, tag, &mut self.pending).await {
+            self.failed.push((tag, e));
+        }
+    }
+
+    async fn settle(self) -> Settled {
+        let mut failed = self.failed;
+        let mut acked = vec![];
+        let results = join_all(
+            self.pending
+                .into_iter()
+                .map(|(i, f)| async move { (i, f.await) }),
+        )
+        .await;
+        for (i, r) in results {
+            match r {
+                Ok(Ok(_)) => acked.push(i),
+                Ok(Err((e, _))) => failed.push((i, e)),
+                Err(_) => failed.push((i, KafkaError::Canceled)),
+            }
+        }
+        let mut refused = vec![];
+        let mut transient = None;
+        for (i, e) in failed {
+            match produce_fault(&e) {
+                Fault::Data { code } => refused.push((i, e, code)),
+                Fault::Transient => {
+                    transient.get_or_insert(Unavailable::new(Sink::Kafka, e.to_string()));
+                }
+            }
+        }
+        (acked, refused, transient)
+    }
 }
 
 /// Enqueues a record; when librdkafka's queue is full, waits for what is in flight first.
