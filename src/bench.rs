@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use axum::routing::post;
 use clap::Subcommand;
 
-use crate::config::{IngressConfig, KafkaArgs};
+use crate::config::KafkaArgs;
+use crate::ingress::IngressConfig;
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, Subcommand)]

@@ -134,7 +134,7 @@ async fn produce_backlog(
     for i in 0..n {
         let (source, endpoint, body, extra) = raw_record(i);
         let rid = format!("bench-{i}");
-        let mut h = crate::ingress::landing::event_record_headers(source, endpoint, &rid, &now);
+        let mut h = crate::http::landing::event_record_headers(source, endpoint, &rid, &now);
         for (k, v) in &extra {
             h = h.insert(Header {
                 key: k,
@@ -346,7 +346,7 @@ async fn pg_alone(
     let mut chunk = Vec::with_capacity(batch_size);
     for i in 0..n {
         let (source, endpoint, body, extra) = raw_record(i);
-        let mut headers: Vec<(String, Vec<u8>)> = crate::ingress::landing::event_record_headers(
+        let mut headers: Vec<(String, Vec<u8>)> = crate::http::landing::event_record_headers(
             source,
             endpoint,
             &format!("bench-{i}"),

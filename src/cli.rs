@@ -5,8 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{IngressArgs, IngressConfig, KafkaArgs, ProcessArgs};
+use crate::config::KafkaArgs;
+use crate::ingress::{IngressArgs, IngressConfig};
 use crate::kafka::TopicAction;
+use crate::pipeline::ProcessArgs;
 use crate::shutdown::Shutdown;
 use crate::topology::Topology;
 

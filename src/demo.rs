@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::json;
 
-use crate::config::{IngressConfig, KafkaSettings};
+use crate::config::KafkaSettings;
 use crate::db::{EventStore, SqliteStore};
+use crate::ingress::IngressConfig;
 use crate::pipeline::dedup::MemoryDedup;
 use crate::pipeline::processor::{Processor, ProcessorConfig};
 use crate::shutdown::Shutdown;

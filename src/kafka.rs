@@ -148,6 +148,8 @@ pub fn produce_fault(e: &KafkaError) -> Fault {
 #[derive(Clone)]
 pub struct KafkaHealth {
     reachable: Arc<AtomicBool>,
+    /// At least one probe finished (before that, nothing is known).
+    probed: Arc<AtomicBool>,
     last_ok_unix_ms: Arc<AtomicI64>,
     last_error: Arc<std::sync::Mutex<Option<String>>>,
 }
@@ -157,6 +159,7 @@ impl KafkaHealth {
     pub fn start(producer: FutureProducer, every: Duration) -> KafkaHealth {
         let h = KafkaHealth {
             reachable: Arc::new(AtomicBool::new(false)),
+            probed: Arc::new(AtomicBool::new(false)),
             last_ok_unix_ms: Arc::new(AtomicI64::new(0)),
             last_error: Arc::new(std::sync::Mutex::new(Some("not probed yet".into()))),
         };
@@ -177,6 +180,7 @@ impl KafkaHealth {
                     Ok(Err(e)) => probe.set_err(e.to_string()),
                     Err(e) => probe.set_err(e.to_string()),
                 }
+                probe.probed.store(true, Ordering::SeqCst);
                 metrics::gauge!("helios_kafka_reachable").set(if probe.is_reachable() {
                     1.0
                 } else {
@@ -207,6 +211,11 @@ impl KafkaHealth {
     /// True when the last metadata probe succeeded.
     pub fn is_reachable(&self) -> bool {
         self.reachable.load(Ordering::SeqCst)
+    }
+
+    /// True when a probe has run and the last one failed: Kafka is known to be down.
+    pub fn known_down(&self) -> bool {
+        self.probed.load(Ordering::SeqCst) && !self.is_reachable()
     }
 
     /// JSON detail for the health endpoints.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod dlq;
+pub mod http;
 pub mod ingress;
 pub mod kafka;
 pub mod limits;

@@ -1,5 +1,5 @@
 //! The four places events come from. Each has its own raw topic, endpoints and knowledge
-//! (see `crate::clouds`).
+//! (see the `clouds` folder).
 
 use std::fmt;
 

@@ -75,6 +75,17 @@ pub struct EventTypeSpec {
     pub schema: Option<String>,
 }
 
+/// A request rate limit of one source's endpoints (a token bucket).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Requests allowed at once above the sustained rate (default: one second's worth).
+    #[serde(default)]
+    pub burst: u32,
+}
+
 /// What the processor does with an event type the topology does not declare.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -111,6 +122,10 @@ pub struct Topology {
     pub event_types: BTreeMap<String, EventTypeSpec>,
     #[serde(default)]
     pub unknown_event_types: UnknownEventTypePolicy,
+    /// Per-source request rate limits of the ingress (`aws`, `gcp`, `azure`, `direct`); a source
+    /// without one is not limited (the in-flight cap still applies).
+    #[serde(default)]
+    pub rate_limits: BTreeMap<String, RateLimit>,
     /// Directory of the topology file (schemas are found relative to it); none when built in.
     #[serde(skip)]
     pub base_dir: Option<std::path::PathBuf>,
@@ -231,6 +246,21 @@ impl Topology {
         if self.consumer_group.trim().is_empty() {
             return Err(bad("consumer_group", "must not be empty".into()));
         }
+        for (name, limit) in &self.rate_limits {
+            let key = format!("rate_limits.{name}");
+            if Source::parse(name).is_none() {
+                return Err(bad(
+                    &key,
+                    "is not a source: use aws, gcp, azure or direct".into(),
+                ));
+            }
+            if limit.per_second == 0 {
+                return Err(bad(
+                    &format!("{key}.per_second"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
         for (name, spec) in &self.event_types {
             let key = format!("event_types.{name}");
             if name.is_empty()
@@ -258,6 +288,25 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    /// The rate limits by source (a missing `burst` is one second's worth).
+    pub fn source_rate_limits(&self) -> BTreeMap<Source, RateLimit> {
+        self.rate_limits
+            .iter()
+            .filter_map(|(k, l)| {
+                Source::parse(k).map(|s| {
+                    let burst = if l.burst == 0 { l.per_second } else { l.burst };
+                    (
+                        s,
+                        RateLimit {
+                            per_second: l.per_second,
+                            burst,
+                        },
+                    )
+                })
+            })
+            .collect()
     }
 
     fn raw_spec(&self, source: Source) -> &TopicSpec {

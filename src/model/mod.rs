@@ -9,6 +9,7 @@ pub mod fault;
 pub mod headers;
 pub mod outcome;
 pub mod raw;
+pub mod text;
 
 pub use event::{CanonicalEvent, RawRef};
 pub use fault::{Fault, Sink};

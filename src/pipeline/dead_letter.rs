@@ -12,6 +12,7 @@ use chrono::SecondsFormat;
 use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::model::headers::dlq as h;
+use crate::model::text::bounded;
 use crate::model::{DlqReason, DlqStage, RawRecord, Refusal};
 
 /// Longest `helios-dlq-detail` value, in bytes (longer ones are cut, with a marker).
@@ -29,19 +30,6 @@ pub struct DlqItem {
     /// Which event of the raw record (arrays carry several); none: the record as a whole.
     pub index: Option<u32>,
     pub refusal: Refusal,
-}
-
-/// Cuts `s` to at most `max` bytes (at a character boundary), saying how long it was.
-pub fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if s.len() <= max {
-        return s.into();
-    }
-    let marker = format!("…[truncated, {} bytes]", s.len());
-    let mut end = max.saturating_sub(marker.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{marker}", &s[..end]).into()
 }
 
 /// The headers of the DLQ record of `raw`, whose refused units are `items` (at least one).
@@ -217,14 +205,5 @@ mod tests {
                 .unwrap()
                 > 99_000
         );
-    }
-
-    #[test]
-    fn bounded_cuts_at_a_character_boundary_and_says_so() {
-        let s = "é".repeat(1000);
-        let b = bounded(&s, 100);
-        assert!(b.len() <= 100);
-        assert!(b.ends_with("[truncated, 2000 bytes]"), "{b}");
-        assert_eq!(bounded("short", 100), "short");
     }
 }

@@ -283,8 +283,8 @@ impl Delivery {
         for (i, p) in events.into_iter().enumerate() {
             if refused.peek().is_some_and(|(j, _)| *j == i) {
                 let (_, refusal) = refused.next().expect("peeked");
-                tracing::warn!(event_id = %dead_letter::bounded(&p.event.event_id, 128), reason = refusal.reason.as_str(),
-                    stage = refusal.stage.as_str(), detail = %dead_letter::bounded(&refusal.detail, 256), "a sink refused an event; it goes to the DLQ");
+                tracing::warn!(event_id = %crate::model::text::bounded(&p.event.event_id, 128), reason = refusal.reason.as_str(),
+                    stage = refusal.stage.as_str(), detail = %crate::model::text::bounded(&refusal.detail, 256), "a sink refused an event; it goes to the DLQ");
                 self.to_release
                     .push((DedupKey::of(&p.event), MarkOwner::of(&p.event)));
                 self.plan.dlq.push(DlqItem {

@@ -5,6 +5,7 @@
 //! [`stats`] counts what happened.
 
 pub mod avro;
+pub mod config;
 pub mod consume;
 pub mod dead_letter;
 pub mod dedup;
@@ -23,8 +24,9 @@ pub use retry::Unavailable;
 
 use std::time::Duration;
 
-use crate::config::{KafkaArgs, ProcessArgs};
+use crate::config::KafkaArgs;
 use crate::shutdown::Shutdown;
+pub use config::ProcessArgs;
 /// Builds a processor from flags/environment (Redis dedup, PostgreSQL store) and runs it until
 /// shutdown.
 pub async fn run_processor(

@@ -20,18 +20,10 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
         ));
     };
     match source {
-        Source::Aws => {
-            if raw.header("x-amz-sns-message-type").is_some()
-                || raw.header(h::ENDPOINT) == Some("sns")
-            {
-                clouds::aws::sns::normalize(raw)
-            } else {
-                clouds::aws::eventbridge::normalize(raw)
-            }
-        }
-        Source::Gcp => clouds::gcp::pubsub::normalize(raw),
-        Source::Azure => clouds::azure::eventgrid::normalize(raw),
-        Source::Direct => clouds::direct::normalize(raw),
+        Source::Aws => clouds::aws::normalize::normalize(raw),
+        Source::Gcp => clouds::gcp::normalize::normalize(raw),
+        Source::Azure => clouds::azure::normalize::normalize(raw),
+        Source::Direct => clouds::direct::normalize::normalize(raw),
     }
 }
 

@@ -140,13 +140,18 @@ fn regex_escape(s: &str) -> String {
         .collect()
 }
 
+/// SNS's timestamp format, now (older messages are refused as replays).
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 fn notification(message: &str) -> Value {
     json!({
         "Type": "Notification",
         "MessageId": uuid::Uuid::new_v4().to_string(),
         "TopicArn": TOPIC,
         "Message": message,
-        "Timestamp": "2012-05-02T00:54:06.655Z",
+        "Timestamp": now(),
         "UnsubscribeURL": "https://sns.us-west-2.amazonaws.com/?Action=Unsubscribe&SubscriptionArn=x",
         "MessageAttributes": { "tenant": { "Type": "String", "Value": "acme" } }
     })
@@ -160,7 +165,7 @@ fn confirmation(kind: &str, subscribe_url: &str) -> Value {
         "TopicArn": TOPIC,
         "Message": "You have chosen to subscribe to the topic arn:aws:sns:us-west-2:123456789012:MyTopic.\nTo confirm the subscription, visit the SubscribeURL included in this message.",
         "SubscribeURL": subscribe_url,
-        "Timestamp": "2012-04-26T20:45:04.751Z"
+        "Timestamp": now()
     })
 }
 
@@ -386,4 +391,106 @@ async fn sns_envelope_on_the_eventbridge_endpoint_is_handled_as_sns() {
     assert_eq!(resp.status(), 403);
     let recs = read_exactly(&app.kafka.bootstrap_servers, &app.raw_topic(Source::Aws), 1).await;
     assert_eq!(recs[0].header("helios-endpoint"), Some("eventbridge"));
+}
+
+#[tokio::test]
+async fn sns_on_the_eventbridge_endpoint_needs_the_credentials_or_the_allow_list() {
+    let fake = fake_sns().await;
+    let post_eb = |app: &TestApp, v: &Value| {
+        app.client
+            .post(app.url("/api/v1/webhooks/aws/eventbridge"))
+            .header("x-amz-sns-message-type", "Notification")
+            .body(sns_body(v))
+            .send()
+    };
+    let mut foreign = notification("{\"event_type\":\"OrderPlaced\",\"id\":\"chosen\"}");
+    foreign["TopicArn"] = json!("arn:aws:sns:eu-west-1:999999999999:attacker");
+    let foreign = fake.signed(foreign, "2");
+    // API key configured and an allow-list: a signed notification of another topic, no key.
+    let app = spawn_app({
+        let pattern = fake.host_pattern();
+        move |c| {
+            c.sns.host_pattern = pattern;
+            c.sns.topic_arns = vec![TOPIC.into()];
+            c.eventbridge.api_key = Some("k".repeat(32));
+        }
+    })
+    .await;
+    assert_eq!(post_eb(&app, &foreign).await.unwrap().status(), 403);
+    // API key configured, no allow-list, no key sent: refused before any SNS check.
+    let keyed = spawn_app({
+        let pattern = fake.host_pattern();
+        move |c| {
+            c.sns.host_pattern = pattern;
+            c.eventbridge.api_key = Some("k".repeat(32));
+        }
+    })
+    .await;
+    assert_eq!(post_eb(&keyed, &foreign).await.unwrap().status(), 401);
+    // Neither configured: SNS is not taken on the EventBridge endpoint at all.
+    let open = spawn_app({
+        let pattern = fake.host_pattern();
+        move |c| c.sns.host_pattern = pattern
+    })
+    .await;
+    assert_eq!(post_eb(&open, &foreign).await.unwrap().status(), 403);
+    for a in [&app, &keyed, &open] {
+        read_exactly(&a.kafka.bootstrap_servers, &a.raw_topic(Source::Aws), 0).await;
+    }
+}
+
+#[tokio::test]
+async fn a_signed_message_older_than_the_maximum_age_is_refused_as_a_replay() {
+    let fake = fake_sns().await;
+    let app = sns_app(&fake).await;
+    let mut old = notification("captured earlier");
+    old["Timestamp"] = json!((chrono::Utc::now() - chrono::Duration::minutes(70))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    let old = fake.signed(old, "2");
+    let resp = post_sns(&app, &old).await;
+    assert_eq!(resp.status(), 403);
+    assert!(resp
+        .text()
+        .await
+        .unwrap()
+        .contains("HELIOS_SNS_MAX_AGE_SECS"));
+    // A fresh one of the same topic passes.
+    assert_eq!(
+        post_sns(&app, &fake.signed(notification("fresh"), "2"))
+            .await
+            .status(),
+        200
+    );
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("helios_ingress_auth_failures_total")
+                && l.contains("reason=\"sns_too_old\"")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn certificate_urls_differing_only_in_query_or_fragment_are_fetched_once() {
+    let fake = fake_sns().await;
+    let app = sns_app(&fake).await;
+    for i in 0..6 {
+        let mut n = fake.signed(notification(&format!("m{i}")), "2");
+        // SigningCertURL is not part of the signed string: an attacker controls its query.
+        n["SigningCertURL"] = json!(format!(
+            "{}/SimpleNotificationService-test.pem?n={i}#f{i}",
+            fake.origin
+        ));
+        assert_eq!(post_sns(&app, &n).await.status(), 200);
+    }
+    assert_eq!(fake.cert_hits.load(Ordering::SeqCst), 1);
 }

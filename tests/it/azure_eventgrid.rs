@@ -54,7 +54,8 @@ async fn event_grid_and_cloudevents_bodies_land_byte_for_byte() {
 
 #[tokio::test]
 async fn subscription_validation_answers_200_with_the_code_and_is_landed() {
-    let app = spawn_app(|_| {}).await;
+    // Only configured subscription names become metric labels.
+    let app = spawn_app(|c| c.eventgrid.subscriptions = vec!["HELIOS-SUB".into()]).await;
     let r = app
         .client
         .post(app.url(PATH))

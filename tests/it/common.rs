@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use helios::config::{IngressConfig, KafkaSettings};
+use helios::config::KafkaSettings;
+use helios::ingress::IngressConfig;
 use helios::ingress::RunningIngress;
 use helios::shutdown::{Shutdown, ShutdownTrigger};
 use helios::source::Source;
@@ -160,6 +161,16 @@ pub async fn read_records(
     n: usize,
     timeout: Duration,
 ) -> Vec<Record> {
+    read_until(bootstrap, topic, timeout, move |r| r.len() >= n).await
+}
+
+/// Reads `topic` from the beginning until `done(records so far)` or `timeout`.
+pub async fn read_until(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Record]) -> bool + Send + 'static,
+) -> Vec<Record> {
     let bootstrap = bootstrap.to_string();
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
@@ -171,21 +182,32 @@ pub async fn read_records(
             .set("isolation.level", "read_committed")
             .create()
             .expect("consumer");
-        let md = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .expect("metadata");
+        let deadline = Instant::now() + timeout;
+        // A busy broker may answer a metadata request without the topic's partitions (an error
+        // on the topic): ask again rather than read nothing.
         let mut tpl = TopicPartitionList::new();
-        for t in md.topics() {
-            for p in t.partitions() {
-                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)
-                    .expect("partition");
+        loop {
+            let md = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .expect("metadata");
+            for t in md.topics() {
+                if let Some(e) = t.error() {
+                    eprintln!("read_records({topic}): metadata error {e:?}");
+                }
+                for p in t.partitions() {
+                    tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)
+                        .expect("partition");
+                }
             }
+            if tpl.count() > 0 || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
         consumer.assign(&tpl).expect("assign");
-        let deadline = Instant::now() + timeout;
         let mut out = vec![];
         let mut errors = 0;
-        while out.len() < n && Instant::now() < deadline {
+        while !done(&out) && Instant::now() < deadline {
             let polled = consumer.poll(Duration::from_millis(200));
             if let Some(Err(e)) = &polled {
                 errors += 1;
@@ -208,6 +230,18 @@ pub async fn read_records(
                     headers,
                     timestamp: m.timestamp().to_millis(),
                 });
+            }
+        }
+        if out.is_empty() {
+            // Nothing read: say whether the topic holds records (a reader problem) or not.
+            for e in tpl.elements() {
+                let w = consumer.fetch_watermarks(&topic, e.partition(), Duration::from_secs(5));
+                if !matches!(w, Ok((low, high)) if low == high) {
+                    eprintln!(
+                        "read_records({topic}): read nothing; partition {} watermarks {w:?}",
+                        e.partition()
+                    );
+                }
             }
         }
         out
@@ -428,7 +462,7 @@ pub async fn produce_raw_to(
     for (i, b) in bodies.iter().enumerate() {
         let rid = format!("raw-{i}");
         let source = Source::parse(source).expect("a source name");
-        let h = helios::ingress::landing::event_record_headers(source, endpoint, &rid, &now);
+        let h = helios::http::landing::event_record_headers(source, endpoint, &rid, &now);
         let rec: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(topic).payload(b.as_slice()).headers(h);
         futs.push(producer.send(rec, Duration::from_secs(30)));

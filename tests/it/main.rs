@@ -10,6 +10,7 @@ mod azure_eventgrid;
 mod demo;
 mod direct;
 mod exactly_once;
+mod front_door;
 mod gcp_pubsub;
 mod ops;
 mod outage;

@@ -1,4 +1,10 @@
-//! AWS: EventBridge API destinations and SNS HTTP(S) subscriptions. Both land in `helios.raw.aws`.
+//! AWS: EventBridge API destinations and SNS HTTP(S) subscriptions, both landing in
+//! `helios.raw.aws`. Everything HELIOS knows about AWS lives here: settings (`config`), the
+//! endpoints (`ingress`) and SNS authenticity (`signature`), normalization of what they landed
+//! (`normalize`), and publishing test events (`publish`).
 
-pub mod eventbridge;
-pub mod sns;
+pub mod config;
+pub mod ingress;
+pub mod normalize;
+pub mod publish;
+pub mod signature;

@@ -1,4 +1,9 @@
-//! GCP: Pub/Sub push subscriptions (wrapped and unwrapped), with optional OIDC verification.
+//! GCP: Pub/Sub push subscriptions, landing in `helios.raw.gcp`. Settings (`config`), the push
+//! endpoint (`ingress`) and its OIDC token check (`oidc`), normalization (`normalize`), and
+//! publishing test events (`publish`).
 
+pub mod config;
+pub mod ingress;
+pub mod normalize;
 pub mod oidc;
-pub mod pubsub;
+pub mod publish;

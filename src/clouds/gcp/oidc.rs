@@ -1,9 +1,16 @@
 //! Verification of the OIDC JWT that Pub/Sub push attaches as `Authorization: Bearer`:
 //! RS256 against Google's keys (JWKS, or the PEM map of `/oauth2/v1/certs`), issuer, audience,
 //! expiry, and the service-account email (`email_verified` must be true).
+//!
+//! The keys are cached. An unknown `kid` (Google rotated its keys) triggers one refresh, at most
+//! one per [`REFRESH_INTERVAL`] whether it succeeded or failed (a failure is remembered: tokens
+//! with unknown `kid`s are then answered 503 at once, not with a fetch each), and never while
+//! another refresh is in flight. The fetch happens outside the key lock, so tokens with known
+//! keys are verified at full speed while it runs.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -13,13 +20,13 @@ use openssl::pkey::{PKey, Public};
 use openssl::rsa::Rsa;
 use openssl::sign::Verifier;
 use serde::Deserialize;
-use tokio::sync::RwLock;
 
-/// Google's published signing keys.
-pub const GOOGLE_JWKS_URL: &str = "https://www.googleapis.com/oauth2/v3/certs";
+use crate::model::text::echo;
+
 const ISSUERS: &[&str] = &["https://accounts.google.com", "accounts.google.com"];
 const LEEWAY_SECS: i64 = 60;
-const MIN_REFRESH: Duration = Duration::from_secs(60);
+/// At most one key refresh per interval, successful or not.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why a token was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +65,11 @@ pub struct Claims {
     pub sub: Option<String>,
 }
 
-struct KeySet {
-    keys: HashMap<String, PKey<Public>>,
-    fetched_at: Option<Instant>,
+/// The last refresh attempt and its failure, if it failed.
+#[derive(Default)]
+struct Refresh {
+    attempted: Option<Instant>,
+    failure: Option<String>,
 }
 
 /// Verifies Pub/Sub push tokens; caches the signing keys and refreshes them on an unknown `kid`.
@@ -70,7 +79,9 @@ pub struct OidcVerifier {
     jwks_url: String,
     jwks_file: Option<PathBuf>,
     http: reqwest::Client,
-    keys: RwLock<KeySet>,
+    keys: RwLock<HashMap<String, PKey<Public>>>,
+    refresh: tokio::sync::Mutex<Refresh>,
+    refresh_interval: Duration,
 }
 
 impl OidcVerifier {
@@ -82,16 +93,14 @@ impl OidcVerifier {
         jwks_file: Option<PathBuf>,
         http: reqwest::Client,
     ) -> anyhow::Result<Self> {
-        let mut set = KeySet {
-            keys: HashMap::new(),
-            fetched_at: None,
-        };
+        let mut keys = HashMap::new();
+        let mut refresh = Refresh::default();
         if let Some(path) = &jwks_file {
             let text = std::fs::read(path)
                 .map_err(|e| anyhow::anyhow!("HELIOS_PUBSUB_JWKS_FILE {}: {e}", path.display()))?;
-            set.keys = parse_keys(&text)
+            keys = parse_keys(&text)
                 .map_err(|e| anyhow::anyhow!("HELIOS_PUBSUB_JWKS_FILE {}: {e}", path.display()))?;
-            set.fetched_at = Some(Instant::now());
+            refresh.attempted = Some(Instant::now());
         }
         Ok(OidcVerifier {
             audience,
@@ -99,8 +108,16 @@ impl OidcVerifier {
             jwks_url,
             jwks_file,
             http,
-            keys: RwLock::new(set),
+            keys: RwLock::new(keys),
+            refresh: tokio::sync::Mutex::new(refresh),
+            refresh_interval: REFRESH_INTERVAL,
         })
+    }
+
+    /// Another refresh interval (`HELIOS_PUBSUB_JWKS_REFRESH_SECS`).
+    pub fn with_refresh_interval(mut self, interval: Duration) -> Self {
+        self.refresh_interval = interval;
+        self
     }
 
     /// Verifies the value of an `Authorization` header.
@@ -129,7 +146,10 @@ impl OidcVerifier {
         )
         .map_err(|_| invalid("header is not JSON"))?;
         if header.alg != "RS256" {
-            return Err(invalid(&format!("alg `{}` is not RS256", header.alg)));
+            return Err(invalid(&format!(
+                "alg `{}` is not RS256",
+                echo(&header.alg)
+            )));
         }
         let claims: Claims = serde_json::from_slice(
             &b64.decode(p)
@@ -152,7 +172,12 @@ impl OidcVerifier {
         let now = chrono::Utc::now().timestamp();
         match claims.iss.as_deref() {
             Some(iss) if ISSUERS.contains(&iss) => {}
-            other => return Err(invalid(&format!("issuer {other:?} is not Google"))),
+            other => {
+                return Err(invalid(&format!(
+                    "issuer {:?} is not Google",
+                    other.map(|o| echo(o).into_owned())
+                )))
+            }
         }
         let aud_ok = match &claims.aud {
             Some(serde_json::Value::String(a)) => a == &self.audience,
@@ -162,10 +187,9 @@ impl OidcVerifier {
             _ => false,
         };
         if !aud_ok {
-            return Err(invalid(&format!(
-                "audience {:?} is not `{}` (HELIOS_PUBSUB_OIDC_AUDIENCE)",
-                claims.aud, self.audience
-            )));
+            return Err(invalid(
+                "audience is not the expected one (HELIOS_PUBSUB_OIDC_AUDIENCE)",
+            ));
         }
         match claims.exp {
             Some(exp) if exp + LEEWAY_SECS >= now => {}
@@ -178,8 +202,8 @@ impl OidcVerifier {
         if let Some(expected) = &self.email {
             if claims.email.as_deref() != Some(expected.as_str()) {
                 return Err(invalid(&format!(
-                    "email {:?} is not `{expected}` (HELIOS_PUBSUB_OIDC_EMAIL)",
-                    claims.email
+                    "email {:?} is not the push subscription's service account (HELIOS_PUBSUB_OIDC_EMAIL)",
+                    claims.email.as_deref().map(|e| echo(e).into_owned())
                 )));
             }
             if claims.email_verified != Some(true) {
@@ -198,7 +222,7 @@ impl OidcVerifier {
         if let Some(ok) = self.check_with_cached(kid, signed, signature).await {
             return Ok(ok);
         }
-        // Unknown kid (keys rotated) or nothing loaded yet: refresh, at most once a minute.
+        // Unknown kid (keys rotated) or nothing loaded yet: refresh (at most once an interval).
         self.refresh().await?;
         Ok(self
             .check_with_cached(kid, signed, signature)
@@ -213,10 +237,10 @@ impl OidcVerifier {
         signed: &[u8],
         sig: &[u8],
     ) -> Option<bool> {
-        let set = self.keys.read().await;
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         let candidates: Vec<&PKey<Public>> = match kid {
-            Some(k) => set.keys.get(k).into_iter().collect(),
-            None => set.keys.values().collect(),
+            Some(k) => keys.get(k).into_iter().collect(),
+            None => keys.values().collect(),
         };
         if candidates.is_empty() {
             return None;
@@ -231,35 +255,65 @@ impl OidcVerifier {
         }))
     }
 
+    /// Reloads the keys, unless a refresh is in flight or one was attempted within the
+    /// interval (then the outcome of that one counts: a failure is answered at once).
     async fn refresh(&self) -> Result<(), TokenError> {
-        let mut set = self.keys.write().await;
-        if set.fetched_at.is_some_and(|t| t.elapsed() < MIN_REFRESH) {
-            return Ok(());
+        let Ok(mut state) = self.refresh.try_lock() else {
+            return Err(TokenError::KeysUnavailable(
+                "Google's signing keys are being refreshed; retry".into(),
+            ));
+        };
+        if state
+            .attempted
+            .is_some_and(|t| t.elapsed() < self.refresh_interval)
+        {
+            return match &state.failure {
+                Some(f) => Err(TokenError::KeysUnavailable(format!(
+                    "{f} (the keys are fetched at most once every {} s)",
+                    self.refresh_interval.as_secs()
+                ))),
+                None => Ok(()),
+            };
         }
+        let fetched = self.fetch().await;
+        // The interval runs from the end of the attempt: a fetch that hung until its timeout
+        // is not followed at once by another.
+        state.attempted = Some(Instant::now());
+        metrics::counter!("helios_ingress_jwks_fetches_total", "outcome" => if fetched.is_ok() { "ok" } else { "failed" })
+            .increment(1);
+        match fetched {
+            Ok(keys) => {
+                *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+                state.failure = None;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot refresh Google's signing keys");
+                state.failure = Some(e.clone());
+                Err(TokenError::KeysUnavailable(e))
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<HashMap<String, PKey<Public>>, String> {
         let bytes = match &self.jwks_file {
-            Some(path) => std::fs::read(path).map_err(|e| {
-                TokenError::KeysUnavailable(format!("cannot read {}: {e}", path.display()))
-            })?,
+            Some(path) => {
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            }
             None => {
-                let resp = self.http.get(&self.jwks_url).send().await.map_err(|e| {
-                    TokenError::KeysUnavailable(format!("cannot fetch {}: {e}", self.jwks_url))
-                })?;
-                if !resp.status().is_success() {
-                    return Err(TokenError::KeysUnavailable(format!(
-                        "{} answered HTTP {}",
-                        self.jwks_url,
-                        resp.status()
-                    )));
-                }
-                resp.bytes()
+                let resp = self
+                    .http
+                    .get(&self.jwks_url)
+                    .send()
                     .await
-                    .map_err(|e| TokenError::KeysUnavailable(e.to_string()))?
-                    .to_vec()
+                    .map_err(|e| format!("cannot fetch {}: {e}", self.jwks_url))?;
+                if !resp.status().is_success() {
+                    return Err(format!("{} answered HTTP {}", self.jwks_url, resp.status()));
+                }
+                resp.bytes().await.map_err(|e| e.to_string())?.to_vec()
             }
         };
-        set.keys = parse_keys(&bytes).map_err(TokenError::KeysUnavailable)?;
-        set.fetched_at = Some(Instant::now());
-        Ok(())
+        parse_keys(&bytes)
     }
 }
 

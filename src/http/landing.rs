@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::message::{Header, OwnedHeaders};
 
-use crate::ingress::error::IngressError;
+use crate::http::error::IngressError;
 use crate::kafka::{ProduceError, RawProducer};
 use crate::model::headers::raw as headers;
 use crate::source::Source;

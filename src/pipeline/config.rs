@@ -1,0 +1,64 @@
+//! The processor's options: PostgreSQL, Redis, batching, delivery mode.
+
+use anyhow::bail;
+
+use super::processor::{DEFAULT_BATCH_BYTES, DEFAULT_BATCH_RECORDS};
+
+/// Processor options (PostgreSQL, Redis, batching).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProcessArgs {
+    /// PostgreSQL URL, e.g. postgres://helios@db:5432/helios.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// PostgreSQL schema for HELIOS's tables (created if missing); default: the URL's search_path.
+    #[arg(long, env = "HELIOS_DB_SCHEMA")]
+    pub db_schema: Option<String>,
+    /// Apply the migrations at start-up.
+    #[arg(long, env = "HELIOS_MIGRATE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub migrate: bool,
+    /// Redis URL for dedup marks.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// How long a dedup mark lives.
+    #[arg(long, env = "HELIOS_DEDUP_TTL_SECS", default_value_t = 86_400)]
+    pub dedup_ttl_secs: u64,
+    /// Prefix of dedup keys in Redis.
+    #[arg(long, env = "HELIOS_DEDUP_PREFIX", default_value = "helios:dedup:")]
+    pub dedup_prefix: String,
+    /// Most raw records per batch.
+    #[arg(long, env = "HELIOS_BATCH_SIZE", default_value_t = DEFAULT_BATCH_RECORDS)]
+    pub batch_size: usize,
+    /// Most bytes (values, keys, headers) per batch; a single larger record is a batch alone.
+    #[arg(long, env = "HELIOS_BATCH_MAX_BYTES", default_value_t = DEFAULT_BATCH_BYTES)]
+    pub batch_max_bytes: usize,
+    /// How long a batch waits to fill after its first record.
+    #[arg(long, env = "HELIOS_BATCH_LINGER_MS", default_value_t = 50)]
+    pub batch_linger_ms: u64,
+    /// Exactly-once fan-out: Kafka transactions around fan-out, DLQ and offsets (needs a broker
+    /// with transactions; Tansu 0.6.0 has none).
+    #[arg(long, env = "HELIOS_EXACTLY_ONCE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub exactly_once: bool,
+    /// Confluent-compatible schema registry: fan-out values become Avro (Confluent wire format).
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
+    /// Transactional id of this instance in exactly-once mode; keep it stable across restarts
+    /// (default: helios-<consumer group>-<host name>).
+    #[arg(long, env = "HELIOS_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
+}
+
+impl ProcessArgs {
+    /// Checks the values that clap cannot.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.batch_size == 0 {
+            bail!("HELIOS_BATCH_SIZE / --batch-size must be at least 1");
+        }
+        if self.batch_max_bytes == 0 {
+            bail!("HELIOS_BATCH_MAX_BYTES / --batch-max-bytes must be at least 1");
+        }
+        if self.dedup_ttl_secs == 0 {
+            bail!("HELIOS_DEDUP_TTL_SECS / --dedup-ttl-secs must be at least 1");
+        }
+        Ok(())
+    }
+}
