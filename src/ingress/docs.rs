@@ -24,8 +24,10 @@ fn delivery_responses(ok: &str) -> Value {
         "400": {"description": "Body this endpoint can never accept (the message says why)"},
         "401": {"description": "Missing or wrong credentials"},
         "403": {"description": "Signature invalid or sender not allowed"},
+        "408": {"description": "The body did not arrive within HELIOS_BODY_READ_TIMEOUT_MS"},
         "413": {"description": "Body over HELIOS_MAX_BODY_BYTES"},
-        "503": {"description": "Kafka did not acknowledge in time: retry (Retry-After: 5)"}
+        "429": {"description": "Over the source's rate limit or the in-flight cap: retry after Retry-After (the SNS endpoint answers 503 instead)"},
+        "503": {"description": "Kafka did not acknowledge in time or is known to be down: retry (Retry-After)"}
     })
 }
 
@@ -40,13 +42,13 @@ pub fn spec() -> Value {
         },
         "paths": {
             "/api/v1/webhooks/aws/eventbridge": {"post": op("EventBridge API destination",
-                "The EventBridge event JSON. Auth: API key header (HELIOS_EVENTBRIDGE_API_KEY_HEADER, default x-helios-key) or Basic. SNS envelopes are accepted here too.",
+                "The EventBridge event JSON. Auth: API key header (HELIOS_EVENTBRIDGE_API_KEY_HEADER, default x-helios-key) or Basic. SNS envelopes are accepted here too, with the EventBridge credentials or a topic allow-list (HELIOS_SNS_TOPIC_ARNS).",
                 "aws", Some("application/json"), delivery_responses("200"))},
             "/api/v1/webhooks/aws/sns": {"post": op("SNS HTTP(S) subscription",
                 "SubscriptionConfirmation (confirmed after signature check), Notification, UnsubscribeConfirmation, raw delivery (?token=). Body is read whatever the Content-Type (SNS sends text/plain).",
                 "aws", Some("text/plain"), delivery_responses("200"))},
             "/api/v1/webhooks/gcp/pubsub": {"post": op("Pub/Sub push",
-                "Wrapped (base64 message.data) or unwrapped (x-goog-pubsub-* headers). Auth: OIDC bearer token (HELIOS_PUBSUB_OIDC_AUDIENCE) and/or ?token=.",
+                "Wrapped (base64 message.data) or unwrapped (x-goog-pubsub-* headers). Auth: OIDC bearer token (HELIOS_PUBSUB_OIDC_AUDIENCE + HELIOS_PUBSUB_OIDC_EMAIL) and/or ?token=.",
                 "gcp", Some("application/json"), delivery_responses("200"))},
             "/api/v1/webhooks/azure/eventgrid": {
                 "post": op("Event Grid delivery",
