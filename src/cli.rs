@@ -76,11 +76,6 @@ enum Command {
         #[command(subcommand)]
         action: TopologyAction,
     },
-    /// Benchmarks (numbers for the README; never run as tests).
-    Bench {
-        #[command(subcommand)]
-        what: crate::bench::BenchCommand,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,6 +251,5 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
-        Command::Bench { what } => crate::bench::run(what).await,
     }
 }

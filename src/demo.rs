@@ -271,7 +271,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         {
             let mut c = ProcessorConfig::new(kafka, topology.clone());
             c.batch.records = 200;
-            c.batch.linger = Duration::from_millis(20);
             c
         },
         dedup,

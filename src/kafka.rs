@@ -148,8 +148,9 @@ pub fn produce_fault(e: &KafkaError) -> Fault {
 #[derive(Clone)]
 pub struct KafkaHealth {
     reachable: Arc<AtomicBool>,
-    /// At least one probe finished (before that, nothing is known).
-    probed: Arc<AtomicBool>,
+    /// Probes failed in a row (Kafka is "known down" from two on: one slow answer while a
+    /// broker restarts must not turn every request away).
+    failures: Arc<std::sync::atomic::AtomicU32>,
     last_ok_unix_ms: Arc<AtomicI64>,
     last_error: Arc<std::sync::Mutex<Option<String>>>,
 }
@@ -159,7 +160,7 @@ impl KafkaHealth {
     pub fn start(producer: FutureProducer, every: Duration) -> KafkaHealth {
         let h = KafkaHealth {
             reachable: Arc::new(AtomicBool::new(false)),
-            probed: Arc::new(AtomicBool::new(false)),
+            failures: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             last_ok_unix_ms: Arc::new(AtomicI64::new(0)),
             last_error: Arc::new(std::sync::Mutex::new(Some("not probed yet".into()))),
         };
@@ -180,7 +181,6 @@ impl KafkaHealth {
                     Ok(Err(e)) => probe.set_err(e.to_string()),
                     Err(e) => probe.set_err(e.to_string()),
                 }
-                probe.probed.store(true, Ordering::SeqCst);
                 metrics::gauge!("helios_kafka_reachable").set(if probe.is_reachable() {
                     1.0
                 } else {
@@ -192,7 +192,16 @@ impl KafkaHealth {
         h
     }
 
+    /// A record was acknowledged: Kafka is reachable, whatever the last probes said (a probe
+    /// can time out while a restarted broker is still slow to list its metadata).
+    pub fn acknowledged(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 || !self.reachable.load(Ordering::Relaxed) {
+            self.set_ok();
+        }
+    }
+
     fn set_ok(&self) {
+        self.failures.store(0, Ordering::SeqCst);
         if !self.reachable.swap(true, Ordering::SeqCst) {
             tracing::info!("Kafka is reachable");
         }
@@ -202,20 +211,21 @@ impl KafkaHealth {
     }
 
     fn set_err(&self, e: String) {
-        if self.reachable.swap(false, Ordering::SeqCst) {
+        let failures = self.failures.fetch_add(1, Ordering::SeqCst) + 1;
+        if failures >= 2 && self.reachable.swap(false, Ordering::SeqCst) {
             tracing::warn!(error = %e, "Kafka became unreachable");
         }
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
     }
 
-    /// True when the last metadata probe succeeded.
+    /// True unless the last two metadata probes failed (and until the first one succeeded).
     pub fn is_reachable(&self) -> bool {
         self.reachable.load(Ordering::SeqCst)
     }
 
-    /// True when a probe has run and the last one failed: Kafka is known to be down.
+    /// True when the last two probes failed: Kafka is known to be down.
     pub fn known_down(&self) -> bool {
-        self.probed.load(Ordering::SeqCst) && !self.is_reachable()
+        self.failures.load(Ordering::SeqCst) >= 2
     }
 
     /// JSON detail for the health endpoints.

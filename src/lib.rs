@@ -2,8 +2,6 @@
 //! Grid pushes. The library holds everything; the `helios` binary only calls [`cli::main`], so
 //! tests and benchmarks use the same code paths as production.
 
-pub mod bench;
-pub mod bench_process;
 pub mod cli;
 pub mod clouds;
 pub mod config;

@@ -116,6 +116,10 @@ fn describe() {
         "Time to process and commit one batch"
     );
     describe_histogram!("helios_processor_batch_records", "Raw records per batch");
+    describe_counter!(
+        "helios_processor_batches_overlapped_total",
+        "Batches polled and planned while the previous batch was still being delivered (pipelining at work)"
+    );
     describe_gauge!(
         "helios_processor_consumer_lag",
         "Records behind the end of each raw partition (from librdkafka statistics)"

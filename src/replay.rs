@@ -352,7 +352,6 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     cfg.batch.records = args
         .max_rate
         .map_or(500, |r| (r / 5).clamp(1, 500) as usize);
-    cfg.batch.linger = Duration::from_millis(20);
     cfg.schema_registry_url = std::env::var("SCHEMA_REGISTRY_URL")
         .ok()
         .filter(|s| !s.is_empty());

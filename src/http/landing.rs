@@ -9,7 +9,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::http::error::IngressError;
-use crate::kafka::{ProduceError, RawProducer};
+use crate::kafka::{KafkaHealth, ProduceError, RawProducer};
 use crate::model::headers::raw as headers;
 use crate::source::Source;
 use crate::topology::Topology;
@@ -86,6 +86,9 @@ pub struct Landing {
     topics: [String; 4],
     /// Header names carrying secrets (configured per deployment): never copied.
     secret_headers: Vec<String>,
+    /// The broker probe: an acknowledged record proves Kafka reachable (see
+    /// [`KafkaHealth::acknowledged`]).
+    health: Option<KafkaHealth>,
 }
 
 impl Landing {
@@ -97,7 +100,14 @@ impl Landing {
                 .into_iter()
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
+            health: None,
         }
+    }
+
+    /// The same landing, reporting acknowledged records to `health`.
+    pub fn with_health(mut self, health: KafkaHealth) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// The raw topic of a source.
@@ -122,6 +132,9 @@ impl Landing {
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok((partition, offset)) => {
+                if let Some(h) = &self.health {
+                    h.acknowledged();
+                }
                 let kind_label = match kind {
                     RecordKind::Event => "event",
                     RecordKind::Handshake(_) => "handshake",

@@ -35,7 +35,8 @@ pub fn front(cfg: &IngressConfig) -> anyhow::Result<Arc<Front>> {
     let producer = RawProducer::new(&cfg.kafka, cfg.produce_timeout, &limits)?;
     let kafka_health = KafkaHealth::start(producer.producer().clone(), Duration::from_secs(2));
     Ok(Arc::new(Front {
-        landing: Landing::new(producer, &cfg.topology, cfg.secret_headers()),
+        landing: Landing::new(producer, &cfg.topology, cfg.secret_headers())
+            .with_health(kafka_health.clone()),
         kafka_health,
         overload: Overload::new(&cfg.topology.source_rate_limits(), cfg.max_in_flight),
         max_body_bytes: cfg.max_body_bytes,

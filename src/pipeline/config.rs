@@ -31,8 +31,9 @@ pub struct ProcessArgs {
     /// Most bytes (values, keys, headers) per batch; a single larger record is a batch alone.
     #[arg(long, env = "HELIOS_BATCH_MAX_BYTES", default_value_t = DEFAULT_BATCH_BYTES)]
     pub batch_max_bytes: usize,
-    /// How long a batch waits to fill after its first record.
-    #[arg(long, env = "HELIOS_BATCH_LINGER_MS", default_value_t = 50)]
+    /// How long a batch waits to fill after its first record; 0: it closes as soon as nothing
+    /// more is waiting (a quiet stream is written at once, a busy one in large batches).
+    #[arg(long, env = "HELIOS_BATCH_LINGER_MS", default_value_t = 0)]
     pub batch_linger_ms: u64,
     /// Exactly-once fan-out: Kafka transactions around fan-out, DLQ and offsets (needs a broker
     /// with transactions; Tansu 0.6.0 has none).

@@ -2,9 +2,17 @@
 //! bounded by count *and* bytes, staying a healthy group member while a batch waits for a
 //! dependency, and committing a delivered batch's offsets.
 //!
-//! While a batch is being retried the consumer pauses its partitions and keeps polling: the
-//! group sees a live member (heartbeats and `max.poll.interval.ms` are served), nothing new is
-//! fetched, and librdkafka resumes each partition right after the last record handed over.
+//! A batch closes when it is full (records or bytes) or when nothing more is waiting (unless a
+//! linger is configured): a quiet stream is processed at once, a busy one in large batches.
+//!
+//! Rebalances are tracked as a *generation* (bumped on every assignment and revocation). Every
+//! batch carries the generation it was polled in; a batch from an older generation is stale
+//! (its partitions were revoked, and on re-assignment librdkafka fetches again from the committed
+//! offset), so it is neither delivered nor committed by this instance.
+//!
+//! While a batch waits for a dependency the consumer pauses its partitions and keeps polling:
+//! the group sees a live member (heartbeats and `max.poll.interval.ms` are served), nothing new
+//! is fetched, and librdkafka resumes each partition right after the last record handed over.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +32,8 @@ use crate::model::RawRecord;
 /// Consumer context: logs and counts rebalances, exports consumer lag from librdkafka's
 /// statistics.
 pub struct ProcessorContext {
-    /// Partition assignments and revocations seen (shared with the processor's stats).
+    /// Partition assignments and revocations seen: the generation (shared with the processor's
+    /// stats and its deliveries).
     pub rebalances: Arc<AtomicU64>,
 }
 
@@ -65,16 +74,26 @@ pub struct BatchLimits {
     pub records: usize,
     /// Most bytes (values, keys, headers) per batch; a single larger record is a batch alone.
     pub bytes: usize,
-    /// How long a batch waits to fill after its first record.
+    /// How long a batch waits to fill after its first record; zero: it closes as soon as
+    /// nothing more is waiting.
     pub linger: Duration,
+}
+
+/// Records polled in one consumer generation.
+#[derive(Debug)]
+pub struct Batch {
+    pub records: Vec<RawRecord>,
+    /// The rebalance generation the records were polled in.
+    pub generation: u64,
 }
 
 /// The raw-topic consumer of a processor or a replay.
 pub struct RawConsumer {
     consumer: Arc<StreamConsumer<ProcessorContext>>,
     limits: BatchLimits,
-    /// Records received while paused (or beyond a batch's budget): the next batch starts here.
-    stash: VecDeque<RawRecord>,
+    /// Records received while paused (or beyond a batch's budget), with their generation: the
+    /// next batch starts here.
+    stash: VecDeque<(u64, RawRecord)>,
     paused: bool,
 }
 
@@ -157,39 +176,93 @@ impl RawConsumer {
         .ok()
     }
 
-    /// The next batch: up to `limits.records` records and `limits.bytes` bytes, waiting at most
-    /// `limits.linger` after the first one.
-    pub async fn next_batch(&mut self) -> anyhow::Result<Vec<RawRecord>> {
+    /// The rebalance generation now.
+    pub fn generation(&self) -> u64 {
+        self.consumer.context().rebalances.load(Ordering::SeqCst)
+    }
+
+    /// A shared handle on the generation (for deliveries running apart from the consumer).
+    pub fn generation_handle(&self) -> Arc<AtomicU64> {
+        self.consumer.context().rebalances.clone()
+    }
+
+    /// The next record: from the stash, else polled (with the generation it arrived in).
+    async fn next_record(&mut self) -> anyhow::Result<(u64, RawRecord)> {
+        if let Some(r) = self.stash.pop_front() {
+            return Ok(r);
+        }
+        let m = self.consumer.recv().await?;
+        // A rebalance runs inside the poll that returned this record, so the generation read
+        // now is the record's.
+        Ok((self.generation(), to_raw(&m)))
+    }
+
+    /// Waits until a record is there to start a batch with (it stays in the stash). Cancel-safe:
+    /// nothing is lost when the wait is abandoned.
+    pub async fn wait_for_record(&mut self) -> anyhow::Result<()> {
         self.resume();
-        let mut batch = vec![];
-        let mut bytes = 0;
-        let first = match self.stash.pop_front() {
-            Some(r) => r,
-            None => to_raw(&self.consumer.recv().await?),
-        };
-        bytes += first.size();
-        batch.push(first);
+        let r = self.next_record().await?;
+        self.stash.push_front(r);
+        Ok(())
+    }
+
+    /// A record that is already waiting (none: the batch closes).
+    fn waiting_record(&mut self) -> Option<(u64, RawRecord)> {
+        if let Some(r) = self.stash.pop_front() {
+            return Some(r);
+        }
+        use futures::FutureExt;
+        match self.consumer.recv().now_or_never()? {
+            Ok(m) => Some((self.generation(), to_raw(&m))),
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                None
+            }
+        }
+    }
+
+    /// The next batch: up to `limits.records` records and `limits.bytes` bytes of one
+    /// generation, closed when nothing more is waiting (or after `limits.linger`).
+    pub async fn next_batch(&mut self) -> anyhow::Result<Batch> {
+        self.resume();
+        let (mut generation, first) = self.next_record().await?;
+        let mut bytes = first.size();
+        let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + self.limits.linger;
         while batch.len() < self.limits.records {
-            let next = match self.stash.pop_front() {
-                Some(r) => r,
-                None => match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                    Ok(Ok(m)) => to_raw(&m),
+            let next = if self.limits.linger.is_zero() {
+                self.waiting_record()
+            } else {
+                match tokio::time::timeout_at(deadline, self.next_record()).await {
+                    Ok(Ok(r)) => Some(r),
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "consumer error");
-                        break;
+                        None
                     }
-                    Err(_) => break,
-                },
+                    Err(_) => None,
+                }
             };
-            if bytes + next.size() > self.limits.bytes {
-                self.stash.push_front(next);
+            let Some((g, next)) = next else {
+                break;
+            };
+            if g != generation {
+                // A rebalance happened: what was collected belongs to revoked partitions (it
+                // is fetched again from the committed offsets). Start over from this record.
+                generation = g;
+                bytes = 0;
+                batch.clear();
+            }
+            if !batch.is_empty() && bytes + next.size() > self.limits.bytes {
+                self.stash.push_front((g, next));
                 break;
             }
             bytes += next.size();
             batch.push(next);
         }
-        Ok(batch)
+        Ok(Batch {
+            records: batch,
+            generation,
+        })
     }
 
     /// Waits `d` while a batch is paused: partitions paused, polling on, so rebalances and
@@ -210,7 +283,7 @@ impl RawConsumer {
                     let mut t = TopicPartitionList::new();
                     t.add_partition(m.topic(), m.partition());
                     let _ = self.consumer.pause(&t);
-                    self.stash.push_back(to_raw(&m));
+                    self.stash.push_back((self.generation(), to_raw(&m)));
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "consumer error while paused");

@@ -19,6 +19,7 @@
 //! returns.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,25 @@ pub enum DeliveryMode {
     Transactional { transactional_id: String },
 }
 
+/// The batch's claim on its partitions: the consumer generation it was polled in, against the
+/// current one. Once a rebalance bumped it, the batch's offsets must not be committed.
+#[derive(Clone)]
+pub struct Fence {
+    current: Arc<AtomicU64>,
+    batch: u64,
+}
+
+impl Fence {
+    pub fn new(current: Arc<AtomicU64>, batch: u64) -> Self {
+        Fence { current, batch }
+    }
+
+    /// True while no rebalance happened since the batch was polled.
+    pub fn holds(&self) -> bool {
+        self.current.load(Ordering::SeqCst) == self.batch
+    }
+}
+
 /// What a delivery writes to.
 pub struct Outputs<'a, S, D> {
     pub store: &'a S,
@@ -60,6 +80,8 @@ pub struct Outputs<'a, S, D> {
     pub limits: &'a SizeLimits,
     /// The consumer group's metadata, for the offsets of a transaction.
     pub group: Option<Arc<ConsumerGroupMetadata>>,
+    /// The batch's claim on its partitions (live processing).
+    pub fence: Option<Fence>,
 }
 
 impl<S, D> Outputs<'_, S, D> {
@@ -95,6 +117,8 @@ pub struct Delivered {
     pub records: Vec<RawRecord>,
     pub plan: BatchPlan,
     pub rows_inserted: u64,
+    /// Dedup marks released (their events were refused by a sink).
+    pub released: Vec<DedupKey>,
 }
 
 impl Delivered {
@@ -169,6 +193,7 @@ impl Delivery {
             records: self.records,
             plan: self.plan,
             rows_inserted: self.rows_inserted,
+            released: self.to_release.into_iter().map(|(k, _)| k).collect(),
         }
     }
 
@@ -393,6 +418,13 @@ impl Delivery {
                     if let Err(e) = self.release(out).await {
                         abort(out.producer).await;
                         return Err(e);
+                    }
+                    if out.fence.as_ref().is_some_and(|f| !f.holds()) {
+                        abort(out.producer).await;
+                        return Err(Unavailable::new(
+                            Sink::Kafka,
+                            "partitions were revoked during the transaction",
+                        ));
                     }
                     let offsets = next_offsets(&self.records);
                     let group = out.group.clone().ok_or_else(|| {

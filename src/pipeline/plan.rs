@@ -59,6 +59,9 @@ pub struct BatchPlan {
     pub events: Vec<PlannedEvent>,
     pub dlq: Vec<DlqItem>,
     pub duplicates: Vec<Source>,
+    /// Duplicates of an event another raw record claimed: kept aside in case that record's
+    /// delivery (still running) dead-letters it and releases the mark (see [`reclaim`]).
+    pub held: Vec<PlannedEvent>,
     pub handshakes: Vec<Source>,
     /// Units that entered the pipeline per source: events parsed + unreadable records.
     pub units_in: Vec<Source>,
@@ -237,15 +240,53 @@ pub async fn claim<D: DedupStore, S: EventStore>(
                 .collect()
         }
     };
-    let mut dup = is_dup.into_iter();
-    let mut duplicates = vec![];
-    plan.events.retain(|p| {
-        let d = dup.next().unwrap_or(false);
-        if d {
-            duplicates.push(p.event.source);
+    let events = std::mem::take(&mut plan.events);
+    for (p, dup) in events.into_iter().zip(is_dup) {
+        if dup {
+            plan.duplicates.push(p.event.source);
+            plan.held.push(p);
+        } else {
+            plan.events.push(p);
         }
-        !d
-    });
-    plan.duplicates.extend(duplicates);
+    }
+    Ok(())
+}
+
+/// Claims again the held duplicates whose key was `released` (the batch before dead-lettered
+/// its first occurrence after this batch was planned): those that now own the mark become
+/// events again.
+pub async fn reclaim<D: DedupStore>(
+    plan: &mut BatchPlan,
+    released: &HashSet<DedupKey>,
+    dedup: &D,
+) -> Result<(), Unavailable> {
+    let (again, keep): (Vec<PlannedEvent>, Vec<PlannedEvent>) = std::mem::take(&mut plan.held)
+        .into_iter()
+        .partition(|p| released.contains(&DedupKey::of(&p.event)));
+    plan.held = keep;
+    if again.is_empty() {
+        return Ok(());
+    }
+    let claims: Vec<(DedupKey, MarkOwner)> = again
+        .iter()
+        .map(|p| (DedupKey::of(&p.event), MarkOwner::of(&p.event)))
+        .collect();
+    let answers = match dedup.claim(&claims).await {
+        Ok(a) => a,
+        Err(e) => {
+            plan.held.extend(again);
+            return Err(Unavailable::new(Sink::Redis, e.to_string()));
+        }
+    };
+    for (p, c) in again.into_iter().zip(answers) {
+        if matches!(c, Claim::Duplicate { .. }) {
+            plan.held.push(p);
+        } else {
+            if let Some(i) = plan.duplicates.iter().position(|s| *s == p.event.source) {
+                plan.duplicates.remove(i);
+            }
+            plan.events.push(p);
+        }
+    }
     Ok(())
 }

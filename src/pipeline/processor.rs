@@ -3,11 +3,17 @@
 //! Batch by batch: consume ([`consume`](super::consume)) → plan ([`plan`](super::plan):
 //! normalize, validate, guard, dedup) → deliver ([`deliver`](super::deliver): PostgreSQL, then
 //! the fan-out of what it stored, then the DLQ, then mark releases) → commit the offsets that
-//! the delivery returned. A dependency failure pauses the batch and retries the same work with
-//! backoff ([`retry`](super::retry)) while the consumer keeps polling; a record the sinks refuse
-//! for its data goes to the DLQ and never stalls the batch. Rebalances happen between batches
-//! (or while a batch is paused): a batch is finished and committed before the consumer fetches
-//! more.
+//! the delivery returned.
+//!
+//! Pipelined: while batch N is being delivered (a task of its own), batch N+1 is polled and
+//! planned. Batch N+1's delivery starts only once N's has finished and N's offsets are committed,
+//! so commits stay in order and at most two batches are in flight. A dependency failure pauses
+//! the delivery, which retries only what was not acknowledged ([`retry`](super::retry)), while
+//! the consumer keeps polling with its partitions paused; a record the sinks refuse for its data
+//! goes to the DLQ and never stalls the batch. A rebalance bumps the consumer's generation: a
+//! batch polled before it is neither delivered nor committed by this instance (the new owner
+//! processes it again from the committed offset; PostgreSQL stays exactly once, the fan-out is
+//! at least once).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -18,9 +24,9 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::avro::AvroFanOut;
-use super::consume::{BatchLimits, RawConsumer};
-use super::dedup::DedupStore;
-use super::deliver::{Delivered, Delivery, DeliveryMode, Outputs};
+use super::consume::{Batch, BatchLimits, RawConsumer};
+use super::dedup::{DedupKey, DedupStore};
+use super::deliver::{Delivered, Delivery, DeliveryMode, Fence, Outputs};
 use super::plan::{self, BatchPlan, PlanContext, ReplaySpec};
 use super::retry::Retry;
 use super::stats::{record_metrics, ProcessorStats};
@@ -62,7 +68,7 @@ impl ProcessorConfig {
             batch: BatchLimits {
                 records: DEFAULT_BATCH_RECORDS,
                 bytes: DEFAULT_BATCH_BYTES,
-                linger: Duration::from_millis(50),
+                linger: Duration::ZERO,
             },
             mode: DeliveryMode::AtLeastOnce,
             schema_registry_url: None,
@@ -71,19 +77,35 @@ impl ProcessorConfig {
     }
 }
 
+/// What deliveries write to, shared with the delivery tasks.
+pub struct Sinks<D, S> {
+    pub store: S,
+    pub dedup: D,
+    pub producer: FutureProducer,
+    pub topology: Topology,
+    pub avro: Option<AvroFanOut>,
+    pub replay: Option<ReplaySpec>,
+    pub limits: SizeLimits,
+    pub mode: DeliveryMode,
+    pub stats: Arc<ProcessorStats>,
+}
+
+/// A delivery running apart from the consumer.
+struct InFlight {
+    handle: tokio::task::JoinHandle<Option<Delivered>>,
+    generation: u64,
+    started: Instant,
+}
+
 /// A running processor's parts.
 pub struct Processor<D: DedupStore, S: EventStore> {
     cfg: ProcessorConfig,
     consumer: RawConsumer,
-    producer: FutureProducer,
-    dedup: D,
-    store: S,
+    sinks: Arc<Sinks<D, S>>,
     validator: Validator,
     known_topics: HashSet<String>,
     topics_refreshed: Option<Instant>,
     stats: Arc<ProcessorStats>,
-    avro: Option<AvroFanOut>,
-    replay: Option<ReplaySpec>,
 }
 
 impl<D: DedupStore, S: EventStore> Processor<D, S> {
@@ -142,18 +164,25 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             Some(url) => Some(AvroFanOut::new(url)?),
             None => None,
         };
+        let sinks = Arc::new(Sinks {
+            store,
+            dedup,
+            producer,
+            topology: cfg.topology.clone(),
+            avro,
+            replay,
+            limits: cfg.limits,
+            mode: cfg.mode.clone(),
+            stats: stats.clone(),
+        });
         Ok(Processor {
             validator: Validator::with_schemas(&cfg.topology, schemas),
             cfg,
             consumer,
-            producer,
-            dedup,
-            store,
+            sinks,
             known_topics: HashSet::new(),
             topics_refreshed: None,
             stats,
-            avro,
-            replay,
         })
     }
 
@@ -174,10 +203,9 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         }
     }
 
-    /// Runs until shutdown: the batch in hand is finished and committed first.
-    pub async fn run(mut self, shutdown: Shutdown) -> anyhow::Result<()> {
+    async fn init_transactions(&self) -> anyhow::Result<()> {
         if let DeliveryMode::Transactional { transactional_id } = &self.cfg.mode {
-            let p = self.producer.clone();
+            let p = self.sinks.producer.clone();
             // Fences a crashed predecessor with the same id and aborts its open transaction.
             tokio::task::spawn_blocking(move || {
                 rdkafka::producer::Producer::init_transactions(&p, Duration::from_secs(30))
@@ -190,38 +218,143 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             })?;
             tracing::info!(transactional_id = %transactional_id, "exactly-once mode: fan-out, DLQ and offsets commit atomically");
         }
+        Ok(())
+    }
+
+    /// Runs until shutdown: the batch being delivered is finished and committed first.
+    pub async fn run(mut self, shutdown: Shutdown) -> anyhow::Result<()> {
+        self.init_transactions().await?;
         self.refresh_topics(true).await;
         self.report_missing_topics();
-        let mut stats = self.stats.clone();
-        loop {
-            let records = tokio::select! {
-                b = self.consumer.next_batch() => match b {
-                    Ok(b) => b,
-                    Err(e) => {
-                        // Broker hiccups surface here; librdkafka reconnects by itself.
-                        tracing::warn!(error = %e, "consumer error; polling again");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
+        let mut in_flight: Option<InFlight> = None;
+        'batches: loop {
+            // Until records are waiting, a delivery in flight is committed as soon as it is done
+            // (a quiet stream must not leave its last batch uncommitted).
+            while let Some(f) = in_flight.as_mut() {
+                tokio::select! {
+                    r = &mut f.handle => {
+                        let f = in_flight.take().expect("in flight");
+                        self.commit_delivered(f, r).await;
                     }
-                },
+                    w = self.consumer.wait_for_record() => {
+                        if let Err(e) = w {
+                            tracing::warn!(error = %e, "consumer error; polling again");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                        break;
+                    }
+                    _ = shutdown.clone().wait() => break 'batches,
+                }
+            }
+            let batch = tokio::select! {
+                b = self.consumer.next_batch() => b,
                 _ = shutdown.clone().wait() => break,
             };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    // Broker hiccups surface here; librdkafka reconnects by itself.
+                    tracing::warn!(error = %e, "consumer error; polling again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
             let started = Instant::now();
-            let Some(plan) = self.plan(&records, &shutdown).await else {
+            if in_flight.is_some() {
+                self.stats.overlapped.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("helios_processor_batches_overlapped_total").increment(1);
+            }
+            let plan = self.plan(&batch.records, &shutdown).await;
+            // The previous delivery finishes (and is committed) before this one starts.
+            let released = match in_flight.take() {
+                Some(f) => self.finish(f).await,
+                None => vec![],
+            };
+            let Some(plan) = plan else {
                 break;
             };
-            let Some(delivered) = self.deliver(records, plan, &shutdown).await else {
+            if batch.generation != self.consumer.generation() {
+                tracing::info!(records = batch.records.len(), "partitions were revoked: a planned batch is dropped (fetched again from the committed offsets)");
+                continue;
+            }
+            let Some(plan) = self.reclaim(plan, &released, &shutdown).await else {
                 break;
             };
+            in_flight = Some(self.spawn_delivery(batch, plan, started, &shutdown));
+        }
+        if let Some(f) = in_flight.take() {
+            self.finish(f).await;
+        }
+        tracing::info!("processor stopping");
+        Ok(())
+    }
+
+    fn spawn_delivery(
+        &self,
+        batch: Batch,
+        plan: BatchPlan,
+        started: Instant,
+        shutdown: &Shutdown,
+    ) -> InFlight {
+        let fence = Fence::new(self.consumer.generation_handle(), batch.generation);
+        let group = self.consumer.group_metadata().map(Arc::new);
+        let handle = tokio::spawn(deliver(
+            self.sinks.clone(),
+            batch.records,
+            plan,
+            group,
+            Some(fence),
+            shutdown.clone(),
+        ));
+        InFlight {
+            handle,
+            generation: batch.generation,
+            started,
+        }
+    }
+
+    /// Waits for a delivery (keeping the group membership alive while it is slow), commits its
+    /// offsets if the partitions are still ours, and returns the marks it released.
+    async fn finish(&mut self, mut f: InFlight) -> Vec<DedupKey> {
+        let result = loop {
+            tokio::select! {
+                r = &mut f.handle => break r,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    // A slow or retrying delivery: partitions paused, polling on.
+                    self.consumer.idle(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        self.commit_delivered(f, result).await
+    }
+
+    /// Commits a finished delivery (unless its partitions were revoked meanwhile) and counts
+    /// it; returns the marks it released.
+    async fn commit_delivered(
+        &mut self,
+        f: InFlight,
+        result: Result<Option<Delivered>, tokio::task::JoinError>,
+    ) -> Vec<DedupKey> {
+        let delivered = match result {
+            Ok(Some(d)) => d,
+            Ok(None) => return vec![],
+            Err(e) => {
+                tracing::error!(error = %e, "a delivery task failed; its batch is not committed");
+                return vec![];
+            }
+        };
+        if f.generation == self.consumer.generation() {
             // In exactly-once mode the offsets already committed with the transaction;
             // committing the same offsets through the consumer too is harmless there, and is
             // what brokers that drop transactional offset commits (librdkafka's mock cluster)
             // need to resume.
             self.consumer.commit(&delivered).await;
-            finish_batch(&mut stats, &delivered, started);
+        } else {
+            tracing::info!(records = delivered.records.len(), "partitions were revoked while a batch was delivered: not committed (the new owner processes it again)");
         }
-        tracing::info!("processor stopping");
-        Ok(())
+        finish_batch(&self.stats, &delivered, f.started);
+        delivered.released
     }
 
     fn report_missing_topics(&self) {
@@ -253,12 +386,13 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             plan = self.prepare(records);
         }
         let mut retry = Retry::new("plan");
+        let sinks = self.sinks.clone();
         loop {
-            match plan::claim(&mut plan, &self.dedup, &self.store, self.replay.as_ref()).await {
+            match plan::claim(&mut plan, &sinks.dedup, &sinks.store, sinks.replay.as_ref()).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    if !retry.after(&e, &mut self.consumer, shutdown).await {
+                    if !retry.after_polling(&e, &mut self.consumer, shutdown).await {
                         return None;
                     }
                 }
@@ -268,46 +402,25 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         Some(plan)
     }
 
-    fn prepare(&self, records: &[RawRecord]) -> BatchPlan {
-        plan::prepare(
-            records,
-            &PlanContext {
-                validator: &self.validator,
-                existing_topics: &self.known_topics,
-                topology: &self.cfg.topology,
-                replay: self.replay.as_ref(),
-                limits: &self.cfg.limits,
-                avro: self.avro.is_some(),
-            },
-        )
-    }
-
-    /// Delivers a planned batch, retrying (only what was not acknowledged) while a dependency
-    /// is unavailable. `None`: shutdown came first; nothing is committed.
-    async fn deliver(
+    /// Claims again the held duplicates whose first occurrence the previous batch dead-lettered
+    /// (its mark was released meanwhile).
+    async fn reclaim(
         &mut self,
-        records: Vec<RawRecord>,
-        plan: BatchPlan,
+        mut plan: BatchPlan,
+        released: &[DedupKey],
         shutdown: &Shutdown,
-    ) -> Option<Delivered> {
-        let outputs = Outputs {
-            store: &self.store,
-            dedup: &self.dedup,
-            producer: &self.producer,
-            topology: &self.cfg.topology,
-            avro: self.avro.as_ref(),
-            replay: self.replay.as_ref(),
-            limits: &self.cfg.limits,
-            group: self.consumer.group_metadata().map(Arc::new),
-        };
-        let mut delivery = Delivery::new(records, plan);
-        let mut retry = Retry::new("deliver");
+    ) -> Option<BatchPlan> {
+        if released.is_empty() || plan.held.is_empty() {
+            return Some(plan);
+        }
+        let released: HashSet<DedupKey> = released.iter().cloned().collect();
+        let mut retry = Retry::new("plan");
+        let sinks = self.sinks.clone();
         loop {
-            match delivery.run(&outputs, &self.cfg.mode).await {
-                Ok(()) => return Some(delivery.finish()),
+            match plan::reclaim(&mut plan, &released, &sinks.dedup).await {
+                Ok(()) => return Some(plan),
                 Err(e) => {
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    if !retry.after(&e, &mut self.consumer, shutdown).await {
+                    if !retry.after_polling(&e, &mut self.consumer, shutdown).await {
                         return None;
                     }
                 }
@@ -315,9 +428,24 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         }
     }
 
+    fn prepare(&self, records: &[RawRecord]) -> BatchPlan {
+        plan::prepare(
+            records,
+            &PlanContext {
+                validator: &self.validator,
+                existing_topics: &self.known_topics,
+                topology: &self.cfg.topology,
+                replay: self.sinks.replay.as_ref(),
+                limits: &self.cfg.limits,
+                avro: self.sinks.avro.is_some(),
+            },
+        )
+    }
+
     /// Processes `ranges` (topic, partition, start offset, end offset exclusive) once, then
     /// returns: `Ok(true)` when every range was processed, `Ok(false)` when interrupted.
     /// `progress(done, total)` is called after each batch; `max_rate` caps records per second.
+    /// Serial: a replay has no group to stay alive in and no commits to order.
     pub async fn run_replay(
         mut self,
         ranges: &[(String, i32, i64, i64)],
@@ -342,11 +470,11 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         self.refresh_topics(true).await;
         let started = Instant::now();
         let mut done = 0u64;
-        let dry_run = self.replay.as_ref().is_some_and(|r| r.dry_run);
+        let dry_run = self.sinks.replay.as_ref().is_some_and(|r| r.dry_run);
         while !remaining.is_empty() {
             let batch = tokio::select! {
                 b = tokio::time::timeout(Duration::from_secs(60), self.consumer.next_batch()) => match b {
-                    Ok(b) => b?,
+                    Ok(b) => b?.records,
                     Err(_) => anyhow::bail!("no records arrived for 60 s with {} partition(s) unfinished", remaining.len()),
                 },
                 _ = shutdown.clone().wait() => return Ok(false),
@@ -362,7 +490,16 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             if dry_run {
                 self.stats.add(&batch, &plan);
             } else {
-                let Some(d) = self.deliver(batch, plan, &shutdown).await else {
+                let Some(d) = deliver(
+                    self.sinks.clone(),
+                    batch,
+                    plan,
+                    None,
+                    None,
+                    shutdown.clone(),
+                )
+                .await
+                else {
                     return Ok(false);
                 };
                 record_metrics(&d.records, &d.plan, d.rows_inserted);
@@ -413,8 +550,49 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
     }
 }
 
+/// Delivers a planned batch, retrying (only what was not acknowledged) while a dependency is
+/// unavailable. `None`: shutdown came first, or the partitions were revoked meanwhile (`fence`);
+/// nothing is committed then.
+async fn deliver<D: DedupStore, S: EventStore>(
+    sinks: Arc<Sinks<D, S>>,
+    records: Vec<RawRecord>,
+    plan: BatchPlan,
+    group: Option<Arc<rdkafka::consumer::ConsumerGroupMetadata>>,
+    fence: Option<Fence>,
+    shutdown: Shutdown,
+) -> Option<Delivered> {
+    let outputs = Outputs {
+        store: &sinks.store,
+        dedup: &sinks.dedup,
+        producer: &sinks.producer,
+        topology: &sinks.topology,
+        avro: sinks.avro.as_ref(),
+        replay: sinks.replay.as_ref(),
+        limits: &sinks.limits,
+        group,
+        fence: fence.clone(),
+    };
+    let mut delivery = Delivery::new(records, plan);
+    let mut retry = Retry::new("deliver");
+    loop {
+        match delivery.run(&outputs, &sinks.mode).await {
+            Ok(()) => return Some(delivery.finish()),
+            Err(e) => {
+                if fence.as_ref().is_some_and(|f| !f.holds()) {
+                    tracing::info!("partitions were revoked while a batch was retried: it is left to the new owner");
+                    return None;
+                }
+                sinks.stats.retries.fetch_add(1, Ordering::Relaxed);
+                if !retry.after(&e, &shutdown).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Metrics, totals and a debug line for a committed batch.
-fn finish_batch(stats: &mut Arc<ProcessorStats>, d: &Delivered, started: Instant) {
+fn finish_batch(stats: &ProcessorStats, d: &Delivered, started: Instant) {
     record_metrics(&d.records, &d.plan, d.rows_inserted);
     stats.add(&d.records, &d.plan);
     tracing::debug!(

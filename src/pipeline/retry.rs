@@ -51,8 +51,8 @@ impl Backoff {
 }
 
 /// The one retry policy, used as `loop { match work().await { Ok(v) => break v, Err(e) =>
-/// if !retry.after(&e, consumer, shutdown).await { return None } } }`: counts the retry, logs
-/// it, and waits the backoff while the consumer keeps polling (partitions paused).
+/// if !retry.after(&e, shutdown).await { return None } } }`: counts the retry, logs it, and
+/// waits the backoff (while the consumer keeps polling, partitions paused).
 pub struct Retry {
     what: &'static str,
     backoff: Backoff,
@@ -66,20 +66,37 @@ impl Retry {
         }
     }
 
-    /// Waits before the next attempt after `e`. `false`: shutdown came first, give up.
-    pub async fn after(
-        &mut self,
-        e: &Unavailable,
-        consumer: &mut RawConsumer,
-        shutdown: &Shutdown,
-    ) -> bool {
+    /// Counts and logs a retry after `e`; the wait before the next attempt.
+    fn note(&mut self, e: &Unavailable) -> Duration {
         let pause = self.backoff.next_wait();
         metrics::counter!("helios_processor_retries_total", "stage" => e.sink.as_str())
             .increment(1);
         tracing::warn!(error = %e, what = self.what, retry_in_ms = pause.as_millis() as u64,
             "batch paused: a dependency failed; retrying the same work (nothing is committed)");
+        pause
+    }
+
+    /// Waits before the next attempt after `e`, polling `consumer` (partitions paused).
+    /// `false`: shutdown came first, give up.
+    pub async fn after_polling(
+        &mut self,
+        e: &Unavailable,
+        consumer: &mut RawConsumer,
+        shutdown: &Shutdown,
+    ) -> bool {
+        let pause = self.note(e);
         tokio::select! {
             _ = consumer.idle(pause) => true,
+            _ = shutdown.clone().wait() => false,
+        }
+    }
+
+    /// Waits before the next attempt after `e` (a delivery task: the loop that owns the
+    /// consumer keeps it polling). `false`: shutdown came first, give up.
+    pub async fn after(&mut self, e: &Unavailable, shutdown: &Shutdown) -> bool {
+        let pause = self.note(e);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => true,
             _ = shutdown.clone().wait() => false,
         }
     }

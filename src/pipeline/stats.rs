@@ -28,6 +28,8 @@ pub struct ProcessorStats {
     pub retries: AtomicU64,
     /// Partition assignments and revocations this instance went through.
     pub rebalances: Arc<AtomicU64>,
+    /// Batches polled and planned while the one before was still being delivered.
+    pub overlapped: AtomicU64,
     /// Events out by type, DLQ by reason (for reports).
     pub by_type: std::sync::Mutex<BTreeMap<String, u64>>,
     pub dlq_by_reason: std::sync::Mutex<BTreeMap<String, u64>>,

@@ -33,7 +33,17 @@ fn stream(n: usize) -> (Vec<Vec<u8>>, HashSet<String>, usize) {
 }
 
 fn spawn_binary(topology: &helios::topology::Topology, schema: &str, prefix: &str) -> Child {
+    spawn_binary_with(topology, schema, prefix, &[])
+}
+
+fn spawn_binary_with(
+    topology: &helios::topology::Topology,
+    schema: &str,
+    prefix: &str,
+    env: &[(&str, &str)],
+) -> Child {
     helios_process_command(&kafka_bootstrap(), topology, schema, prefix)
+        .envs(env.iter().copied())
         // Static membership: the restarted process takes over the killed one's place in the group
         // at once instead of waiting for the broker to expire it.
         .env(
@@ -72,8 +82,92 @@ async fn killing_the_processor_mid_stream_loses_and_doubles_nothing() {
     );
 
     let mut second = spawn_binary(&topology, &schema, &prefix);
+    assert_stream_complete(&topology, &pool, &bodies, &valid, invalid).await;
+    // Killed only now: on Tansu 0.6.0 a SIGKILLed static group member can leave the broker
+    // unresponsive for tens of seconds, which would make the reads above time out.
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
+/// Reads one counter of a processor's `/metrics` (0 while unreachable or not yet counted).
+async fn metric_value(addr: &str, name: &str) -> f64 {
+    let Ok(resp) = reqwest::get(format!("http://{addr}/metrics")).await else {
+        return 0.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn killing_the_processor_with_two_batches_in_flight_loses_and_doubles_nothing() {
+    let topology = applied_topology(|t| t.raw_topics.direct.partitions = 2).await;
+    let (bodies, valid, invalid) = stream(900);
+    produce_direct_to(&kafka_bootstrap(), &topology, &bodies).await;
+
+    // Each batch's write to PostgreSQL takes 150 ms longer (a statement trigger), so the
+    // processor spends most of its time with batch N being written and batch N+1 planned.
+    let (schema, prefix, pool) = scratch_store().await;
+    helios::db::migrate(&pool).await.unwrap();
+    for sql in [
+        "CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.15); RETURN NULL; END $$",
+        "CREATE TRIGGER slow_write AFTER INSERT ON events FOR EACH STATEMENT EXECUTE FUNCTION slow_write()",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut first = spawn_binary_with(
+        &topology,
+        &schema,
+        &prefix,
+        &[("HELIOS_METRICS_ADDR", metrics_addr.as_str())],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let overlapped = loop {
+        let n = metric_value(&metrics_addr, "helios_processor_batches_overlapped_total").await;
+        if n >= 3.0 || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    first.kill().expect("SIGKILL");
+    first.wait().unwrap();
+    assert!(
+        overlapped >= 3.0,
+        "the processor never planned a batch while another was being written"
+    );
+    let at_kill: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        at_kill < valid.len() as i64,
+        "the processor finished before it was killed; the test proves nothing"
+    );
+
+    let mut second = spawn_binary(&topology, &schema, &prefix);
+    assert_stream_complete(&topology, &pool, &bodies, &valid, invalid).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
+/// After a crash: a restarted processor finishes the stream; every valid event is exactly once
+/// in PostgreSQL and at least once on its topic, every invalid record in the DLQ, and the
+/// invariant holds over the whole stream.
+async fn assert_stream_complete(
+    topology: &helios::topology::Topology,
+    pool: &sqlx::PgPool,
+    bodies: &[Vec<u8>],
+    valid: &HashSet<String>,
+    invalid: usize,
+) {
     let n = wait_count(
-        &pool,
+        pool,
         "SELECT count(*) FROM events",
         valid.len() as i64,
         Duration::from_secs(180),
@@ -85,12 +179,12 @@ async fn killing_the_processor_mid_stream_loses_and_doubles_nothing() {
         "every valid event exactly once in PostgreSQL"
     );
     let ids: HashSet<String> = sqlx::query_scalar::<_, String>("SELECT event_id FROM events")
-        .fetch_all(&pool)
+        .fetch_all(pool)
         .await
         .unwrap()
         .into_iter()
         .collect();
-    assert_eq!(ids, valid);
+    assert_eq!(&ids, valid);
 
     // Fan-out: every event at least once.
     // Tansu's sqlite engine reads records with headers slowly, and more slowly the more the
@@ -110,7 +204,7 @@ async fn killing_the_processor_mid_stream_loses_and_doubles_nothing() {
         .iter()
         .map(|r| r.header("ce_id").unwrap().to_string())
         .collect();
-    assert_eq!(out_ids, valid, "fan-out holds every event (at least once)");
+    assert_eq!(&out_ids, valid, "fan-out holds every event (at least once)");
     // DLQ: every invalid raw record at least once, and nothing else.
     let dlq = read_until(
         &kafka_bootstrap(),
@@ -146,10 +240,6 @@ async fn killing_the_processor_mid_stream_loses_and_doubles_nothing() {
     // Invariant over the whole stream: rows + duplicates + DLQ'd = raw records.
     let duplicates = bodies.len() - valid.len() - invalid;
     assert_eq!(ids.len() + duplicates + dlq_raw.len(), bodies.len());
-    // Killed only now: on Tansu 0.6.0 a SIGKILLed static group member can leave the broker
-    // unresponsive for tens of seconds, which would make the reads above time out.
-    second.kill().unwrap();
-    second.wait().unwrap();
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! `helios bench process`: one processor instance on a backlog of realistic raw records (mixed
+//! `process`: one processor instance on a backlog of realistic raw records (mixed
 //! clouds, ~5 % duplicates, ~2 % invalid) into PostgreSQL and the fan-out topics; compared in the
 //! same run, on the same broker and backlog, with a plain librdkafka consume-and-produce
 //! pass-through (the ceiling of any Kafka processor here).
@@ -11,12 +11,16 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::config::{KafkaArgs, KafkaSettings};
-use crate::pipeline::dedup::RedisDedup;
-use crate::pipeline::processor::{output_producer, Processor, ProcessorConfig};
-use crate::shutdown::Shutdown;
-use crate::source::Source;
-use crate::topology::Topology;
+use helios::config::{KafkaArgs, KafkaSettings};
+use helios::db::{EventStore, PgStore, PgWrite};
+use helios::model::{CanonicalEvent, Normalized, RawRecord};
+use helios::pipeline::dedup::DedupKey;
+use helios::pipeline::dedup::RedisDedup;
+use helios::pipeline::normalize::normalize;
+use helios::pipeline::processor::{output_producer, Processor, ProcessorConfig};
+use helios::shutdown::Shutdown;
+use helios::source::Source;
+use helios::topology::Topology;
 
 /// One run's numbers.
 #[derive(Debug, Clone)]
@@ -28,9 +32,13 @@ pub struct Row {
     pub rss_before_mb: f64,
     pub rss_peak_mb: f64,
     pub outcome: (u64, u64, u64, u64),
-    /// The same events inserted by the same statement and batch size into an empty table, with
-    /// nothing else running: what PostgreSQL alone ingests here.
+    /// The same events written by the processor's statement (COPY into staging, INSERT …
+    /// SELECT … ON CONFLICT) and batch size into an empty table, nothing else running.
     pub pg_alone_per_s: f64,
+    /// The same, with the earlier `INSERT … SELECT FROM UNNEST(…) ON CONFLICT` statement.
+    pub pg_unnest_per_s: f64,
+    /// The same rows, plain binary COPY into `events` in one transaction: PostgreSQL's ceiling.
+    pub pg_copy_ceiling_per_s: f64,
 }
 
 /// (utime + stime) of this process in microseconds, from /proc.
@@ -134,7 +142,7 @@ async fn produce_backlog(
     for i in 0..n {
         let (source, endpoint, body, extra) = raw_record(i);
         let rid = format!("bench-{i}");
-        let mut h = crate::http::landing::event_record_headers(source, endpoint, &rid, &now);
+        let mut h = helios::http::landing::event_record_headers(source, endpoint, &rid, &now);
         for (k, v) in &extra {
             h = h.insert(Header {
                 key: k,
@@ -189,7 +197,7 @@ async fn passthrough(
     let consumer: StreamConsumer = c.create()?;
     let topics: Vec<String> = Source::ALL.iter().map(|s| topology.raw_topic(*s)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let producer = output_producer(settings, &crate::limits::SizeLimits::default())?;
+    let producer = output_producer(settings, &helios::limits::SizeLimits::default())?;
     let started = Instant::now();
     let mut pending = Vec::with_capacity(2000);
     let mut seen = 0;
@@ -247,7 +255,7 @@ pub async fn run_once(
         spec.partitions = 4;
         spec.config.clear();
     }
-    crate::kafka::apply_topology(&settings, &topology, false).await?;
+    helios::kafka::apply_topology(&settings, &topology, false).await?;
     let out_topic = format!("{}passthrough-out", topology.topic_prefix);
     {
         let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
@@ -268,8 +276,8 @@ pub async fn run_once(
 
     eprintln!("[bench] processor ...");
     let schema = format!("bench_{tag}");
-    let pool = crate::db::connect(database_url, Some(&schema)).await?;
-    crate::db::migrate(&pool).await?;
+    let pool = helios::db::connect(database_url, Some(&schema)).await?;
+    helios::db::migrate(&pool).await?;
     let dedup = RedisDedup::connect(
         redis_url,
         &format!("bench:{tag}:"),
@@ -278,7 +286,7 @@ pub async fn run_once(
     .await?;
     let mut cfg = ProcessorConfig::new(settings.clone(), topology.clone());
     cfg.batch.records = batch_size;
-    let p = Processor::new(cfg, dedup, crate::db::PgStore::new(pool.clone()))?;
+    let p = Processor::new(cfg, dedup, helios::db::PgStore::new(pool.clone()))?;
     let stats = p.stats();
     let (stop, shutdown) = Shutdown::new();
     let rss_before_mb = rss_mb();
@@ -304,14 +312,12 @@ pub async fn run_once(
     let (_, units, out, dups, dlq) = stats.snapshot();
     drop_schema(&pool, &schema).await?;
     eprintln!("[bench] PostgreSQL alone ...");
-    let pg_alone_per_s = pg_alone(
-        database_url,
-        &format!("{schema}_pg"),
-        &topology,
-        n,
-        batch_size,
-    )
-    .await?;
+    let events = bench_events(&topology, n);
+    let pg_alone_per_s =
+        pg_alone(database_url, &schema, &events, batch_size, PgWrite::Copy).await?;
+    let pg_unnest_per_s =
+        pg_alone(database_url, &schema, &events, batch_size, PgWrite::Unnest).await?;
+    let pg_copy_ceiling_per_s = pg_copy_ceiling(database_url, &schema, &events).await?;
     Ok(Row {
         records: n,
         passthrough_rps,
@@ -321,32 +327,20 @@ pub async fn run_once(
         rss_peak_mb,
         outcome: (units, out, dups, dlq),
         pg_alone_per_s,
+        pg_unnest_per_s,
+        pg_copy_ceiling_per_s,
     })
 }
 
-/// Inserts the backlog's events (normalized here, duplicates and invalid ones left out, as the
-/// processor would) with the processor's own batch statement and batch size into a fresh schema,
-/// timing only the inserts: the rate PostgreSQL alone sustains on this machine.
-async fn pg_alone(
-    database_url: &str,
-    schema: &str,
-    topology: &Topology,
-    n: usize,
-    batch_size: usize,
-) -> anyhow::Result<f64> {
-    use crate::db::EventStore;
-    use crate::model::{Normalized, RawRecord};
-    use crate::pipeline::normalize::normalize;
-    let pool = crate::db::connect(database_url, Some(schema)).await?;
-    crate::db::migrate(&pool).await?;
-    let store = crate::db::PgStore::new(pool.clone());
+/// The backlog's events as the processor would store them: normalized, duplicates and invalid
+/// ones left out.
+fn bench_events(topology: &Topology, n: usize) -> Vec<CanonicalEvent> {
     let now = chrono::Utc::now().to_rfc3339();
     let mut seen = std::collections::HashSet::new();
-    let (mut rows, mut spent) = (0u64, Duration::ZERO);
-    let mut chunk = Vec::with_capacity(batch_size);
+    let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let (source, endpoint, body, extra) = raw_record(i);
-        let mut headers: Vec<(String, Vec<u8>)> = crate::http::landing::event_record_headers(
+        let mut headers: Vec<(String, Vec<u8>)> = helios::http::landing::event_record_headers(
             source,
             endpoint,
             &format!("bench-{i}"),
@@ -371,20 +365,57 @@ async fn pg_alone(
         };
         if let Normalized::Events { events, .. } = normalize(&raw) {
             for e in events.into_iter().flatten() {
-                let valid = e.customer_id.is_some();
-                if valid && seen.insert(crate::pipeline::dedup::DedupKey::of(&e)) {
-                    chunk.push(e);
+                if e.customer_id.is_some() && seen.insert(DedupKey::of(&e)) {
+                    out.push(e);
                 }
             }
         }
-        if chunk.len() >= batch_size || (i + 1 == n && !chunk.is_empty()) {
-            let t = Instant::now();
-            rows += store.insert_events(&chunk).await?;
-            spent += t.elapsed();
-            chunk.clear();
-        }
     }
-    drop_schema(&pool, schema).await?;
+    out
+}
+
+/// Writes `events` with `method` in batches of `batch_size` into a fresh schema, timing only
+/// the writes: the rate PostgreSQL alone sustains on this machine with that statement.
+async fn pg_alone(
+    database_url: &str,
+    schema: &str,
+    events: &[CanonicalEvent],
+    batch_size: usize,
+    method: PgWrite,
+) -> anyhow::Result<f64> {
+    let schema = format!("{schema}_{method:?}").to_lowercase();
+    let pool = helios::db::connect(database_url, Some(&schema)).await?;
+    helios::db::migrate(&pool).await?;
+    let store = PgStore::new(pool.clone()).with_method(method);
+    let (mut rows, mut spent) = (0u64, Duration::ZERO);
+    for chunk in events.chunks(batch_size.max(1)) {
+        let t = Instant::now();
+        rows += store.insert_events(chunk).await?;
+        spent += t.elapsed();
+    }
+    drop_schema(&pool, &schema).await?;
+    Ok(rows as f64 / spent.as_secs_f64().max(1e-9))
+}
+
+/// The same rows, plain binary `COPY` into the `events` table (all its indexes) in one
+/// transaction, nothing else running: the most PostgreSQL takes here.
+async fn pg_copy_ceiling(
+    database_url: &str,
+    schema: &str,
+    events: &[CanonicalEvent],
+) -> anyhow::Result<f64> {
+    let schema = format!("{schema}_copy");
+    let pool = helios::db::connect(database_url, Some(&schema)).await?;
+    helios::db::migrate(&pool).await?;
+    let refs: Vec<&CanonicalEvent> = events.iter().collect();
+    let t = Instant::now();
+    let mut tx = pool.begin().await?;
+    let mut copy_in = tx.copy_in_raw(helios::db::COPY_INTO_EVENTS).await?;
+    copy_in.send(helios::db::copy_encode(&refs)).await?;
+    let rows = copy_in.finish().await?;
+    tx.commit().await?;
+    let spent = t.elapsed();
+    drop_schema(&pool, &schema).await?;
     Ok(rows as f64 / spent.as_secs_f64().max(1e-9))
 }
 
@@ -402,19 +433,21 @@ async fn drop_schema(pool: &sqlx::PgPool, schema: &str) -> anyhow::Result<()> {
 pub fn print(rows: &[Row]) {
     println!("\nHELIOS processor benchmark (one instance, Tansu memory engine, PostgreSQL + Redis on loopback)");
     println!(
-        "{:>9} {:>14} {:>12} {:>9} {:>13} {:>10} {:>10} {:>13}   events in = out + dup + dlq",
+        "{:>9} {:>11} {:>10} {:>7} {:>8} {:>8} {:>9} {:>10} {:>10} {:>10}   events in = out + dup + dlq",
         "records",
-        "passthru rec/s",
+        "passthru/s",
         "events/s",
-        "% ceil",
-        "CPU us/event",
+        "% pass",
+        "CPU us/ev",
         "RSS MiB",
         "peak MiB",
-        "PG alone ev/s"
+        "PG alone/s",
+        "PG unnest/s",
+        "COPY ceil/s"
     );
     for r in rows {
         println!(
-            "{:>9} {:>14.0} {:>12.0} {:>8.1}% {:>13.1} {:>10.1} {:>10.1} {:>13.0}   {} = {} + {} + {}",
+            "{:>9} {:>11.0} {:>10.0} {:>6.1}% {:>8.1} {:>8.1} {:>9.1} {:>10.0} {:>10.0} {:>10.0}   {} = {} + {} + {}",
             r.records,
             r.passthrough_rps,
             r.events_per_s,
@@ -423,6 +456,8 @@ pub fn print(rows: &[Row]) {
             r.rss_before_mb,
             r.rss_peak_mb,
             r.pg_alone_per_s,
+            r.pg_unnest_per_s,
+            r.pg_copy_ceiling_per_s,
             r.outcome.0,
             r.outcome.1,
             r.outcome.2,

@@ -1,0 +1,179 @@
+//! `ingress`: requests/s and latency percentiles of the ingress (acks=all to a real
+//! broker) at N concurrent connections, measured in the same run and with the same load against
+//! a bare HTTP server that does nothing (the ceiling on this machine).
+
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+
+use helios::config::KafkaArgs;
+use helios::ingress::IngressConfig;
+use helios::shutdown::Shutdown;
+
+/// Results of one load run.
+#[derive(Debug, Clone)]
+pub struct LoadResult {
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl LoadResult {
+    pub fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+const SAMPLE: &str = r#"{"version":"0","id":"6a7e8feb-b491-4cf7-a9f1-bf3703467718","detail-type":"OrderPlaced","source":"com.example.orders","account":"111122223333","time":"2026-11-22T18:43:48Z","region":"us-west-1","resources":[],"detail":{"order_id":"O-1001","customer_id":"C-42","amount":129.5,"currency":"EUR","items":[{"sku":"SKU-1","qty":2}]}}"#;
+
+/// Sends POSTs of `body` to `url` from `connections` workers for `duration`.
+pub async fn load(
+    url: &str,
+    body: &'static str,
+    connections: usize,
+    duration: Duration,
+) -> LoadResult {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .build()
+        .expect("reqwest client");
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for _ in 0..connections {
+        let c = client.clone();
+        let u = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let ok = c
+                    .post(&u)
+                    .header("content-type", "application/json; charset=utf-8")
+                    .body(body)
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false);
+                if ok {
+                    lat.push(t.elapsed().as_micros() as u32);
+                } else {
+                    errors += 1;
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = vec![];
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = started.elapsed();
+    all.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if all.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((all.len() as f64 - 1.0) * p).round() as usize;
+        all[i] as f64 / 1000.0
+    };
+    LoadResult {
+        requests: all.len() as u64,
+        errors,
+        elapsed,
+        p50_ms: pct(0.50),
+        p90_ms: pct(0.90),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+    }
+}
+
+fn print_row(name: &str, r: &LoadResult) {
+    println!(
+        "{name:<28} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8}",
+        r.rps(),
+        r.p50_ms,
+        r.p90_ms,
+        r.p99_ms,
+        r.max_ms,
+        r.errors
+    );
+}
+
+/// The ingress against a bare HTTP server, `connections` at a time for `seconds` each.
+pub async fn run(kafka: &KafkaArgs, connections: usize, seconds: u64) -> anyhow::Result<()> {
+    let (mut topology, settings) = kafka.resolve()?;
+    // A fresh prefix per run: the benchmark never writes into real topics.
+    topology.topic_prefix = format!("bench-{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    helios::kafka::apply_topology(&settings, &topology, false).await?;
+    let duration = Duration::from_secs(seconds);
+    let warmup = Duration::from_secs(2);
+
+    // The ceiling: a server that reads the body and answers, nothing else.
+    let bare = axum::Router::new().route(
+        "/bare",
+        post(|body: bytes::Bytes| async move {
+            axum::Json(serde_json::json!({"status": "accepted", "bytes": body.len()}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bare_addr = listener.local_addr()?;
+    let (bare_stop, bare_shutdown) = Shutdown::new();
+    let bare_task = tokio::spawn(async move {
+        axum::serve(listener, bare)
+            .with_graceful_shutdown(bare_shutdown.wait())
+            .await
+    });
+    let bare_url = format!("http://{bare_addr}/bare");
+    load(&bare_url, SAMPLE, connections, warmup).await;
+    let bare_r = load(&bare_url, SAMPLE, connections, duration).await;
+    bare_stop.trigger();
+    let _ = bare_task.await;
+
+    let mut cfg = IngressConfig::new(settings.clone(), topology.clone());
+    cfg.port = 0;
+    let (stop, shutdown) = Shutdown::new();
+    let running = helios::ingress::start(cfg, shutdown).await?;
+    let url = format!("http://{}/api/v1/webhooks/aws/eventbridge", running.addr);
+    // Wait for the first acknowledged record before measuring.
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < wait_until {
+        if load(&url, SAMPLE, 1, Duration::from_millis(200))
+            .await
+            .requests
+            > 0
+        {
+            break;
+        }
+    }
+    load(&url, SAMPLE, connections, warmup).await;
+    let ing = load(&url, SAMPLE, connections, duration).await;
+    stop.trigger();
+    running.wait().await?;
+
+    println!(
+                "\nHELIOS ingress benchmark: {connections} connections, {seconds} s per target, {}-byte EventBridge event, acks=all to {}",
+                SAMPLE.len(),
+                settings.bootstrap_servers
+            );
+    println!(
+        "{:<28} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "target", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"
+    );
+    print_row("bare HTTP server (ceiling)", &bare_r);
+    print_row("helios ingress -> Kafka", &ing);
+    println!(
+        "ingress / ceiling: {:.1} %",
+        100.0 * ing.rps() / bare_r.rps().max(1e-9)
+    );
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! HELIOS's benchmarks, a bench target of their own (`cargo bench --bench helios -- <what>`,
+//! or `scripts/bench.sh <what>`, which also starts the broker): nothing of it is in the product.
+//!
+//! - `process`: one processor on a backlog, beside a librdkafka pass-through and PostgreSQL alone
+//!   (the processor's statement, the earlier UNNEST statement, and plain COPY: the ceiling).
+//! - `latency`: freshness, from the ingress receiving an event to its row in PostgreSQL, at a
+//!   steady request rate through the ingress and a processor in one process (as `helios run`).
+//! - `ingress`: requests/s and latency of the ingress against a bare HTTP server.
+
+mod ingress;
+mod latency;
+mod process;
+
+use clap::{Parser, Subcommand};
+use helios::config::KafkaArgs;
+
+// The product's allocator (see Cargo.toml), so CPU and memory are the binary's.
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "helios-bench", about = "HELIOS benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    what: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Processor throughput, CPU and memory on a backlog, against a plain consume-and-produce
+    /// pass-through on the same broker and PostgreSQL alone on the same rows.
+    Process {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Raw records in the backlog (comma-separated for several runs, e.g. 10000,100000).
+        #[arg(long, value_delimiter = ',', default_value = "100000")]
+        records: Vec<usize>,
+        /// PostgreSQL URL (a scratch schema is created and dropped).
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        database_url: String,
+        /// Redis URL (keys expire after 15 minutes).
+        #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// Records per batch (default: the processor's).
+        #[arg(long, default_value_t = helios::pipeline::processor::DEFAULT_BATCH_RECORDS)]
+        batch_size: usize,
+    },
+    /// Time from the ingress receiving an event to its row in PostgreSQL, at a steady rate.
+    Latency {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Requests per second (unique EventBridge events).
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Seconds of measured load (after a 3 s warm-up).
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Consumer `fetch.wait.max.ms` values to compare (comma-separated); `default` is the
+        /// processor's own.
+        #[arg(long, value_delimiter = ',', default_value = "default")]
+        fetch_wait_ms: Vec<String>,
+        /// PostgreSQL URL (a scratch schema is created and dropped).
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        database_url: String,
+        /// Redis URL (keys expire after 15 minutes).
+        #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+    },
+    /// Ingress throughput and latency against a bare HTTP server.
+    Ingress {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Seconds of load per target (after a 2 s warm-up).
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    // `cargo bench` passes `--bench` to every bench target; it is not ours.
+    let args = std::env::args().filter(|a| a != "--bench");
+    let cli = Cli::parse_from(args);
+    helios::telemetry::init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli.what)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(what: BenchCommand) -> anyhow::Result<()> {
+    match what {
+        BenchCommand::Process {
+            kafka,
+            records,
+            database_url,
+            redis_url,
+            batch_size,
+        } => {
+            let mut rows = vec![];
+            for n in records {
+                rows.push(
+                    process::run_once(&kafka, n, &database_url, &redis_url, batch_size).await?,
+                );
+            }
+            process::print(&rows);
+            Ok(())
+        }
+        BenchCommand::Latency {
+            kafka,
+            rate,
+            connections,
+            seconds,
+            fetch_wait_ms,
+            database_url,
+            redis_url,
+        } => {
+            let mut rows = vec![];
+            for fw in fetch_wait_ms {
+                let fw = match fw.as_str() {
+                    "default" => None,
+                    v => Some(v.parse::<u64>().map_err(|_| {
+                        anyhow::anyhow!("--fetch-wait-ms: `{v}` is not a number or `default`")
+                    })?),
+                };
+                let opts = latency::Opts {
+                    rate,
+                    connections,
+                    seconds,
+                    fetch_wait_ms: fw,
+                };
+                rows.push(latency::run_once(&kafka, &opts, &database_url, &redis_url).await?);
+            }
+            latency::print(rate, connections, &rows);
+            Ok(())
+        }
+        BenchCommand::Ingress {
+            kafka,
+            connections,
+            seconds,
+        } => ingress::run(&kafka, connections, seconds).await,
+    }
+}
