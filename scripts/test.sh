@@ -12,6 +12,7 @@ ensure_postgres
 ensure_redis
 ensure_tansu
 ensure_moto
+ensure_deploy_checkers
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/helios-test.XXXXXX")
 port=$(free_port)

@@ -108,7 +108,11 @@ pub fn main() -> ExitCode {
     // A .env in the working directory is read first; real environment variables win.
     let dotenv_result = dotenvy::dotenv();
     let cli = Cli::parse();
-    crate::telemetry::init();
+    if matches!(cli.command, Command::Demo(_)) {
+        crate::telemetry::init_for_people();
+    } else {
+        crate::telemetry::init();
+    }
     if let Err(e) = &dotenv_result {
         if !e.not_found() {
             tracing::warn!(error = %e, ".env could not be read");

@@ -129,3 +129,52 @@ fn describe() {
         "1 when the last Kafka metadata probe succeeded, else 0"
     );
 }
+
+/// Series with bounded labels exist (at 0, or their value: registering never changes it) in a running ingress, so rates and alerts
+/// (`deploy/prometheus/alerts.yml`) see them before the first failure.
+pub fn zero_ingress_series() {
+    for source in crate::source::Source::ALL {
+        let s = source.as_str();
+        for reason in ["timeout", "queue_full", "refused", "failed"] {
+            metrics::counter!("helios_ingress_produce_failures_total", "source" => s, "reason" => reason)
+                .increment(0);
+        }
+        for reason in ["kafka_unreachable", "rate_limit", "in_flight"] {
+            metrics::counter!("helios_ingress_overload_total", "source" => s, "reason" => reason)
+                .increment(0);
+        }
+    }
+    for (source, reason) in [
+        ("aws", "eventbridge_credentials"),
+        ("aws", "sns_on_eventbridge"),
+        ("aws", "sns_topic_not_allowed"),
+        ("aws", "sns_too_old"),
+        ("gcp", "pubsub_oidc"),
+        ("gcp", "pubsub_token"),
+        ("azure", "eventgrid_secret"),
+        ("direct", "api_key"),
+    ] {
+        metrics::counter!("helios_ingress_auth_failures_total", "source" => source, "reason" => reason)
+            .increment(0);
+    }
+}
+
+/// The processor's bounded series at 0 (see [`zero_ingress_series`]).
+pub fn zero_processor_series() {
+    for source in crate::source::Source::ALL {
+        let s = source.as_str();
+        metrics::counter!("helios_processor_events_in_total", "source" => s).increment(0);
+        metrics::counter!("helios_processor_duplicates_total", "source" => s).increment(0);
+        metrics::counter!("helios_processor_handshakes_total", "source" => s).increment(0);
+    }
+    for stage in ["postgres", "kafka", "dedup", "schema_registry"] {
+        metrics::counter!("helios_processor_retries_total", "stage" => stage).increment(0);
+    }
+    for name in [
+        "helios_processor_dlq_records_total",
+        "helios_processor_rows_inserted_total",
+        "helios_processor_batches_overlapped_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+}

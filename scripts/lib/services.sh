@@ -115,6 +115,25 @@ start_tansu() {
   echo "$pid"
 }
 
+# The checkers of deploy/: promtool (Debian's prometheus package, for `promtool check rules`) and
+# systemd-analyze (for `systemd-analyze verify` of the units).
+ensure_deploy_checkers() {
+  local missing=()
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]} (promtool, systemd-analyze) to check deploy/"
+    # policy-rc.d 101: packages are installed, their services are not started.
+    local SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    local policy=/usr/sbin/policy-rc.d had_policy=""
+    [ -e "$policy" ] && had_policy=1
+    [ -z "$had_policy" ] && printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod +x "$policy"
+    apt_install --no-install-recommends "${missing[@]}"
+    [ -z "$had_policy" ] && $SUDO rm -f "$policy"
+  fi
+  return 0
+}
+
 # The AWS API emulator for `helios publish --cloud aws` tests (PyPI's moto).
 ensure_moto() {
   if ! command -v moto_server >/dev/null 2>&1; then

@@ -4,6 +4,7 @@
 //! processors can start at once); and the classification of database errors.
 
 mod copy;
+mod nodelay;
 mod pg;
 mod sqlite;
 
@@ -114,9 +115,16 @@ pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgPool, StoreErr
         c.close().await?;
         opts = opts.options([("search_path", s)]);
     }
+    let port = opts.get_port();
     Ok(PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(5))
+        .after_connect(move |_, _| {
+            Box::pin(async move {
+                nodelay::set_on_sockets_to(port);
+                Ok(())
+            })
+        })
         .connect_with(opts)
         .await?)
 }

@@ -1,7 +1,9 @@
-//! The PostgreSQL `events` sink. A batch is written with binary `COPY` into a session-local
-//! staging table, then one `INSERT … SELECT … ON CONFLICT (source, event_id)` moves it into
-//! `events` — `DO NOTHING` for live processing (idempotent), `DO UPDATE` for a replay with dedup
-//! bypassed — all in one transaction. Measured against the earlier `INSERT … SELECT FROM
+//! The PostgreSQL `events` sink. A live batch is written with one binary `COPY` straight into
+//! `events` in a transaction; when a row is there already (SQLSTATE 23505: the batch is written
+//! again after a crash or a rebalance), the transaction fails whole and the batch goes through a
+//! session-local staging table instead: `COPY` into it, then one `INSERT … SELECT … ON CONFLICT
+//! (source, event_id)` — `DO NOTHING` for live processing, `DO UPDATE` for a replay with dedup
+//! bypassed (replays always take this path). Measured against the earlier `INSERT … SELECT FROM
 //! UNNEST(…)` statement (still available as [`PgWrite::Unnest`] for the benchmark): see the
 //! README's benchmark section.
 
@@ -81,13 +83,44 @@ fn from_staging(upsert: bool) -> &'static str {
 }
 
 impl PgStore {
-    /// COPY into the staging table, then one INSERT … SELECT, in one transaction.
+    /// Live batches: plain binary COPY straight into `events` (the fastest way in), in one
+    /// transaction. The primary key keeps it idempotent: if any row is already there (a batch
+    /// written again after a crash or a rebalance), the COPY fails with 23505 as a whole and the
+    /// batch is written again through the staging table with `ON CONFLICT DO NOTHING`.
     async fn write_copy(
         &self,
         events: &[&CanonicalEvent],
         replay_id: Option<&str>,
     ) -> Result<u64, StoreError> {
         let data = copy::encode(events);
+        if replay_id.is_none() {
+            match self.copy_direct(&data).await {
+                Err(e) if is_unique_violation(&e) => {
+                    tracing::debug!(
+                        events = events.len(),
+                        "batch partly stored already: written with ON CONFLICT"
+                    );
+                }
+                other => return other.map_err(StoreError::from),
+            }
+        }
+        self.copy_staged(data, replay_id).await
+    }
+
+    async fn copy_direct(&self, data: &[u8]) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let mut copy_in = tx.copy_in_raw(copy::COPY_INTO_EVENTS).await?;
+        if let Err(e) = copy_in.send(data).await {
+            let _ = copy_in.abort("send failed").await;
+            return Err(e);
+        }
+        let rows = copy_in.finish().await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    /// COPY into the staging table, then one INSERT … SELECT … ON CONFLICT, in one transaction.
+    async fn copy_staged(&self, data: Vec<u8>, replay_id: Option<&str>) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         (&mut *tx).execute(copy::STAGING_DDL).await?;
         let mut copy_in = tx.copy_in_raw(copy::COPY_INTO_STAGING).await?;
@@ -249,4 +282,11 @@ impl EventStore for PgStore {
         .await?;
         Ok(rows.iter().map(stored_row).collect())
     }
+}
+
+/// A duplicate key (SQLSTATE 23505): some of the rows are stored already.
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "23505")
 }

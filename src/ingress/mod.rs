@@ -47,6 +47,7 @@ pub fn front(cfg: &IngressConfig) -> anyhow::Result<Arc<Front>> {
 /// The full router: every cloud's routes and the shared ones.
 pub fn router(cfg: &IngressConfig, front: &Arc<Front>) -> anyhow::Result<Router> {
     let metrics = crate::metrics::install();
+    crate::metrics::zero_ingress_series();
     // For SNS certificates, subscription confirmations and Google's keys: never redirected.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))

@@ -55,7 +55,7 @@ pub struct ProcessorConfig {
 }
 
 /// Default most raw records per batch.
-pub const DEFAULT_BATCH_RECORDS: usize = 1000;
+pub const DEFAULT_BATCH_RECORDS: usize = 2000;
 /// Default most bytes per batch (`HELIOS_BATCH_MAX_BYTES`).
 pub const DEFAULT_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
@@ -138,6 +138,8 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             cfg.mode = DeliveryMode::AtLeastOnce;
         }
         let transactional = matches!(cfg.mode, DeliveryMode::Transactional { .. });
+        crate::metrics::install();
+        crate::metrics::zero_processor_series();
         let stats = Arc::new(ProcessorStats::default());
         let consumer = RawConsumer::new(
             &cfg.kafka,

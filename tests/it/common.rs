@@ -96,12 +96,23 @@ pub async fn spawn_app(configure: impl FnOnce(&mut IngressConfig)) -> TestApp {
     spawn_app_on(KafkaSettings::new(kafka_bootstrap()), configure).await
 }
 
+/// Logs of the in-process ingress and processors go to the test's captured output (shown
+/// only when a test fails), at `RUST_LOG` (default `warn`), as text.
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// Same as [`spawn_app`] against a specific broker.
 pub async fn spawn_app_on(
     kafka: KafkaSettings,
     configure: impl FnOnce(&mut IngressConfig),
 ) -> TestApp {
-    helios::telemetry::init();
+    init_logs();
     let topology = test_topology();
     helios::kafka::apply_topology(&kafka, &topology, false)
         .await
@@ -358,7 +369,7 @@ pub async fn spawn_processor(topology: &Topology) -> TestProcessor {
 }
 
 pub async fn spawn_processor_with(topology: &Topology, o: ProcOpts) -> TestProcessor {
-    helios::telemetry::init();
+    init_logs();
     let pool = helios::db::connect(&o.database_url, Some(&o.schema))
         .await
         .expect("postgres");
