@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs HELIOS's whole test suite against real services, on a fresh machine too:
-# installs/starts what is missing (build tools, PostgreSQL, Redis, the Tansu broker, moto),
+# installs/starts what is missing (build tools, PostgreSQL, Redis, the Tansu broker, moto,
+# promtool and systemd-analyze, chromium and chromedriver),
 # starts a private Tansu on a free loopback port (sqlite engine), then `cargo test`.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh sns`).
 set -euo pipefail
@@ -13,6 +14,7 @@ ensure_redis
 ensure_tansu
 ensure_moto
 ensure_deploy_checkers
+ensure_browser
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/helios-test.XXXXXX")
 port=$(free_port)

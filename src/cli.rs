@@ -55,6 +55,11 @@ enum Command {
     Demo(crate::demo::DemoArgs),
     /// Re-process a range of raw topics (by time or offsets) through the processor's pipeline.
     Replay(Box<crate::replay::ReplayArgs>),
+    /// One screen: lag and rates per raw partition, dependencies, recent DLQ records,
+    /// subscription handshakes, events of the last hour, last replays (exit 1 when unhealthy).
+    Status(Box<crate::status::StatusArgs>),
+    /// Print the records of the raw topics, the fan-out topics or the DLQ as they flow.
+    Tap(Box<crate::tap::TapArgs>),
     /// Inspect and redrive the dead-letter topic.
     Dlq {
         #[command(subcommand)]
@@ -194,6 +199,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => crate::replay::run(*args).await,
         Command::Publish(args) => crate::publish::run(*args).await,
         Command::Dlq { action } => crate::dlq::run(action).await,
+        Command::Status(args) => crate::status::run(*args).await,
+        Command::Tap(args) => crate::tap::run(*args).await,
         Command::Migrate {
             database_url,
             db_schema,

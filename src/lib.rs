@@ -19,5 +19,7 @@ pub mod publish;
 pub mod replay;
 pub mod shutdown;
 pub mod source;
+pub mod status;
+pub mod tap;
 pub mod telemetry;
 pub mod topology;

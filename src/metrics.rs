@@ -178,3 +178,10 @@ pub fn zero_processor_series() {
         metrics::counter!(name).increment(0);
     }
 }
+
+/// The live status page (`GET /status` on the ingress and on `helios process`'s metrics port):
+/// one self-contained HTML file, no downloads, that reads this process's `/metrics` every 2 s
+/// and shows the figures, small charts of the last minutes' rates and the breakdowns.
+pub async fn status_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("status_page.html"))
+}

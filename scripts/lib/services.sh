@@ -134,6 +134,14 @@ ensure_deploy_checkers() {
   return 0
 }
 
+# A headless browser for the status page test: Debian's chromium and chromedriver.
+ensure_browser() {
+  if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    log "installing chromium and chromium-driver (status page test)"
+    apt_install --no-install-recommends chromium chromium-driver
+  fi
+}
+
 # The AWS API emulator for `helios publish --cloud aws` tests (PyPI's moto).
 ensure_moto() {
   if ! command -v moto_server >/dev/null 2>&1; then

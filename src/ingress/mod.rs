@@ -73,6 +73,7 @@ pub fn router(cfg: &IngressConfig, front: &Arc<Front>) -> anyhow::Result<Router>
             "/metrics",
             get(move || async move { metrics_text(&metrics) }),
         )
+        .route("/status", get(crate::metrics::status_page))
         .route("/openapi.json", get(docs::openapi))
         .route("/docs", get(docs::page))
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes)))

@@ -98,7 +98,8 @@ pub async fn serve_metrics(addr: &str, shutdown: Shutdown) -> anyhow::Result<std
         .route(
             "/api/v1/health/live",
             axum::routing::get(|| async { "alive" }),
-        );
+        )
+        .route("/status", axum::routing::get(crate::metrics::status_page));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the metrics endpoint to {addr}: {e}"))?;

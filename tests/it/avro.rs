@@ -137,3 +137,62 @@ async fn avro_mode_registers_on_first_use_and_writes_confluent_wire_format() {
     assert_eq!(reg.lock().unwrap().registrations, 1);
     proc.stop().await;
 }
+
+#[tokio::test]
+async fn tap_decodes_avro_fan_out_through_the_registry() {
+    let (url, _reg) = start_registry().await;
+    let app = spawn_app(|_| {}).await;
+    let opts = ProcOpts {
+        schema_registry_url: Some(url.clone()),
+        ..ProcOpts::default()
+    };
+    let proc = spawn_processor_with(&app.topology, opts.clone()).await;
+    let ev = json!({"event_type": "OrderPlaced", "event_id": "tap-av-1", "occurred_at": "2026-11-22T10:00:00Z",
+        "data": {"order_id": "O-TAP", "customer_id": "C-1", "amount": 5.5}});
+    let r = app
+        .client
+        .post(app.url("/api/v1/events/ingest"))
+        .body(ev.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    expect_count(&proc.pool, "SELECT count(*) FROM events", 1).await;
+    let topic = app.topology.event_topic("OrderPlaced");
+    read_exactly(&app.kafka.bootstrap_servers, &topic, 1).await;
+
+    let mut c = helios_cli(
+        &app.topology,
+        &opts,
+        &[
+            "tap",
+            "events",
+            "--from",
+            "beginning",
+            "--order-id",
+            "O-TAP",
+        ],
+    );
+    c.env("SCHEMA_REGISTRY_URL", &url);
+    // Off this thread: the stand-in registry answers on this test's runtime.
+    let out = tokio::task::spawn_blocking(move || run_ok(c))
+        .await
+        .unwrap();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line per record"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let rec = &lines[0];
+    assert_eq!(rec["topic"], topic.as_str());
+    assert_eq!(rec["key"], "O-TAP");
+    assert_eq!(rec["headers"]["content-type"], "application/avro");
+    assert!(rec["value"]["avro_schema_id"].as_u64().is_some(), "{rec}");
+    let record = &rec["value"]["record"];
+    assert_eq!(record["event_id"], "tap-av-1");
+    assert_eq!(
+        record["data"]["amount"], 5.5,
+        "data decoded from its JSON text: {rec}"
+    );
+    proc.stop().await;
+}

@@ -22,5 +22,8 @@ mod publish;
 mod pubsub_standin;
 mod replay;
 mod resilience;
+mod status;
+mod status_page;
 mod stores;
+mod tap;
 mod topology_apply;

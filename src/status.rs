@@ -1,0 +1,667 @@
+//! `helios status`: one screen that answers an operator's daily questions: is the processor
+//! keeping up (lag and rates per raw partition), are the dependencies healthy (with latency),
+//! what was dead-lettered recently (by reason and source, from the DLQ topic's headers), which
+//! cloud subscriptions shook hands (from the handshake records in the raw topics), what was
+//! stored in the last hour, and the last replays. `--json` for scripts, `--watch` to refresh;
+//! the exit code is 1 when a dependency is unhealthy, so it can serve as a probe.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::config::{KafkaArgs, KafkaSettings};
+use crate::model::headers::{dlq as dlq_headers, raw as raw_headers};
+use crate::model::text::bounded;
+use crate::source::Source;
+use crate::topology::Topology;
+
+/// `helios status` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// PostgreSQL schema of HELIOS's tables.
+    #[arg(long, env = "HELIOS_DB_SCHEMA")]
+    pub db_schema: Option<String>,
+    /// Redis URL of the dedup marks.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Schema registry, checked when set.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
+    /// Print JSON instead of the screen.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every this many seconds until interrupted.
+    #[arg(long, value_name = "SECONDS")]
+    pub watch: Option<u64>,
+    /// Most records read from the end of each DLQ and raw partition for the recent counts.
+    #[arg(long, default_value_t = 50_000)]
+    pub scan_limit: i64,
+}
+
+/// One raw partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    pub end_offset: i64,
+    /// The consumer group's committed offset (`None`: nothing committed yet).
+    pub committed: Option<i64>,
+    pub lag: i64,
+    /// Records/s arriving and committed since the previous look (`None` on the first).
+    pub in_per_s: Option<f64>,
+    pub committed_per_s: Option<f64>,
+}
+
+/// One dependency.
+#[derive(Debug, Clone, Serialize)]
+pub struct Dependency {
+    pub name: &'static str,
+    pub healthy: bool,
+    pub latency_ms: f64,
+    pub error: Option<String>,
+}
+
+/// Recent DLQ records of one reason and source.
+#[derive(Debug, Clone, Serialize)]
+pub struct DlqCount {
+    pub reason: String,
+    pub source: String,
+    pub last_hour: u64,
+    pub last_24h: u64,
+}
+
+/// The handshakes seen for one subscription.
+#[derive(Debug, Clone, Serialize)]
+pub struct Subscription {
+    pub source: String,
+    pub handshake: String,
+    pub subscription: String,
+    pub count: u64,
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+/// A recent replay.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayRow {
+    pub replay_id: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: String,
+    pub dedup_policy: String,
+}
+
+/// Everything `helios status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub at: DateTime<Utc>,
+    pub consumer_group: String,
+    pub healthy: bool,
+    pub dependencies: Vec<Dependency>,
+    pub partitions: Vec<PartitionStatus>,
+    pub total_lag: i64,
+    pub dlq: Vec<DlqCount>,
+    /// DLQ records read for the counts (capped by `--scan-limit` per partition).
+    pub dlq_scanned: u64,
+    pub subscriptions: Vec<Subscription>,
+    /// Events stored whose `occurred_at` is within the last hour, by type.
+    pub events_last_hour: BTreeMap<String, i64>,
+    pub replays: Vec<ReplayRow>,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0
+}
+
+fn consumer(settings: &KafkaSettings, group: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(settings
+        .client_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?)
+}
+
+/// Per raw partition: end offset, committed offset, lag. The group is only asked for its
+/// committed offsets (this client never joins it).
+fn partitions(
+    settings: &KafkaSettings,
+    topology: &Topology,
+) -> anyhow::Result<(Vec<PartitionStatus>, Duration)> {
+    let c = consumer(settings, &topology.consumer_group)?;
+    let timeout = Duration::from_secs(10);
+    let t0 = Instant::now();
+    let md = c.fetch_metadata(None, timeout)?;
+    let probe = t0.elapsed();
+    let raw: Vec<String> = Source::ALL.iter().map(|s| topology.raw_topic(*s)).collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = vec![];
+    for t in md
+        .topics()
+        .iter()
+        .filter(|t| raw.iter().any(|r| r == t.name()))
+    {
+        for p in t.partitions() {
+            let (low, high) = c.fetch_watermarks(t.name(), p.id(), timeout)?;
+            tpl.add_partition(t.name(), p.id());
+            ends.push((t.name().to_string(), p.id(), low, high));
+        }
+    }
+    let committed = c.committed_offsets(tpl, timeout)?;
+    let mut out = vec![];
+    for (topic, partition, low, high) in ends {
+        let done = committed
+            .find_partition(&topic, partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        out.push(PartitionStatus {
+            lag: high - done.unwrap_or(low).max(low),
+            topic,
+            partition,
+            end_offset: high,
+            committed: done,
+            in_per_s: None,
+            committed_per_s: None,
+        });
+    }
+    out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    Ok((out, probe))
+}
+
+/// Reads `topic` from `since` (at most `limit` records per partition, the latest ones) and
+/// hands each record's timestamp and headers to `each`. Returns the records read.
+fn scan_recent(
+    settings: &KafkaSettings,
+    topic: &str,
+    since: DateTime<Utc>,
+    limit: i64,
+    mut each: impl FnMut(Option<i64>, &dyn Fn(&str) -> Option<String>, &[u8]),
+) -> anyhow::Result<u64> {
+    let c = consumer(
+        settings,
+        &format!("helios-status-{}", uuid::Uuid::new_v4().simple()),
+    )?;
+    let timeout = Duration::from_secs(10);
+    let md = c.fetch_metadata(Some(topic), timeout)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for t in md.topics().iter().filter(|t| t.error().is_none()) {
+        for p in t.partitions() {
+            let (low, high) = c.fetch_watermarks(topic, p.id(), timeout)?;
+            if high <= low {
+                continue;
+            }
+            let mut q = TopicPartitionList::new();
+            q.add_partition_offset(topic, p.id(), Offset::Offset(since.timestamp_millis()))?;
+            let from = match c
+                .offsets_for_times(q, timeout)?
+                .find_partition(topic, p.id())
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) if o >= 0 => o,
+                _ => high,
+            };
+            let start = from.max(high - limit).clamp(low, high);
+            if start < high {
+                tpl.add_partition_offset(topic, p.id(), Offset::Offset(start))?;
+                ends.insert(p.id(), high);
+            }
+        }
+    }
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    c.assign(&tpl)?;
+    let mut read = 0u64;
+    let mut idle = Instant::now();
+    while !ends.is_empty() && idle.elapsed() < Duration::from_secs(20) {
+        let Some(m) = c.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m?;
+        idle = Instant::now();
+        let end = ends.get(&m.partition()).copied().unwrap_or(0);
+        if m.offset() < end {
+            read += 1;
+            let header = |name: &str| -> Option<String> {
+                m.headers()?
+                    .iter()
+                    .filter(|h| h.key == name)
+                    .last()
+                    .and_then(|h| std::str::from_utf8(h.value?).ok())
+                    .map(|v| bounded(v, 200).into_owned())
+            };
+            each(
+                m.timestamp().to_millis(),
+                &header,
+                m.payload().unwrap_or_default(),
+            );
+        }
+        if m.offset() + 1 >= end {
+            ends.remove(&m.partition());
+        }
+    }
+    Ok(read)
+}
+
+/// DLQ records of the last 24 h by reason and source.
+fn dlq_counts(
+    settings: &KafkaSettings,
+    topology: &Topology,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> anyhow::Result<(Vec<DlqCount>, u64)> {
+    let hour_ago = (now - chrono::Duration::hours(1)).timestamp_millis();
+    let mut counts: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    let scanned = scan_recent(
+        settings,
+        &topology.dlq_topic(),
+        now - chrono::Duration::hours(24),
+        limit,
+        |ts, header, _| {
+            let reason = header(dlq_headers::REASON).unwrap_or_else(|| "unknown".into());
+            let source = header(raw_headers::SOURCE).unwrap_or_else(|| "unknown".into());
+            // Bounded: reasons and sources are HELIOS's own vocabularies; anything else is one key.
+            if counts.len() >= 200 && !counts.contains_key(&(reason.clone(), source.clone())) {
+                return;
+            }
+            let e = counts.entry((reason, source)).or_default();
+            e.1 += 1;
+            if ts.is_some_and(|t| t >= hour_ago) {
+                e.0 += 1;
+            }
+        },
+    )?;
+    let out = counts
+        .into_iter()
+        .map(|((reason, source), (h, d))| DlqCount {
+            reason,
+            source,
+            last_hour: h,
+            last_24h: d,
+        })
+        .collect();
+    Ok((out, scanned))
+}
+
+/// The handshake records of the last 24 h, by source, kind and subscription.
+fn subscriptions(
+    settings: &KafkaSettings,
+    topology: &Topology,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> anyhow::Result<Vec<Subscription>> {
+    let mut seen: BTreeMap<(String, String, String), (u64, Option<i64>)> = BTreeMap::new();
+    for source in [Source::Aws, Source::Azure] {
+        scan_recent(
+            settings,
+            &topology.raw_topic(source),
+            now - chrono::Duration::hours(24),
+            limit,
+            |ts, header, body| {
+                if header(raw_headers::KIND).as_deref() != Some("handshake") {
+                    return;
+                }
+                let kind = header(raw_headers::HANDSHAKE).unwrap_or_else(|| "unknown".into());
+                let name = header("aeg-subscription-name")
+                    .or_else(|| header("x-amz-sns-topic-arn"))
+                    .or_else(|| {
+                        serde_json::from_slice::<serde_json::Value>(body)
+                            .ok()?
+                            .get("TopicArn")?
+                            .as_str()
+                            .map(|s| bounded(s, 200).into_owned())
+                    })
+                    .unwrap_or_else(|| "(unnamed)".into());
+                let key = (source.as_str().to_string(), kind, name);
+                if seen.len() >= 100 && !seen.contains_key(&key) {
+                    return;
+                }
+                let e = seen.entry(key).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(ts);
+            },
+        )?;
+    }
+    Ok(seen
+        .into_iter()
+        .map(
+            |((source, handshake, subscription), (count, ts))| Subscription {
+                source,
+                handshake,
+                subscription,
+                count,
+                last_seen: ts.and_then(DateTime::from_timestamp_millis),
+            },
+        )
+        .collect())
+}
+
+/// A `replay_history` row as read.
+type ReplayTuple = (String, DateTime<Utc>, Option<DateTime<Utc>>, String, String);
+
+/// PostgreSQL: health, events of the last hour by type, the last replays.
+async fn postgres(args: &StatusArgs) -> (Dependency, BTreeMap<String, i64>, Vec<ReplayRow>) {
+    let t0 = Instant::now();
+    let result = async {
+        let pool = crate::db::connect(&args.database_url, args.db_schema.as_deref()).await?;
+        // The round trip of a query, not the connection set-up.
+        let t1 = Instant::now();
+        sqlx::query("SELECT 1").execute(&pool).await?;
+        let latency = t1.elapsed();
+        let by_type: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT event_type, count(*) FROM events WHERE occurred_at > now() - interval '1 hour' GROUP BY event_type ORDER BY event_type LIMIT 200",
+        )
+        .fetch_all(&pool)
+        .await?;
+        let replays: Vec<ReplayTuple> = sqlx::query_as(
+                "SELECT replay_id, started_at, finished_at, outcome, dedup_policy FROM replay_history ORDER BY started_at DESC LIMIT 5",
+            )
+            .fetch_all(&pool)
+            .await?;
+        pool.close().await;
+        anyhow::Ok((latency, by_type, replays))
+    }
+    .await;
+    match result {
+        Ok((latency, by_type, replays)) => (
+            Dependency {
+                name: "postgresql",
+                healthy: true,
+                latency_ms: ms(latency),
+                error: None,
+            },
+            by_type.into_iter().collect(),
+            replays
+                .into_iter()
+                .map(
+                    |(replay_id, started_at, finished_at, outcome, dedup_policy)| ReplayRow {
+                        replay_id,
+                        started_at,
+                        finished_at,
+                        outcome,
+                        dedup_policy,
+                    },
+                )
+                .collect(),
+        ),
+        Err(e) => (
+            Dependency {
+                name: "postgresql",
+                healthy: false,
+                latency_ms: ms(t0.elapsed()),
+                error: Some(bounded(&format!("{e:#}"), 300).into_owned()),
+            },
+            BTreeMap::new(),
+            vec![],
+        ),
+    }
+}
+
+async fn redis(url: &str) -> Dependency {
+    let t0 = Instant::now();
+    let result = async {
+        let client = redis::Client::open(url)?;
+        let mut c = tokio::time::timeout(
+            Duration::from_secs(3),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 3 s"))??;
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    Dependency {
+        name: "redis",
+        healthy: result.is_ok(),
+        latency_ms: ms(t0.elapsed()),
+        error: result
+            .err()
+            .map(|e| bounded(&format!("{e:#}"), 300).into_owned()),
+    }
+}
+
+async fn schema_registry(url: &str) -> Dependency {
+    let t0 = Instant::now();
+    let result = async {
+        let r = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()?
+            .get(format!("{}/subjects", url.trim_end_matches('/')))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "GET /subjects answered {}",
+            r.status()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    Dependency {
+        name: "schema_registry",
+        healthy: result.is_ok(),
+        latency_ms: ms(t0.elapsed()),
+        error: result
+            .err()
+            .map(|e| bounded(&format!("{e:#}"), 300).into_owned()),
+    }
+}
+
+/// Takes one look.
+pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
+    let (topology, settings) = args.kafka.resolve()?;
+    let now = Utc::now();
+    let kafka = {
+        let (s, t) = (settings.clone(), topology.clone());
+        let limit = args.scan_limit;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let (parts, probe) = partitions(&s, &t)?;
+            let (dlq, scanned) = dlq_counts(&s, &t, now, limit)?;
+            let subs = subscriptions(&s, &t, now, limit)?;
+            Ok((parts, probe, dlq, scanned, subs))
+        })
+    };
+    let (pg, events_last_hour, replays) = postgres(args).await;
+    let mut dependencies = vec![];
+    let (partitions, dlq, dlq_scanned, subscriptions) = match kafka.await? {
+        Ok((parts, probe, dlq, scanned, subs)) => {
+            dependencies.push(Dependency {
+                name: "kafka",
+                healthy: true,
+                latency_ms: ms(probe),
+                error: None,
+            });
+            (parts, dlq, scanned, subs)
+        }
+        Err(e) => {
+            dependencies.push(Dependency {
+                name: "kafka",
+                healthy: false,
+                latency_ms: 0.0,
+                error: Some(bounded(&format!("{e:#}"), 300).into_owned()),
+            });
+            (vec![], vec![], 0, vec![])
+        }
+    };
+    dependencies.push(pg);
+    dependencies.push(redis(&args.redis_url).await);
+    if let Some(url) = args
+        .schema_registry_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+    {
+        dependencies.push(schema_registry(url).await);
+    }
+    Ok(Status {
+        at: now,
+        consumer_group: topology.consumer_group.clone(),
+        healthy: dependencies.iter().all(|d| d.healthy),
+        total_lag: partitions.iter().map(|p| p.lag).sum(),
+        dependencies,
+        partitions,
+        dlq,
+        dlq_scanned,
+        subscriptions,
+        events_last_hour,
+        replays,
+    })
+}
+
+/// Fills in the rates from the previous look.
+fn add_rates(now: &mut Status, before: &Status) {
+    let secs = (now.at - before.at).num_milliseconds() as f64 / 1000.0;
+    if secs <= 0.0 {
+        return;
+    }
+    for p in &mut now.partitions {
+        if let Some(b) = before
+            .partitions
+            .iter()
+            .find(|b| b.topic == p.topic && b.partition == p.partition)
+        {
+            p.in_per_s = Some((p.end_offset - b.end_offset) as f64 / secs);
+            p.committed_per_s = match (p.committed, b.committed) {
+                (Some(n), Some(o)) => Some((n - o) as f64 / secs),
+                _ => None,
+            };
+        }
+    }
+}
+
+/// The screen.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let rate = |r: Option<f64>| r.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let _ = writeln!(
+        o,
+        "HELIOS status at {}  group {}  {}",
+        s.at.format("%Y-%m-%d %H:%M:%S UTC"),
+        s.consumer_group,
+        if s.healthy { "HEALTHY" } else { "UNHEALTHY" }
+    );
+    let _ = writeln!(o, "\nDependencies");
+    for d in &s.dependencies {
+        let _ = writeln!(
+            o,
+            "  {:<16} {:<4} {:>8.1} ms  {}",
+            d.name,
+            if d.healthy { "ok" } else { "DOWN" },
+            d.latency_ms,
+            d.error.as_deref().unwrap_or("")
+        );
+    }
+    let _ = writeln!(o, "\nRaw partitions (lag {} in all)", s.total_lag);
+    let _ = writeln!(
+        o,
+        "  {:<36} {:>4} {:>12} {:>12} {:>10} {:>9} {:>11}",
+        "topic", "part", "end", "committed", "lag", "in/s", "done/s"
+    );
+    for p in &s.partitions {
+        let _ = writeln!(
+            o,
+            "  {:<36} {:>4} {:>12} {:>12} {:>10} {:>9} {:>11}",
+            p.topic,
+            p.partition,
+            p.end_offset,
+            p.committed.map_or("-".into(), |c| c.to_string()),
+            p.lag,
+            rate(p.in_per_s),
+            rate(p.committed_per_s)
+        );
+    }
+    let _ = writeln!(o, "\nDead-lettered (read {} DLQ records)", s.dlq_scanned);
+    if s.dlq.is_empty() {
+        let _ = writeln!(o, "  nothing in the last 24 h");
+    }
+    for d in &s.dlq {
+        let _ = writeln!(
+            o,
+            "  {:<28} {:<8} {:>6} last hour {:>8} last 24 h",
+            d.reason, d.source, d.last_hour, d.last_24h
+        );
+    }
+    let _ = writeln!(o, "\nSubscription handshakes (last 24 h)");
+    if s.subscriptions.is_empty() {
+        let _ = writeln!(o, "  none");
+    }
+    for h in &s.subscriptions {
+        let _ = writeln!(
+            o,
+            "  {:<6} {:<36} {:>4}x  last {}  {}",
+            h.source,
+            h.handshake,
+            h.count,
+            h.last_seen
+                .map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
+            h.subscription
+        );
+    }
+    let _ = writeln!(o, "\nEvents stored, occurred in the last hour");
+    if s.events_last_hour.is_empty() {
+        let _ = writeln!(o, "  none");
+    }
+    for (t, n) in &s.events_last_hour {
+        let _ = writeln!(o, "  {t:<40} {n:>10}");
+    }
+    let _ = writeln!(o, "\nLast replays");
+    if s.replays.is_empty() {
+        let _ = writeln!(o, "  none");
+    }
+    for r in &s.replays {
+        let _ = writeln!(
+            o,
+            "  {}  {}  {:<10} dedup {}",
+            r.started_at.format("%Y-%m-%d %H:%M:%S"),
+            r.replay_id,
+            r.outcome,
+            r.dedup_policy
+        );
+    }
+    o
+}
+
+/// Runs `helios status`.
+pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let mut before: Option<Status> = None;
+    loop {
+        let mut s = collect(&args).await?;
+        if let Some(b) = &before {
+            add_rates(&mut s, b);
+        }
+        if args.json {
+            println!("{}", serde_json::to_string(&s)?);
+        } else {
+            if args.watch.is_some() && std::io::stdout().is_terminal() {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", render(&s));
+        }
+        let Some(every) = args.watch else {
+            return Ok(if s.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        };
+        before = Some(s);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(every.max(1))) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
