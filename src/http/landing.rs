@@ -210,6 +210,9 @@ impl Landing {
             let n = name.as_str(); // lower-case already
             let wanted = n == headers::CONTENT_TYPE
                 || n == "webhook-request-origin"
+                // W3C trace context: the processor continues it on the fan-out record.
+                || n == "traceparent"
+                || n == "tracestate"
                 || FORWARDED_PREFIXES.iter().any(|p| n.starts_with(p))
                 || (extra_attribute_headers
                     && !NEVER_FORWARDED.contains(&n)

@@ -62,6 +62,7 @@ impl Draft {
             .and_then(parse_time)
             .unwrap_or(received);
         let mut metadata = self.metadata;
+        trace_context(&mut metadata, raw);
         if raw_type != event_type {
             metadata.insert("provider_type".into(), raw_type);
         }
@@ -78,6 +79,44 @@ impl Draft {
             raw: raw.raw_ref(index),
         })
     }
+}
+
+/// Keeps the W3C trace context of the delivery as `metadata.traceparent` (the fan-out record
+/// carries it on): from the payload (a Pub/Sub `googclient_traceparent` attribute, set by the
+/// cloud's normalizer), else from the raw record's headers (the request's `traceparent`, a
+/// CloudEvents binary-mode `ce-traceparent`, an unwrapped Pub/Sub attribute). Anything that is not
+/// a valid version-00 `traceparent` is dropped.
+fn trace_context(metadata: &mut std::collections::BTreeMap<String, String>, raw: &RawRecord) {
+    let found = metadata.get("traceparent").cloned().or_else(|| {
+        ["traceparent", "ce-traceparent", "googclient_traceparent"]
+            .iter()
+            .find_map(|h| raw.header(h).map(str::to_string))
+    });
+    match found.filter(|t| valid_traceparent(t)) {
+        Some(t) => {
+            metadata.insert("traceparent".into(), t);
+        }
+        None => {
+            metadata.remove("traceparent");
+        }
+    }
+}
+
+/// `00-<32 hex trace id, not all 0>-<16 hex parent id, not all 0>-<2 hex flags>`.
+pub fn valid_traceparent(t: &str) -> bool {
+    let p: Vec<&str> = t.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    p.len() == 4
+        && p[0] == "00"
+        && hex(p[1], 32)
+        && hex(p[2], 16)
+        && hex(p[3], 2)
+        && p[1].bytes().any(|b| b != b'0')
+        && p[2].bytes().any(|b| b != b'0')
 }
 
 /// A string field of a JSON object.
@@ -143,5 +182,28 @@ pub fn single(source: Source, raw: &RawRecord, d: Result<Draft, NormalizeError>)
     match d {
         Ok(d) => Normalized::events(vec![d.finish(source, raw, 0)]),
         Err(e) => Normalized::Failed(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_traceparent;
+
+    #[test]
+    fn only_valid_version_00_traceparents_are_kept() {
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+        }
     }
 }

@@ -44,6 +44,10 @@ fn pairs<'a>(
     if let Some(id) = replay_id {
         v.push((REPLAY_ID, id.into()));
     }
+    // The delivery's W3C trace context, validated at normalization.
+    if let Some(t) = e.metadata.get("traceparent") {
+        v.push(("traceparent", t.as_str().into()));
+    }
     v
 }
 

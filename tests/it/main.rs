@@ -27,3 +27,4 @@ mod status_page;
 mod stores;
 mod tap;
 mod topology_apply;
+mod trace;

@@ -91,6 +91,10 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
         d.meta("gcp_subscription", str_field(&v, "subscription"));
         d.meta("gcp_ordering_key", str_field(m, "orderingKey"));
         d.meta("gcp_publish_time", publish);
+        d.meta(
+            "traceparent",
+            attrs.and_then(|a| str_field(a, "googclient_traceparent")),
+        );
         if let Some(obj) = attrs.and_then(|a| a.as_object()).filter(|o| !o.is_empty()) {
             d.meta(
                 "gcp_attributes",
