@@ -25,6 +25,17 @@ macro_rules! pg_insert_select {
     };
 }
 
+/// The replay's conflict clause (dedup bypassed): the stored row takes this normalization.
+macro_rules! upsert_clause {
+    () => {
+        " ON CONFLICT (source, event_id) DO UPDATE SET event_type = EXCLUDED.event_type,
+          occurred_at = EXCLUDED.occurred_at, data = EXCLUDED.data, metadata = EXCLUDED.metadata,
+          raw_topic = EXCLUDED.raw_topic, raw_partition = EXCLUDED.raw_partition,
+          raw_offset = EXCLUDED.raw_offset, raw_index = EXCLUDED.raw_index,
+          replay_id = EXCLUDED.replay_id, processed_at = now()"
+    };
+}
+
 /// How a batch reaches `events`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PgWrite {
@@ -68,11 +79,7 @@ fn from_staging(upsert: bool) -> &'static str {
             "INSERT INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
              SELECT source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, $1
              FROM helios_events_staging",
-            " ON CONFLICT (source, event_id) DO UPDATE SET event_type = EXCLUDED.event_type,
-              occurred_at = EXCLUDED.occurred_at, data = EXCLUDED.data, metadata = EXCLUDED.metadata,
-              raw_topic = EXCLUDED.raw_topic, raw_partition = EXCLUDED.raw_partition,
-              raw_offset = EXCLUDED.raw_offset, raw_index = EXCLUDED.raw_index,
-              replay_id = EXCLUDED.replay_id, processed_at = now()"
+            upsert_clause!()
         )
     } else {
         "INSERT INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
@@ -171,14 +178,7 @@ impl PgStore {
             index.push(e.raw.index as i32);
         }
         let sql: &'static str = if replay_id.is_some() {
-            concat!(
-                pg_insert_select!(),
-                " ON CONFLICT (source, event_id) DO UPDATE SET event_type = EXCLUDED.event_type,
-                  occurred_at = EXCLUDED.occurred_at, data = EXCLUDED.data, metadata = EXCLUDED.metadata,
-                  raw_topic = EXCLUDED.raw_topic, raw_partition = EXCLUDED.raw_partition,
-                  raw_offset = EXCLUDED.raw_offset, raw_index = EXCLUDED.raw_index,
-                  replay_id = EXCLUDED.replay_id, processed_at = now()"
-            )
+            concat!(pg_insert_select!(), upsert_clause!())
         } else {
             concat!(
                 pg_insert_select!(),
