@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -105,14 +105,7 @@ impl DlqRecord {
 
 /// Reads the whole DLQ topic (up to its current end).
 pub fn read_dlq(settings: &KafkaSettings, topic: &str) -> anyhow::Result<Vec<DlqRecord>> {
-    let c: BaseConsumer = settings
-        .client_config()
-        .set(
-            "group.id",
-            format!("helios-dlq-reader-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let c = crate::kafka::reader(settings, "dlq-reader")?;
     let timeout = Duration::from_secs(15);
     let md = c.fetch_metadata(Some(topic), timeout)?;
     let mut tpl = TopicPartitionList::new();

@@ -8,9 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::Consumer;
 
 use crate::config::{KafkaArgs, KafkaSettings};
 use crate::pipeline::dedup::RedisDedup;
@@ -119,27 +117,6 @@ fn parse_offsets(t: &Topology, spec: &str) -> anyhow::Result<Range> {
     Ok((topic, partition, start, end))
 }
 
-/// Timestamp (ms) of the record at `offset`.
-fn record_timestamp(
-    c: &BaseConsumer,
-    topic: &str,
-    partition: i32,
-    offset: i64,
-) -> anyhow::Result<Option<i64>> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
-    c.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            if m.offset() == offset {
-                return Ok(m.timestamp().to_millis());
-            }
-        }
-    }
-    Ok(None)
-}
-
 /// Resolves a time range into per-partition offset ranges, with the broker's offsets-for-times.
 /// A time after the last record means "the end" (some brokers answer offset 0 there: checked
 /// against the last record's timestamp).
@@ -149,14 +126,7 @@ pub fn resolve_times(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Range>> {
-    let c: BaseConsumer = settings
-        .client_config()
-        .set(
-            "group.id",
-            format!("helios-replay-resolve-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let c = crate::kafka::reader(settings, "replay-resolve")?;
     let timeout = Duration::from_secs(15);
     let mut out = vec![];
     for topic in topics {
@@ -178,25 +148,14 @@ pub fn resolve_times(
             if high <= low {
                 continue;
             }
-            let last_ts = record_timestamp(&c, topic, p, high - 1)?.unwrap_or(i64::MAX);
-            let at = |t: DateTime<Utc>| -> anyhow::Result<i64> {
-                let ms = t.timestamp_millis();
-                if ms > last_ts {
-                    return Ok(high);
-                }
-                let mut q = TopicPartitionList::new();
-                q.add_partition_offset(topic, p, Offset::Offset(ms))?;
-                let r = c.offsets_for_times(q, timeout)?;
-                let off = r
-                    .find_partition(topic, p)
-                    .map(|e| e.offset())
-                    .unwrap_or(Offset::End);
-                Ok(match off {
-                    Offset::Offset(o) => o.clamp(low, high),
-                    _ => high,
-                })
-            };
-            let (start, end) = (at(from)?, at(to)?);
+            let at = crate::kafka::offsets_at_times(
+                &c,
+                topic,
+                p,
+                (low, high),
+                &[from.timestamp_millis(), to.timestamp_millis()],
+            )?;
+            let (start, end) = (at[0], at[1]);
             if end > start {
                 out.push((topic.clone(), p, start, end));
             }

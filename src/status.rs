@@ -124,21 +124,17 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0
 }
 
-fn consumer(settings: &KafkaSettings, group: &str) -> anyhow::Result<BaseConsumer> {
-    Ok(settings
-        .client_config()
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()?)
-}
-
 /// Per raw partition: end offset, committed offset, lag. The group is only asked for its
 /// committed offsets (this client never joins it).
 fn partitions(
     settings: &KafkaSettings,
     topology: &Topology,
 ) -> anyhow::Result<(Vec<PartitionStatus>, Duration)> {
-    let c = consumer(settings, &topology.consumer_group)?;
+    let c: BaseConsumer = settings
+        .client_config()
+        .set("group.id", &topology.consumer_group)
+        .set("enable.auto.commit", "false")
+        .create()?;
     let timeout = Duration::from_secs(10);
     let t0 = Instant::now();
     let md = c.fetch_metadata(None, timeout)?;
@@ -189,10 +185,7 @@ fn scan_recent(
     limit: i64,
     mut each: impl FnMut(Option<i64>, &dyn Fn(&str) -> Option<String>, &[u8]),
 ) -> anyhow::Result<u64> {
-    let c = consumer(
-        settings,
-        &format!("helios-status-{}", uuid::Uuid::new_v4().simple()),
-    )?;
+    let c = crate::kafka::reader(settings, "status")?;
     let timeout = Duration::from_secs(10);
     let md = c.fetch_metadata(Some(topic), timeout)?;
     let mut tpl = TopicPartitionList::new();
@@ -203,16 +196,13 @@ fn scan_recent(
             if high <= low {
                 continue;
             }
-            let mut q = TopicPartitionList::new();
-            q.add_partition_offset(topic, p.id(), Offset::Offset(since.timestamp_millis()))?;
-            let from = match c
-                .offsets_for_times(q, timeout)?
-                .find_partition(topic, p.id())
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(o)) if o >= 0 => o,
-                _ => high,
-            };
+            let from = crate::kafka::offsets_at_times(
+                &c,
+                topic,
+                p.id(),
+                (low, high),
+                &[since.timestamp_millis()],
+            )?[0];
             let start = from.max(high - limit).clamp(low, high);
             if start < high {
                 tpl.add_partition_offset(topic, p.id(), Offset::Offset(start))?;
@@ -353,28 +343,38 @@ fn subscriptions(
 type ReplayTuple = (String, DateTime<Utc>, Option<DateTime<Utc>>, String, String);
 
 /// PostgreSQL: health, events of the last hour by type, the last replays.
-async fn postgres(args: &StatusArgs) -> (Dependency, BTreeMap<String, i64>, Vec<ReplayRow>) {
+/// `pool` is kept across the looks of `--watch` (opened on the first, dropped after a failure).
+async fn postgres(
+    args: &StatusArgs,
+    pool: &mut Option<sqlx::PgPool>,
+) -> (Dependency, BTreeMap<String, i64>, Vec<ReplayRow>) {
     let t0 = Instant::now();
     let result = async {
-        let pool = crate::db::connect(&args.database_url, args.db_schema.as_deref()).await?;
+        if pool.is_none() {
+            *pool =
+                Some(crate::db::connect(&args.database_url, args.db_schema.as_deref()).await?);
+        }
+        let pool = pool.as_ref().expect("connected above");
         // The round trip of a query, not the connection set-up.
         let t1 = Instant::now();
-        sqlx::query("SELECT 1").execute(&pool).await?;
+        sqlx::query("SELECT 1").execute(pool).await?;
         let latency = t1.elapsed();
         let by_type: Vec<(String, i64)> = sqlx::query_as(
             "SELECT event_type, count(*) FROM events WHERE occurred_at > now() - interval '1 hour' GROUP BY event_type ORDER BY event_type LIMIT 200",
         )
-        .fetch_all(&pool)
+        .fetch_all(pool)
         .await?;
         let replays: Vec<ReplayTuple> = sqlx::query_as(
                 "SELECT replay_id, started_at, finished_at, outcome, dedup_policy FROM replay_history ORDER BY started_at DESC LIMIT 5",
             )
-            .fetch_all(&pool)
+            .fetch_all(pool)
             .await?;
-        pool.close().await;
         anyhow::Ok((latency, by_type, replays))
     }
     .await;
+    if result.is_err() {
+        *pool = None;
+    }
     match result {
         Ok((latency, by_type, replays)) => (
             Dependency {
@@ -461,8 +461,8 @@ async fn schema_registry(url: &str) -> Dependency {
     }
 }
 
-/// Takes one look.
-pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
+/// Takes one look (`pool`: the PostgreSQL connections kept between looks).
+pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyhow::Result<Status> {
     let (topology, settings) = args.kafka.resolve()?;
     let now = Utc::now();
     let kafka = {
@@ -475,7 +475,7 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
             Ok((parts, probe, dlq, scanned, subs))
         })
     };
-    let (pg, events_last_hour, replays) = postgres(args).await;
+    let (pg, events_last_hour, replays) = postgres(args, pool).await;
     let mut dependencies = vec![];
     let (partitions, dlq, dlq_scanned, subscriptions) = match kafka.await? {
         Ok((parts, probe, dlq, scanned, subs)) => {
@@ -638,8 +638,9 @@ pub fn render(s: &Status) -> String {
 /// Runs `helios status`.
 pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let mut before: Option<Status> = None;
+    let mut pool = None;
     loop {
-        let mut s = collect(&args).await?;
+        let mut s = collect(&args, &mut pool).await?;
         if let Some(b) = &before {
             add_rates(&mut s, b);
         }

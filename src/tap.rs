@@ -143,22 +143,13 @@ fn assign(
                 let offset = match start {
                     Start::Beginning => low,
                     Start::End => high,
-                    Start::At(at) => {
-                        let mut q = TopicPartitionList::new();
-                        q.add_partition_offset(
-                            topic,
-                            p.id(),
-                            Offset::Offset(at.timestamp_millis()),
-                        )?;
-                        match c
-                            .offsets_for_times(q, timeout)?
-                            .find_partition(topic, p.id())
-                            .map(|e| e.offset())
-                        {
-                            Some(Offset::Offset(o)) if o >= 0 => o.clamp(low, high),
-                            _ => high,
-                        }
-                    }
+                    Start::At(at) => crate::kafka::offsets_at_times(
+                        c,
+                        topic,
+                        p.id(),
+                        (low, high),
+                        &[at.timestamp_millis()],
+                    )?[0],
                 };
                 tpl.add_partition_offset(topic, p.id(), Offset::Offset(offset))?;
                 if offset < high {
@@ -344,14 +335,7 @@ pub async fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
 fn tap(args: &TapArgs, runtime: tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
     let (topology, settings) = args.kafka.resolve()?;
     let start = parse_from(&args.from)?;
-    let c: BaseConsumer = settings
-        .client_config()
-        .set(
-            "group.id",
-            format!("helios-tap-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let c = crate::kafka::reader(&settings, "tap")?;
     let topics = topics(&c, &topology, args)?;
     if topics.is_empty() {
         anyhow::bail!("no `{}` topics on the broker", topology.event_topic("*"));

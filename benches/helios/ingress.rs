@@ -111,9 +111,7 @@ fn print_row(name: &str, r: &LoadResult) {
 
 /// The ingress against a bare HTTP server, `connections` at a time for `seconds` each.
 pub async fn run(kafka: &KafkaArgs, connections: usize, seconds: u64) -> anyhow::Result<()> {
-    let (mut topology, settings) = kafka.resolve()?;
-    // A fresh prefix per run: the benchmark never writes into real topics.
-    topology.topic_prefix = format!("bench-{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let (topology, settings, _) = crate::scratch_topology(kafka)?;
     helios::kafka::apply_topology(&settings, &topology, false).await?;
     let duration = Duration::from_secs(seconds);
     let warmup = Duration::from_secs(2);

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use helios::config::KafkaArgs;
 use helios::db::PgStore;
 use helios::ingress::IngressConfig;
-use helios::pipeline::dedup::RedisDedup;
 use helios::pipeline::processor::{Processor, ProcessorConfig};
 use helios::shutdown::Shutdown;
 
@@ -101,20 +100,9 @@ pub async fn run_once(
     database_url: &str,
     redis_url: &str,
 ) -> anyhow::Result<Row> {
-    let (mut topology, mut settings) = kafka.resolve()?;
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    topology.topic_prefix = format!("bench-{tag}.");
-    topology.consumer_group = format!("bench-{tag}.helios-processor");
+    let (topology, mut settings, tag) = crate::scratch_topology(kafka)?;
     helios::kafka::apply_topology(&settings, &topology, false).await?;
-    let schema = format!("bench_{tag}");
-    let pool = helios::db::connect(database_url, Some(&schema)).await?;
-    helios::db::migrate(&pool).await?;
-    let dedup = RedisDedup::connect(
-        redis_url,
-        &format!("bench:{tag}:"),
-        Duration::from_secs(900),
-    )
-    .await?;
+    let (schema, pool, dedup) = crate::scratch_stores(database_url, redis_url, &tag).await?;
     let (stop, shutdown) = Shutdown::new();
     let running = helios::ingress::start(
         IngressConfig::new(settings.clone(), topology.clone()),
@@ -186,11 +174,7 @@ pub async fn run_once(
     .bind(first_measured as i64)
     .fetch_one(&pool)
     .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA \"{schema}\" CASCADE"
-    )))
-    .execute(&pool)
-    .await?;
+    crate::drop_schema(&pool, &schema).await?;
     Ok(Row {
         fetch_wait: o
             .fetch_wait_ms

@@ -26,6 +26,21 @@ struct Cli {
     what: BenchCommand,
 }
 
+/// PostgreSQL and Redis of the process and latency benchmarks.
+#[derive(Debug, clap::Args)]
+struct Stores {
+    /// PostgreSQL URL (a scratch schema is created and dropped).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Redis URL (keys expire after 15 minutes).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+}
+
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Processor throughput, CPU and memory on a backlog, against a plain consume-and-produce
@@ -36,16 +51,8 @@ enum BenchCommand {
         /// Raw records in the backlog (comma-separated for several runs, e.g. 10000,100000).
         #[arg(long, value_delimiter = ',', default_value = "100000")]
         records: Vec<usize>,
-        /// PostgreSQL URL (a scratch schema is created and dropped).
-        #[arg(
-            long,
-            env = "DATABASE_URL",
-            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-        )]
-        database_url: String,
-        /// Redis URL (keys expire after 15 minutes).
-        #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-        redis_url: String,
+        #[command(flatten)]
+        stores: Stores,
         /// Records per batch (default: the processor's).
         #[arg(long, default_value_t = helios::pipeline::processor::DEFAULT_BATCH_RECORDS)]
         batch_size: usize,
@@ -67,16 +74,8 @@ enum BenchCommand {
         /// processor's own.
         #[arg(long, value_delimiter = ',', default_value = "default")]
         fetch_wait_ms: Vec<String>,
-        /// PostgreSQL URL (a scratch schema is created and dropped).
-        #[arg(
-            long,
-            env = "DATABASE_URL",
-            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-        )]
-        database_url: String,
-        /// Redis URL (keys expire after 15 minutes).
-        #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-        redis_url: String,
+        #[command(flatten)]
+        stores: Stores,
     },
     /// Ingress throughput and latency against a bare HTTP server.
     Ingress {
@@ -114,14 +113,20 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Process {
             kafka,
             records,
-            database_url,
-            redis_url,
+            stores,
             batch_size,
         } => {
             let mut rows = vec![];
             for n in records {
                 rows.push(
-                    process::run_once(&kafka, n, &database_url, &redis_url, batch_size).await?,
+                    process::run_once(
+                        &kafka,
+                        n,
+                        &stores.database_url,
+                        &stores.redis_url,
+                        batch_size,
+                    )
+                    .await?,
                 );
             }
             process::print(&rows);
@@ -133,8 +138,7 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
             connections,
             seconds,
             fetch_wait_ms,
-            database_url,
-            redis_url,
+            stores,
         } => {
             let mut rows = vec![];
             for fw in fetch_wait_ms {
@@ -150,7 +154,10 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
                     seconds,
                     fetch_wait_ms: fw,
                 };
-                rows.push(latency::run_once(&kafka, &opts, &database_url, &redis_url).await?);
+                rows.push(
+                    latency::run_once(&kafka, &opts, &stores.database_url, &stores.redis_url)
+                        .await?,
+                );
             }
             latency::print(rate, connections, &rows);
             Ok(())
@@ -161,4 +168,47 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
             seconds,
         } => ingress::run(&kafka, connections, seconds).await,
     }
+}
+
+/// A run's own topics, consumer group and tag: a benchmark never touches real topics.
+fn scratch_topology(
+    kafka: &KafkaArgs,
+) -> anyhow::Result<(
+    helios::topology::Topology,
+    helios::config::KafkaSettings,
+    String,
+)> {
+    let (mut topology, settings) = kafka.resolve()?;
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    topology.topic_prefix = format!("bench-{tag}.");
+    topology.consumer_group = format!("bench-{tag}.helios-processor");
+    Ok((topology, settings, tag))
+}
+
+/// A run's own PostgreSQL schema (migrated) and Redis key prefix, named by `tag`.
+async fn scratch_stores(
+    database_url: &str,
+    redis_url: &str,
+    tag: &str,
+) -> anyhow::Result<(String, sqlx::PgPool, helios::pipeline::dedup::RedisDedup)> {
+    let schema = format!("bench_{tag}");
+    let pool = helios::db::connect(database_url, Some(&schema)).await?;
+    helios::db::migrate(&pool).await?;
+    let dedup = helios::pipeline::dedup::RedisDedup::connect(
+        redis_url,
+        &format!("bench:{tag}:"),
+        std::time::Duration::from_secs(900),
+    )
+    .await?;
+    Ok((schema, pool, dedup))
+}
+
+/// Drops a benchmark's scratch schema.
+async fn drop_schema(pool: &sqlx::PgPool, schema: &str) -> anyhow::Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA \"{schema}\" CASCADE"
+    )))
+    .execute(pool)
+    .await?;
+    Ok(())
 }

@@ -15,7 +15,6 @@ use helios::config::{KafkaArgs, KafkaSettings};
 use helios::db::{EventStore, PgStore, PgWrite};
 use helios::model::{CanonicalEvent, Normalized, RawRecord};
 use helios::pipeline::dedup::DedupKey;
-use helios::pipeline::dedup::RedisDedup;
 use helios::pipeline::normalize::normalize;
 use helios::pipeline::processor::{output_producer, Processor, ProcessorConfig};
 use helios::shutdown::Shutdown;
@@ -242,10 +241,7 @@ pub async fn run_once(
     redis_url: &str,
     batch_size: usize,
 ) -> anyhow::Result<Row> {
-    let (mut topology, settings) = kafka.resolve()?;
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    topology.topic_prefix = format!("bench-{tag}.");
-    topology.consumer_group = format!("bench-{tag}.helios-processor");
+    let (mut topology, settings, tag) = crate::scratch_topology(kafka)?;
     for spec in [
         &mut topology.raw_topics.aws,
         &mut topology.raw_topics.gcp,
@@ -275,15 +271,7 @@ pub async fn run_once(
     let passthrough_rps = passthrough(&settings, &topology, n, &out_topic).await?;
 
     eprintln!("[bench] processor ...");
-    let schema = format!("bench_{tag}");
-    let pool = helios::db::connect(database_url, Some(&schema)).await?;
-    helios::db::migrate(&pool).await?;
-    let dedup = RedisDedup::connect(
-        redis_url,
-        &format!("bench:{tag}:"),
-        Duration::from_secs(900),
-    )
-    .await?;
+    let (schema, pool, dedup) = crate::scratch_stores(database_url, redis_url, &tag).await?;
     let mut cfg = ProcessorConfig::new(settings.clone(), topology.clone());
     cfg.batch.records = batch_size;
     let p = Processor::new(cfg, dedup, helios::db::PgStore::new(pool.clone()))?;
@@ -310,7 +298,7 @@ pub async fn run_once(
     stop.trigger();
     task.await??;
     let (_, units, out, dups, dlq) = stats.snapshot();
-    drop_schema(&pool, &schema).await?;
+    crate::drop_schema(&pool, &schema).await?;
     eprintln!("[bench] PostgreSQL alone ...");
     let events = bench_events(&topology, n);
     let pg_alone_per_s =
@@ -393,7 +381,7 @@ async fn pg_alone(
         rows += store.insert_events(chunk).await?;
         spent += t.elapsed();
     }
-    drop_schema(&pool, &schema).await?;
+    crate::drop_schema(&pool, &schema).await?;
     Ok(rows as f64 / spent.as_secs_f64().max(1e-9))
 }
 
@@ -415,18 +403,8 @@ async fn pg_copy_ceiling(
     let rows = copy_in.finish().await?;
     tx.commit().await?;
     let spent = t.elapsed();
-    drop_schema(&pool, &schema).await?;
+    crate::drop_schema(&pool, &schema).await?;
     Ok(rows as f64 / spent.as_secs_f64().max(1e-9))
-}
-
-/// Drops a benchmark's scratch schema.
-async fn drop_schema(pool: &sqlx::PgPool, schema: &str) -> anyhow::Result<()> {
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA \"{schema}\" CASCADE"
-    )))
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 /// Prints the results table.
