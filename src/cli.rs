@@ -60,6 +60,10 @@ enum Command {
     Status(Box<crate::status::StatusArgs>),
     /// Print the records of the raw topics, the fan-out topics or the DLQ as they flow.
     Tap(Box<crate::tap::TapArgs>),
+    /// Follow each order through the flows of topology.yaml across event types and clouds;
+    /// report what completed, is missing, late, out of order, duplicated or orphaned
+    /// (`report` and `show <key>` read the results).
+    Reconcile(Box<crate::reconcile::ReconcileCommand>),
     /// Inspect and redrive the dead-letter topic.
     Dlq {
         #[command(subcommand)]
@@ -113,11 +117,14 @@ pub fn main() -> ExitCode {
     // A .env in the working directory is read first; real environment variables win.
     let dotenv_result = dotenvy::dotenv();
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Demo(_)) {
-        crate::telemetry::init_for_people();
-    } else {
-        crate::telemetry::init();
-    }
+    // Held until the end of main: dropping it exports the spans still buffered.
+    let _telemetry = match &cli.command {
+        Command::Demo(_) => crate::telemetry::init_for_people("helios-demo"),
+        Command::Ingress { .. } => crate::telemetry::init("helios-ingress"),
+        Command::Process { .. } => crate::telemetry::init("helios-processor"),
+        Command::Reconcile(_) => crate::telemetry::init("helios-reconciler"),
+        _ => crate::telemetry::init("helios"),
+    };
     if let Err(e) = &dotenv_result {
         if !e.not_found() {
             tracing::warn!(error = %e, ".env could not be read");
@@ -133,13 +140,15 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let code = match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    drop(rt);
+    code
 }
 
 /// The ingress refuses to start when a raw topic cannot hold the bodies it would accept.
@@ -197,6 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Replay(args) => crate::replay::run(*args).await,
+        Command::Reconcile(cmd) => crate::reconcile::run(*cmd).await,
         Command::Publish(args) => crate::publish::run(*args).await,
         Command::Dlq { action } => crate::dlq::run(action).await,
         Command::Status(args) => crate::status::run(*args).await,

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod publish;
+pub mod reconcile;
 pub mod replay;
 pub mod shutdown;
 pub mod source;

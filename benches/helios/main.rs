@@ -94,7 +94,7 @@ fn main() -> std::process::ExitCode {
     // `cargo bench` passes `--bench` to every bench target; it is not ours.
     let args = std::env::args().filter(|a| a != "--bench");
     let cli = Cli::parse_from(args);
-    helios::telemetry::init();
+    let _telemetry = helios::telemetry::init("helios-bench");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

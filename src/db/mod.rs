@@ -33,6 +33,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "dlq_redrives",
         include_str!("../../migrations/0002_dlq_redrives.sql"),
     ),
+    (
+        3,
+        "reconciliation",
+        include_str!("../../migrations/0003_reconciliation.sql"),
+    ),
 ];
 
 /// A database failure, classified: transient ones retry the batch; ones caused by the data

@@ -28,11 +28,18 @@ pub struct SqliteStore {
     pool: sqlx::SqlitePool,
 }
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "events",
-    include_str!("../../migrations/sqlite/0001_events.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "events",
+        include_str!("../../migrations/sqlite/0001_events.sql"),
+    ),
+    (
+        2,
+        "reconciliation",
+        include_str!("../../migrations/sqlite/0002_reconciliation.sql"),
+    ),
+];
 
 impl SqliteStore {
     /// Opens (creating if needed) the SQLite file and applies its migrations.

@@ -70,6 +70,21 @@ pub struct Delivery<'a> {
     pub received_at: DateTime<Utc>,
     pub headers: &'a HeaderMap,
     pub body: &'a [u8],
+    /// The trace context the body carries where the request's headers do not (a wrapped Pub/Sub
+    /// message's `googclient_traceparent` attribute).
+    pub trace_hint: Option<&'a str>,
+}
+
+impl Delivery<'_> {
+    /// The W3C trace context the delivery arrived with: the request's `traceparent`, a
+    /// CloudEvents binary-mode `ce-traceparent`, a Pub/Sub attribute (as an unwrapped header or
+    /// from the wrapped message).
+    fn trace_parent(&self) -> Option<&str> {
+        ["traceparent", "ce-traceparent", "googclient_traceparent"]
+            .iter()
+            .find_map(|h| self.headers.get(*h).and_then(|v| v.to_str().ok()))
+            .or(self.trace_hint)
+    }
 }
 
 /// Whether a raw record is a business delivery or a handshake kept for the audit trail.
@@ -123,11 +138,23 @@ impl Landing {
         kind: RecordKind,
         extra_attribute_headers: bool,
     ) -> Result<(), IngressError> {
-        let hdrs = self.record_headers(d, kind, extra_attribute_headers);
         let topic = self.topic(d.source);
+        let source = d.source.as_str();
+        // The ingress span (traces on): a child of the delivery's trace context; the raw record
+        // carries the span's own context on to the processor.
+        let span = if crate::telemetry::traces_on() {
+            tracing::info_span!(target: crate::telemetry::SPAN_TARGET, "helios.ingress",
+                otel.kind = "server", helios.source = source, helios.endpoint = d.endpoint,
+                helios.request_id = d.request_id, messaging.system = "kafka",
+                messaging.destination.name = topic, messaging.kafka.partition = tracing::field::Empty,
+                messaging.kafka.offset = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
+        let own_trace = crate::telemetry::continue_trace(&span, d.trace_parent());
+        let hdrs = self.record_headers(d, kind, extra_attribute_headers, own_trace.as_deref());
         let started = Instant::now();
         let result = self.producer.send(topic, None, d.body, hdrs).await;
-        let source = d.source.as_str();
         metrics::histogram!("helios_ingress_produce_duration_seconds", "source" => source)
             .record(started.elapsed().as_secs_f64());
         match result {
@@ -144,6 +171,8 @@ impl Landing {
                 metrics::counter!("helios_ingress_raw_bytes_total", "source" => source)
                     .increment(d.body.len() as u64);
                 tracing::debug!(request_id = %d.request_id, topic, partition, offset, "landed raw record");
+                span.record("messaging.kafka.partition", partition);
+                span.record("messaging.kafka.offset", offset);
                 Ok(())
             }
             Err(e) => {
@@ -156,6 +185,7 @@ impl Landing {
                 metrics::counter!("helios_ingress_produce_failures_total", "source" => source, "reason" => reason)
                     .increment(1);
                 tracing::warn!(request_id = %d.request_id, topic, error = %e, "raw record not acknowledged");
+                crate::telemetry::fail(&span, reason);
                 Err(match e {
                     // A record the broker refuses for its size can never succeed.
                     ProduceError::Refused(err) => IngressError::RefusedByKafka(err.to_string()),
@@ -172,6 +202,7 @@ impl Landing {
         d: &Delivery<'_>,
         kind: RecordKind,
         extra_attribute_headers: bool,
+        own_trace: Option<&str>,
     ) -> OwnedHeaders {
         let received = d.received_at.to_rfc3339_opts(SecondsFormat::Millis, true);
         let mut h = OwnedHeaders::new_with_capacity(8 + d.headers.len())
@@ -206,8 +237,17 @@ impl Landing {
                     value: Some(which),
                 }),
         };
+        if let Some(t) = own_trace {
+            h = h.insert(Header {
+                key: "traceparent",
+                value: Some(t),
+            });
+        }
         for (name, value) in d.headers.iter() {
             let n = name.as_str(); // lower-case already
+            if own_trace.is_some() && n == "traceparent" {
+                continue; // the ingress span's context replaces it (the span's parent is it)
+            }
             let wanted = n == headers::CONTENT_TYPE
                 || n == "webhook-request-origin"
                 // W3C trace context: the processor continues it on the fan-out record.

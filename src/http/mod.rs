@@ -46,6 +46,23 @@ impl Front {
         kind: RecordKind,
         attribute_headers: bool,
     ) -> Result<(), IngressError> {
+        self.land_traced(source, endpoint, inc, body, kind, attribute_headers, None)
+            .await
+    }
+
+    /// [`Front::land`] for a body that carries its trace context (`trace_hint`) where the
+    /// request's headers do not.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn land_traced(
+        &self,
+        source: Source,
+        endpoint: &'static str,
+        inc: &Incoming,
+        body: &[u8],
+        kind: RecordKind,
+        attribute_headers: bool,
+        trace_hint: Option<&str>,
+    ) -> Result<(), IngressError> {
         let d = Delivery {
             source,
             endpoint,
@@ -53,6 +70,7 @@ impl Front {
             received_at: inc.received_at,
             headers: &inc.headers,
             body,
+            trace_hint,
         };
         self.landing.land(&d, kind, attribute_headers).await
     }

@@ -146,7 +146,12 @@ fn next_offsets(batch: &[RawRecord]) -> TopicPartitionList {
 type Refused = Vec<(usize, Refusal)>;
 
 impl Delivery {
-    pub fn new(records: Vec<RawRecord>, plan: BatchPlan) -> Self {
+    pub fn new(records: Vec<RawRecord>, mut plan: BatchPlan) -> Self {
+        if crate::telemetry::traces_on() {
+            for p in &mut plan.events {
+                p.trace = super::plan::EventTrace::start(&p.event, records.get(p.record));
+            }
+        }
         Delivery {
             records,
             plan,
@@ -188,6 +193,11 @@ impl Delivery {
 
     /// The finished batch (call after `run` returned `Ok`).
     pub fn finish(self) -> Delivered {
+        for p in &self.plan.events {
+            if let Some(t) = &p.trace {
+                t.span.record("helios.outcome", "stored");
+            }
+        }
         Delivered {
             offsets: next_offsets(&self.records),
             records: self.records,
@@ -237,7 +247,12 @@ impl Delivery {
             let rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
                 .key(p.event.partition_key().as_bytes())
                 .payload(payload)
-                .headers(fanout::headers(&p.event, content_type, replay_id));
+                .headers(fanout::headers(
+                    &p.event,
+                    content_type,
+                    replay_id,
+                    p.trace.as_ref().map(|t| t.traceparent.as_str()),
+                ));
             sends.send(out.producer, i, rec).await;
         }
         let (acked, refused, transient) = sends.settle().await;
@@ -310,6 +325,10 @@ impl Delivery {
                 let (_, refusal) = refused.next().expect("peeked");
                 tracing::warn!(event_id = %crate::model::text::bounded(&p.event.event_id, 128), reason = refusal.reason.as_str(),
                     stage = refusal.stage.as_str(), detail = %crate::model::text::bounded(&refusal.detail, 256), "a sink refused an event; it goes to the DLQ");
+                if let Some(t) = &p.trace {
+                    t.span.record("helios.outcome", "dead_lettered");
+                    crate::telemetry::fail(&t.span, refusal.reason.as_str());
+                }
                 self.to_release
                     .push((DedupKey::of(&p.event), MarkOwner::of(&p.event)));
                 self.plan.dlq.push(DlqItem {

@@ -22,6 +22,7 @@ fn pairs<'a>(
     e: &'a CanonicalEvent,
     content_type: &'a str,
     replay_id: Option<&'a str>,
+    trace: Option<&'a str>,
 ) -> Vec<(&'static str, std::borrow::Cow<'a, str>)> {
     let mut v: Vec<(&'static str, std::borrow::Cow<'a, str>)> = vec![
         ("ce_specversion", "1.0".into()),
@@ -44,16 +45,23 @@ fn pairs<'a>(
     if let Some(id) = replay_id {
         v.push((REPLAY_ID, id.into()));
     }
-    // The delivery's W3C trace context, validated at normalization.
-    if let Some(t) = e.metadata.get("traceparent") {
-        v.push(("traceparent", t.as_str().into()));
+    // The processor span's context (traces on), else the delivery's W3C trace context,
+    // validated at normalization.
+    if let Some(t) = trace.or(e.metadata.get("traceparent").map(String::as_str)) {
+        v.push(("traceparent", t.into()));
     }
     v
 }
 
-/// The fan-out record's headers: CloudEvents binary mode plus lineage.
-pub fn headers(e: &CanonicalEvent, content_type: &str, replay_id: Option<&str>) -> OwnedHeaders {
-    let p = pairs(e, content_type, replay_id);
+/// The fan-out record's headers: CloudEvents binary mode plus lineage; `trace` is the
+/// processor span's `traceparent` when traces are exported.
+pub fn headers(
+    e: &CanonicalEvent,
+    content_type: &str,
+    replay_id: Option<&str>,
+    trace: Option<&str>,
+) -> OwnedHeaders {
+    let p = pairs(e, content_type, replay_id, trace);
     let mut h = OwnedHeaders::new_with_capacity(p.len());
     for (k, v) in &p {
         h = h.insert(Header {
@@ -66,8 +74,10 @@ pub fn headers(e: &CanonicalEvent, content_type: &str, replay_id: Option<&str>) 
 
 /// Bytes the key and headers of an event's fan-out record take (for the size check).
 pub fn key_and_headers_size(e: &CanonicalEvent, replay_id: Option<&str>) -> usize {
+    // Measured with a processor span's `traceparent` (same length as any valid one).
+    const SOME_TRACE: &str = "00-00000000000000000000000000000001-0000000000000001-01";
     e.partition_key().len()
-        + pairs(e, content_type(true), replay_id)
+        + pairs(e, content_type(true), replay_id, Some(SOME_TRACE))
             .iter()
             .map(|(k, v)| k.len() + v.len() + 8)
             .sum::<usize>()

@@ -51,6 +51,38 @@ pub struct PlannedEvent {
     pub record: usize,
     /// The JSON fan-out value (none in Avro mode: encoded at delivery).
     pub payload: Option<Vec<u8>>,
+    /// The event's processor span, while traces are exported (set at delivery).
+    pub trace: Option<EventTrace>,
+}
+
+/// The processor span of one event and its context, written on the fan-out record. The span
+/// ends when the batch is done with the event (dropped with the plan).
+#[derive(Debug, Clone)]
+pub struct EventTrace {
+    pub span: tracing::Span,
+    pub traceparent: String,
+}
+
+impl EventTrace {
+    /// The span of `e`, landed as `raw`: a child of the context the raw record carries (the
+    /// ingress span's, when the ingress exports traces too), else of the event's own.
+    pub fn start(e: &CanonicalEvent, raw: Option<&RawRecord>) -> Option<EventTrace> {
+        if !crate::telemetry::traces_on() {
+            return None;
+        }
+        let span = tracing::info_span!(target: crate::telemetry::SPAN_TARGET, "helios.process",
+            otel.kind = "consumer", helios.event_id = %crate::model::text::bounded(&e.event_id, 128),
+            helios.event_type = e.event_type.as_str(), helios.source = e.source.as_str(),
+            messaging.system = "kafka", messaging.source.name = e.raw.topic.as_str(),
+            messaging.kafka.partition = e.raw.partition, messaging.kafka.offset = e.raw.offset,
+            helios.outcome = tracing::field::Empty);
+        let parent = raw
+            .and_then(|r| r.header("traceparent"))
+            .filter(|t| crate::model::draft::valid_traceparent(t))
+            .or(e.metadata.get("traceparent").map(String::as_str));
+        let traceparent = crate::telemetry::continue_trace(&span, parent)?;
+        Some(EventTrace { span, traceparent })
+    }
 }
 
 /// What a batch will produce.
@@ -139,6 +171,7 @@ pub fn prepare(records: &[RawRecord], ctx: &PlanContext<'_>) -> BatchPlan {
                                     event: ev,
                                     record: i,
                                     payload,
+                                    trace: None,
                                 });
                             } else {
                                 plan.duplicates.push(source);

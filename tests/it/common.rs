@@ -596,3 +596,36 @@ pub fn run_ok(mut c: std::process::Command) -> String {
     );
     stdout
 }
+
+/// `helios ingress` (the binary) on `topology` with `env` added; returns the child and its
+/// base URL.
+pub fn ingress_binary(
+    topology: &helios::topology::Topology,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_helios"))
+        .arg("ingress")
+        .env(
+            "HELIOS_TOPOLOGY",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/topology.yaml"),
+        )
+        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+        .env("HELIOS_TOPIC_PREFIX", &topology.topic_prefix)
+        .env("API_HOST", "127.0.0.1")
+        .env("API_PORT", "0")
+        .env("RUST_LOG", "error")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("helios ingress");
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    (child, url)
+}

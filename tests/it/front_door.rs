@@ -2,8 +2,6 @@
 //! rate limits answered with the status each cloud retries, slow clients cut off without
 //! slowing anyone else.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use helios::topology::RateLimit;
@@ -11,35 +9,6 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
-
-/// `helios ingress` (the binary) on a fresh topology; returns the child and its base URL.
-fn ingress_binary(topology: &helios::topology::Topology) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_helios"))
-        .arg("ingress")
-        .env(
-            "HELIOS_TOPOLOGY",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/topology.yaml"),
-        )
-        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
-        .env("HELIOS_TOPIC_PREFIX", &topology.topic_prefix)
-        .env("API_HOST", "127.0.0.1")
-        .env("API_PORT", "0")
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("helios ingress");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    (child, url)
-}
 
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -62,7 +31,7 @@ fn random_text(n: usize) -> String {
 #[tokio::test]
 async fn random_topic_arns_and_subscription_names_do_not_grow_metrics_or_memory() {
     let topology = applied_topology(|_| {}).await;
-    let (mut child, base) = ingress_binary(&topology);
+    let (mut child, base) = ingress_binary(&topology, &[]);
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !client

@@ -100,6 +100,8 @@ async fn process(st: &GcpState, inc: &Incoming) -> Result<Response, IngressError
     let body = inc.body()?;
     let unwrapped = inc.headers.contains_key("x-goog-pubsub-message-id")
         || inc.headers.contains_key("x-goog-pubsub-subscription-name");
+    // A wrapped message's trace context travels as its `googclient_traceparent` attribute.
+    let mut trace_hint = None;
     if !unwrapped {
         let is_json_type = inc
             .header("content-type")
@@ -114,6 +116,10 @@ async fn process(st: &GcpState, inc: &Incoming) -> Result<Response, IngressError
                         ));
                     }
                 }
+                trace_hint = v
+                    .pointer("/message/attributes/googclient_traceparent")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string);
             }
             // An unwrapped push without write-metadata carries arbitrary bytes and no headers to
             // tell it apart; only a body that claims to be JSON and is not is refused.
@@ -126,13 +132,14 @@ async fn process(st: &GcpState, inc: &Incoming) -> Result<Response, IngressError
         }
     }
     st.front
-        .land(
+        .land_traced(
             Source::Gcp,
             ENDPOINT,
             inc,
             body,
             RecordKind::Event,
             unwrapped,
+            trace_hint.as_deref(),
         )
         .await?;
     Ok(accepted(inc, StatusCode::OK))

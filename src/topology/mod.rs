@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::source::Source;
 
+pub mod flows;
+pub use flows::{Flow, FlowSpec, FlowStep};
+
 /// Why a topology file cannot be used; every variant names the file and the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -73,6 +76,9 @@ pub struct EventTypeSpec {
     /// Avro schema file (relative to the topology file); default `schemas/<Type>.avsc` when present.
     #[serde(default)]
     pub schema: Option<String>,
+    /// Partitions of this type's fan-out topic (default: `event_topics.partitions`).
+    #[serde(default)]
+    pub partitions: Option<i32>,
 }
 
 /// A request rate limit of one source's endpoints (a token bucket).
@@ -126,6 +132,15 @@ pub struct Topology {
     /// without one is not limited (the in-flight cap still applies).
     #[serde(default)]
     pub rate_limits: BTreeMap<String, RateLimit>,
+    /// Lifecycles `helios reconcile` follows across event types (see [`flows`]).
+    #[serde(default)]
+    pub flows: BTreeMap<String, FlowSpec>,
+    /// Where `helios reconcile` writes one record per outcome, keyed by the flow key.
+    #[serde(default = "default_reconciliation_topic")]
+    pub reconciliation: TopicSpec,
+    /// The consumer group of `helios reconcile`.
+    #[serde(default = "default_reconciler_group")]
+    pub reconciler_group: String,
     /// Directory of the topology file (schemas are found relative to it); none when built in.
     #[serde(skip)]
     pub base_dir: Option<std::path::PathBuf>,
@@ -139,6 +154,16 @@ fn default_replication() -> i32 {
 }
 fn default_group() -> String {
     "helios-processor".into()
+}
+fn default_reconciler_group() -> String {
+    "helios-reconciler".into()
+}
+fn default_reconciliation_topic() -> TopicSpec {
+    TopicSpec {
+        name: "helios.reconciliation".into(),
+        partitions: default_partitions(),
+        config: BTreeMap::new(),
+    }
 }
 fn default_event_template() -> String {
     "helios.events.{event_type}".into()
@@ -191,8 +216,11 @@ impl Topology {
 
     /// The built-in topology (same as the repository's `topology.yaml`), for the demo and tests.
     pub fn builtin() -> Topology {
-        Self::parse(include_str!("../topology.yaml"), "built-in topology.yaml")
-            .expect("the built-in topology.yaml is valid (checked by a unit test)")
+        Self::parse(
+            include_str!("../../topology.yaml"),
+            "built-in topology.yaml",
+        )
+        .expect("the built-in topology.yaml is valid (checked by a unit test)")
     }
 
     fn validate(&self, origin: &str) -> Result<(), TopologyError> {
@@ -218,6 +246,7 @@ impl Topology {
             .map(|s| (format!("raw_topics.{}", s.as_str()), self.raw_spec(*s)))
             .collect();
         specs.push(("dlq".into(), &self.dlq));
+        specs.push(("reconciliation".into(), &self.reconciliation));
         let mut seen = BTreeMap::new();
         for (key, spec) in &specs {
             check_topic_name(&spec.name).map_err(|p| bad(&format!("{key}.name"), p))?;
@@ -286,8 +315,56 @@ impl Topology {
                     return Err(bad(&format!("{key}.required[{i}]"), "is empty".into()));
                 }
             }
+            if spec.partitions.is_some_and(|p| p < 1) {
+                return Err(bad(
+                    &format!("{key}.partitions"),
+                    "must be at least 1".into(),
+                ));
+            }
         }
+        if self.reconciler_group.trim().is_empty() {
+            return Err(bad("reconciler_group", "must not be empty".into()));
+        }
+        if self.reconciler_group == self.consumer_group {
+            return Err(bad(
+                "reconciler_group",
+                "must differ from `consumer_group` (they read different topics)".into(),
+            ));
+        }
+        self.flows_in(origin)?;
         Ok(())
+    }
+
+    /// The validated flows, by name.
+    pub fn flows(&self) -> Result<Vec<Flow>, TopologyError> {
+        self.flows_in("topology.yaml")
+    }
+
+    fn flows_in(&self, origin: &str) -> Result<Vec<Flow>, TopologyError> {
+        self.flows
+            .iter()
+            .map(|(name, spec)| {
+                flows::validate_flow(name, spec, |t| self.event_partitions(t)).map_err(
+                    |(key, problem)| TopologyError::Invalid {
+                        path: origin.to_string(),
+                        key,
+                        problem,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Partitions of a declared event type's fan-out topic.
+    pub fn event_partitions(&self, event_type: &str) -> Option<i32> {
+        self.event_types
+            .get(event_type)
+            .map(|s| s.partitions.unwrap_or(self.event_topics.partitions))
+    }
+
+    /// Full name of the reconciliation topic.
+    pub fn reconciliation_topic(&self) -> String {
+        format!("{}{}", self.topic_prefix, self.reconciliation.name)
     }
 
     /// The rate limits by source (a missing `burst` is one second's worth).
@@ -357,10 +434,13 @@ impl Topology {
             .map(|s| plan(self.raw_spec(*s), format!("raw ({})", s.as_str())))
             .collect();
         out.push(plan(&self.dlq, "dead-letter".into()));
+        out.push(plan(&self.reconciliation, "reconciliation".into()));
         for name in self.event_types.keys() {
             out.push(PlannedTopic {
                 name: self.event_topic(name),
-                partitions: self.event_topics.partitions,
+                partitions: self
+                    .event_partitions(name)
+                    .unwrap_or(self.event_topics.partitions),
                 replication_factor: self.replication_factor,
                 config: merged(&self.topic_config, &self.event_topics.config),
                 role: format!("events ({name})"),
@@ -430,7 +510,7 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let text = include_str!("../topology.yaml").replace("consumer_group:", "consumer_grup:");
+        let text = include_str!("../../topology.yaml").replace("consumer_group:", "consumer_grup:");
         let err = Topology::parse(&text, "t.yaml").unwrap_err().to_string();
         assert!(err.contains("consumer_grup"), "{err}");
         assert!(err.contains("t.yaml"), "{err}");
@@ -438,7 +518,7 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let base = include_str!("../topology.yaml");
+        let base = include_str!("../../topology.yaml");
         let cases = [
             (
                 base.replacen("name: helios.dlq", "name: helios dlq", 1),

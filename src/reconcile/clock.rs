@@ -1,0 +1,168 @@
+//! Watermarks: how far event time has certainly advanced on a partition of a flow's topics.
+//!
+//! Per assigned topic-partition the newest `occurred_at` read is kept, and whether the consumer
+//! has caught up with it (the last poll found nothing more waiting). A flow's watermark on
+//! partition p is the newest event time over its step topics' partition p when all are caught
+//! up, else the smallest newest event time among those still being read (a topic whose backlog
+//! is behind holds the watermark back), minus `allowed_lateness`. When every one is caught up
+//! and nothing has arrived for `idle_after`, wall-clock time minus `allowed_lateness` counts
+//! too, so a missing step is reported even when traffic stops.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::topology::Flow;
+
+#[derive(Debug, Clone)]
+struct Track {
+    newest: Option<DateTime<Utc>>,
+    caught_up: bool,
+    last_record: Instant,
+}
+
+/// Event-time progress per topic-partition.
+#[derive(Debug, Default)]
+pub struct Clock {
+    tracks: HashMap<(String, i32), Track>,
+}
+
+impl Clock {
+    /// Keeps tracks only for the assigned topic-partitions (new ones start not caught up).
+    pub fn assigned(&mut self, tps: &[(String, i32)]) {
+        self.tracks.retain(|k, _| tps.contains(k));
+        for tp in tps {
+            self.tracks.entry(tp.clone()).or_insert_with(|| Track {
+                newest: None,
+                caught_up: false,
+                last_record: Instant::now(),
+            });
+        }
+    }
+
+    /// A record of `topic`/`partition` with this event time was read.
+    pub fn record(&mut self, topic: &str, partition: i32, at: DateTime<Utc>) {
+        let t = self
+            .tracks
+            .entry((topic.to_string(), partition))
+            .or_insert_with(|| Track {
+                newest: None,
+                caught_up: false,
+                last_record: Instant::now(),
+            });
+        t.newest = Some(t.newest.map_or(at, |n| n.max(at)));
+        t.caught_up = false;
+        t.last_record = Instant::now();
+    }
+
+    /// The last poll found nothing more waiting: every assigned topic-partition is caught up.
+    pub fn caught_up(&mut self) {
+        for t in self.tracks.values_mut() {
+            t.caught_up = true;
+        }
+    }
+
+    /// The partitions (numbers) assigned on any of `topics`.
+    pub fn partitions(&self, topics: &[String]) -> Vec<i32> {
+        let mut v: Vec<i32> = self
+            .tracks
+            .keys()
+            .filter(|(t, _)| topics.contains(t))
+            .map(|(_, p)| *p)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The flow's watermark on partition `p` (its step topics are `topics`).
+    pub fn watermark(
+        &self,
+        flow: &Flow,
+        topics: &[String],
+        p: i32,
+        idle_after: Duration,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        let tracks: Vec<&Track> = topics
+            .iter()
+            .filter_map(|t| self.tracks.get(&(t.clone(), p)))
+            .collect();
+        if tracks.is_empty() {
+            return None;
+        }
+        let lateness = chrono::Duration::from_std(flow.allowed_lateness).unwrap_or_default();
+        let all_caught_up = tracks.iter().all(|t| t.caught_up);
+        let event_time = if all_caught_up {
+            tracks.iter().filter_map(|t| t.newest).max()
+        } else {
+            tracks
+                .iter()
+                .filter(|t| !t.caught_up)
+                .map(|t| t.newest)
+                .min()
+                .flatten()
+        };
+        let mut wm = event_time.map(|t| t - lateness);
+        let quiet_for = tracks
+            .iter()
+            .map(|t| t.last_record.elapsed())
+            .min()
+            .unwrap_or_default();
+        if all_caught_up && quiet_for >= idle_after {
+            let wall = now - lateness;
+            wm = Some(wm.map_or(wall, |w| w.max(wall)));
+        }
+        wm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::FlowStep;
+
+    fn flow() -> Flow {
+        Flow {
+            name: "f".into(),
+            key: "order_id".into(),
+            steps: vec![
+                FlowStep {
+                    event_type: "A".into(),
+                    within: None,
+                },
+                FlowStep {
+                    event_type: "B".into(),
+                    within: Some(Duration::from_secs(60)),
+                },
+            ],
+            allowed_lateness: Duration::from_secs(10),
+        }
+    }
+
+    fn t(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn a_topic_behind_holds_the_watermark_back_until_caught_up() {
+        let f = flow();
+        let topics = vec!["a".to_string(), "b".to_string()];
+        let mut c = Clock::default();
+        c.assigned(&[("a".into(), 0), ("b".into(), 0)]);
+        let idle = Duration::from_secs(3600);
+        c.record("a", 0, t(100));
+        assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), None, "b unread");
+        c.record("b", 0, t(50));
+        assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), Some(t(40)));
+        c.caught_up();
+        assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), Some(t(90)));
+        assert_eq!(
+            c.watermark(&f, &topics, 0, Duration::ZERO, t(1000)),
+            Some(t(990)),
+            "idle: wall clock"
+        );
+        assert_eq!(c.watermark(&f, &topics, 1, idle, t(0)), None);
+    }
+}

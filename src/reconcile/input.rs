@@ -1,0 +1,102 @@
+//! What the reconciler reads from a fan-out record: the event's type, id, cloud, event time and
+//! order id, from the CloudEvents and lineage headers (the value is read only when the key
+//! could be the event id rather than an order id).
+
+use chrono::{DateTime, Utc};
+use rdkafka::message::{Headers, Message};
+
+use super::engine::Sighting;
+use crate::model::headers::lineage;
+use crate::pipeline::guard::MAX_ID_BYTES;
+
+/// A fan-out event as the reconciler sees it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub order_id: String,
+    pub sighting: Sighting,
+}
+
+/// Why a record is not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Not a HELIOS fan-out record (headers missing or unreadable).
+    NotAnEvent,
+    /// The event has no order id.
+    NoKey,
+    /// An id longer than the processor ever writes ([`MAX_ID_BYTES`]): not from HELIOS.
+    TooLong,
+}
+
+impl Skip {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::NotAnEvent => "not_an_event",
+            Skip::NoKey => "no_order_id",
+            Skip::TooLong => "id_too_long",
+        }
+    }
+}
+
+fn header<'a, M: Message>(m: &'a M, name: &str) -> Option<&'a str> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+#[derive(serde::Deserialize)]
+struct OrderOnly {
+    order_id: Option<String>,
+}
+
+/// Reads one fan-out record.
+pub fn read<M: Message>(m: &M, now: DateTime<Utc>) -> Result<Seen, Skip> {
+    let event_type = header(m, "ce_type").ok_or(Skip::NotAnEvent)?;
+    let event_id = header(m, "ce_id").ok_or(Skip::NotAnEvent)?;
+    let source = header(m, lineage::SOURCE).ok_or(Skip::NotAnEvent)?;
+    let occurred_at = header(m, "ce_time")
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .ok_or(Skip::NotAnEvent)?;
+    let key = m
+        .key()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .ok_or(Skip::NoKey)?;
+    // The fan-out key is the order id, else the event id: only then is the value needed.
+    let order_id = if key != event_id {
+        key.to_string()
+    } else {
+        let json = header(m, "content-type").is_some_and(|c| c.contains("json"));
+        m.payload()
+            .filter(|_| json)
+            .and_then(|v| serde_json::from_slice::<OrderOnly>(v).ok())
+            .and_then(|o| o.order_id)
+            .ok_or(Skip::NoKey)?
+    };
+    if order_id.len() > MAX_ID_BYTES || event_id.len() > MAX_ID_BYTES || source.len() > 16 {
+        return Err(Skip::TooLong);
+    }
+    let raw = match (
+        header(m, lineage::RAW_TOPIC),
+        header(m, lineage::RAW_PARTITION),
+        header(m, lineage::RAW_OFFSET),
+    ) {
+        (Some(t), Some(p), Some(o)) => Some(format!("{t}/{p}/{o}")),
+        _ => None,
+    };
+    Ok(Seen {
+        order_id,
+        sighting: Sighting {
+            step: event_type.to_string(),
+            source: source.to_string(),
+            event_id: event_id.to_string(),
+            occurred_at,
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            raw,
+            seen_at: now,
+        },
+    })
+}

@@ -1,0 +1,249 @@
+//! Reading the results: `helios reconcile report` (counts by flow and outcome, completion
+//! times, the latest incidents) and `helios reconcile show <key>` (one order's timeline).
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use sqlx::{PgPool, Row};
+
+use super::engine::{FlowState, OutcomeKind};
+
+/// Counts and latest incidents since `since`.
+pub async fn report(
+    pool: &PgPool,
+    flow: Option<&str>,
+    since: DateTime<Utc>,
+    outcome: Option<OutcomeKind>,
+    limit: i64,
+) -> anyhow::Result<Value> {
+    let outcome = outcome.map(|o| o.as_str());
+    let counts = sqlx::query(
+        "SELECT flow, outcome, count(*)::bigint, count(*) FILTER (WHERE resolved_at IS NULL)::bigint,
+                (percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms))::float8,
+                (percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms))::float8
+         FROM reconciliation_results
+         WHERE detected_at >= $1 AND ($2::text IS NULL OR flow = $2) AND ($3::text IS NULL OR outcome = $3)
+         GROUP BY flow, outcome ORDER BY flow, outcome",
+    )
+    .bind(since)
+    .bind(flow)
+    .bind(outcome)
+    .fetch_all(pool)
+    .await?;
+    let counts: Vec<Value> = counts
+        .iter()
+        .map(|r| {
+            json!({"flow": r.get::<String, _>(0), "outcome": r.get::<String, _>(1),
+                "count": r.get::<i64, _>(2), "unresolved": r.get::<i64, _>(3),
+                "duration_p50_ms": r.get::<Option<f64>, _>(4), "duration_p95_ms": r.get::<Option<f64>, _>(5)})
+        })
+        .collect();
+    let incidents = sqlx::query(
+        "SELECT flow, flow_key, outcome, step, event_time, detected_at, resolved_at, detail
+         FROM reconciliation_results
+         WHERE detected_at >= $1 AND ($2::text IS NULL OR flow = $2)
+           AND (($3::text IS NULL AND outcome <> 'completed') OR outcome = $3)
+         ORDER BY detected_at DESC, id DESC LIMIT $4",
+    )
+    .bind(since)
+    .bind(flow)
+    .bind(outcome)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let incidents: Vec<Value> = incidents
+        .iter()
+        .map(|r| {
+            json!({"flow": r.get::<String, _>(0), "key": r.get::<String, _>(1),
+                "outcome": r.get::<String, _>(2), "step": r.get::<String, _>(3),
+                "event_time": r.get::<Option<DateTime<Utc>>, _>(4),
+                "detected_at": r.get::<DateTime<Utc>, _>(5),
+                "resolved_at": r.get::<Option<DateTime<Utc>>, _>(6),
+                "detail": r.get::<Value, _>(7)})
+        })
+        .collect();
+    Ok(json!({"since": since, "counts": counts, "incidents": incidents}))
+}
+
+/// The report as text.
+pub fn report_text(r: &Value) -> String {
+    let mut out = format!(
+        "Reconciliation since {}\n\n",
+        r["since"].as_str().unwrap_or("")
+    );
+    out += &format!(
+        "{:<24} {:<15} {:>8} {:>11} {:>12} {:>12}\n",
+        "FLOW", "OUTCOME", "COUNT", "UNRESOLVED", "P50", "P95"
+    );
+    let counts = r["counts"].as_array().cloned().unwrap_or_default();
+    if counts.is_empty() {
+        out += "(no outcomes)\n";
+    }
+    let ms = |v: &Value| {
+        v.as_f64()
+            .map(|m| format!("{:.1}s", m / 1000.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    for c in &counts {
+        let unresolved = match c["outcome"].as_str() {
+            Some("missing") | Some("orphan") => c["unresolved"].to_string(),
+            _ => "-".into(),
+        };
+        out += &format!(
+            "{:<24} {:<15} {:>8} {:>11} {:>12} {:>12}\n",
+            c["flow"].as_str().unwrap_or(""),
+            c["outcome"].as_str().unwrap_or(""),
+            c["count"],
+            unresolved,
+            ms(&c["duration_p50_ms"]),
+            ms(&c["duration_p95_ms"]),
+        );
+    }
+    let incidents = r["incidents"].as_array().cloned().unwrap_or_default();
+    out += "\nLatest incidents\n";
+    if incidents.is_empty() {
+        out += "(none)\n";
+    }
+    for i in &incidents {
+        let resolved = if i["resolved_at"].is_null() {
+            ""
+        } else {
+            " (resolved)"
+        };
+        out += &format!(
+            "{}  {:<15} {:<20} {:<24} {}{}\n",
+            i["detected_at"].as_str().unwrap_or(""),
+            i["outcome"].as_str().unwrap_or(""),
+            i["step"].as_str().unwrap_or(""),
+            crate::model::text::bounded(i["key"].as_str().unwrap_or(""), 40),
+            i["flow"].as_str().unwrap_or(""),
+            resolved,
+        );
+    }
+    out
+}
+
+/// One key's timeline in every flow that follows it.
+pub async fn show(pool: &PgPool, key: &str, flow: Option<&str>) -> anyhow::Result<Value> {
+    let rows = sqlx::query(
+        "SELECT flow, part, state::text, next_due, completed, created_at, updated_at FROM flow_state
+         WHERE flow_key = $1 AND ($2::text IS NULL OR flow = $2) ORDER BY flow",
+    )
+    .bind(key)
+    .bind(flow)
+    .fetch_all(pool)
+    .await?;
+    let mut flows = vec![];
+    for r in rows {
+        let name: String = r.get(0);
+        let state: FlowState = serde_json::from_str(r.get::<&str, _>(2))?;
+        let mut steps = state.sightings.clone();
+        steps.sort_by_key(|s| s.occurred_at);
+        let mut prev: Option<DateTime<Utc>> = None;
+        let timeline: Vec<Value> = steps
+            .iter()
+            .map(|s| {
+                let gap = prev.map(|p| (s.occurred_at - p).num_milliseconds());
+                prev = Some(s.occurred_at);
+                json!({"step": s.step, "cloud": s.source, "event_id": s.event_id,
+                    "occurred_at": s.occurred_at, "gap_ms": gap, "raw": s.raw,
+                    "fanout": format!("{}/{}/{}", s.topic, s.partition, s.offset), "seen_at": s.seen_at})
+            })
+            .collect();
+        let results = sqlx::query(
+            "SELECT outcome, step, event_time, duration_ms, detected_at, resolved_at FROM reconciliation_results
+             WHERE flow = $1 AND flow_key = $2 ORDER BY detected_at, id",
+        )
+        .bind(&name)
+        .bind(key)
+        .fetch_all(pool)
+        .await?;
+        let results: Vec<Value> = results
+            .iter()
+            .map(|r| {
+                json!({"outcome": r.get::<String, _>(0), "step": r.get::<String, _>(1),
+                    "event_time": r.get::<Option<DateTime<Utc>>, _>(2), "duration_ms": r.get::<Option<i64>, _>(3),
+                    "detected_at": r.get::<DateTime<Utc>, _>(4), "resolved_at": r.get::<Option<DateTime<Utc>>, _>(5)})
+            })
+            .collect();
+        flows.push(
+            json!({"flow": name, "partition": r.get::<i32, _>(1), "completed": r.get::<bool, _>(4),
+            "next_deadline": r.get::<Option<DateTime<Utc>>, _>(3), "missing": state.missing,
+            "timeline": timeline, "outcomes": results}),
+        );
+    }
+    Ok(json!({"key": key, "flows": flows}))
+}
+
+/// The timeline as text.
+pub fn show_text(v: &Value) -> String {
+    let key = v["key"].as_str().unwrap_or("");
+    let flows = v["flows"].as_array().cloned().unwrap_or_default();
+    if flows.is_empty() {
+        return format!("No flow has seen `{key}`.\n");
+    }
+    let mut out = String::new();
+    for f in &flows {
+        out += &format!(
+            "{} / {}  ({}; partition {})\n",
+            f["flow"].as_str().unwrap_or(""),
+            key,
+            if f["completed"].as_bool() == Some(true) {
+                "completed"
+            } else {
+                "open"
+            },
+            f["partition"]
+        );
+        out += &format!(
+            "  {:<26} {:<20} {:<7} {:>10}  {:<28} {}\n",
+            "OCCURRED", "STEP", "CLOUD", "GAP", "RAW RECORD", "EVENT ID"
+        );
+        for s in f["timeline"].as_array().cloned().unwrap_or_default() {
+            let gap = s["gap_ms"]
+                .as_i64()
+                .map(|g| format!("+{:.1}s", g as f64 / 1000.0))
+                .unwrap_or_default();
+            out += &format!(
+                "  {:<26} {:<20} {:<7} {:>10}  {:<28} {}\n",
+                s["occurred_at"].as_str().unwrap_or(""),
+                s["step"].as_str().unwrap_or(""),
+                s["cloud"].as_str().unwrap_or(""),
+                gap,
+                s["raw"].as_str().unwrap_or("-"),
+                crate::model::text::bounded(s["event_id"].as_str().unwrap_or(""), 48),
+            );
+        }
+        for m in f["missing"].as_array().cloned().unwrap_or_default() {
+            out += &format!("  missing: {}\n", m.as_str().unwrap_or(""));
+        }
+        if let Some(d) = f["next_deadline"].as_str() {
+            out += &format!("  next deadline: {d}\n");
+        }
+        for o in f["outcomes"].as_array().cloned().unwrap_or_default() {
+            let step = o["step"].as_str().unwrap_or("");
+            let dur = o["duration_ms"]
+                .as_i64()
+                .map(|d| format!(" in {:.1}s", d as f64 / 1000.0))
+                .unwrap_or_default();
+            let resolved = if o["resolved_at"].is_null() {
+                ""
+            } else {
+                " (resolved)"
+            };
+            out += &format!(
+                "  outcome: {}{}{}{}  (detected {})\n",
+                o["outcome"].as_str().unwrap_or(""),
+                if step.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {step}")
+                },
+                dur,
+                resolved,
+                o["detected_at"].as_str().unwrap_or("")
+            );
+        }
+        out += "\n";
+    }
+    out
+}

@@ -1,0 +1,330 @@
+//! Where the reconciler keeps its state (`flow_state`) and its results
+//! (`reconciliation_results`): PostgreSQL in production, the demo's SQLite file embedded. A
+//! batch's state changes, results and resolutions are written in one transaction; results are
+//! idempotent on (flow, key, outcome, step).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+use super::engine::{FlowState, OutcomeKind};
+use crate::db::StoreError;
+
+/// An instance's state as stored.
+#[derive(Debug, Clone)]
+pub struct StateRow {
+    pub flow: String,
+    pub key: String,
+    pub part: i32,
+    pub state: FlowState,
+    pub next_due: Option<DateTime<Utc>>,
+    pub completed: bool,
+}
+
+/// One outcome row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResultRow {
+    pub flow: String,
+    pub key: String,
+    pub outcome: OutcomeKind,
+    pub step: String,
+    pub event_time: DateTime<Utc>,
+    pub duration_ms: Option<i64>,
+    pub detail: serde_json::Value,
+}
+
+/// An earlier outcome now resolved.
+#[derive(Debug, Clone)]
+pub struct Resolution {
+    pub flow: String,
+    pub key: String,
+    pub outcome: OutcomeKind,
+    pub step: String,
+}
+
+/// The reconciler's tables.
+#[derive(Clone)]
+pub enum ReconStore {
+    Pg(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+fn decode(flow: &str, key: &str, text: &str) -> Result<FlowState, StoreError> {
+    serde_json::from_str(text).map_err(|e| {
+        StoreError::transient(format!(
+            "flow_state of {flow}/{key} cannot be read ({e}); was it written by a newer HELIOS?"
+        ))
+    })
+}
+
+type Keyed = HashMap<(String, String), (i32, FlowState)>;
+
+impl ReconStore {
+    /// The stored states of these (flow, key) pairs.
+    pub async fn load(&self, keys: &[(String, String)]) -> Result<Keyed, StoreError> {
+        let mut out = HashMap::new();
+        if keys.is_empty() {
+            return Ok(out);
+        }
+        let flows: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let ks: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        match self {
+            ReconStore::Pg(pool) => {
+                let rows = sqlx::query(
+                    "SELECT s.flow, s.flow_key, s.part, s.state::text FROM flow_state s
+                     JOIN unnest($1::text[], $2::text[]) AS k(flow, flow_key)
+                       ON s.flow = k.flow AND s.flow_key = k.flow_key",
+                )
+                .bind(&flows)
+                .bind(&ks)
+                .fetch_all(pool)
+                .await?;
+                for r in rows {
+                    let (f, k): (String, String) = (r.get(0), r.get(1));
+                    let st = decode(&f, &k, r.get::<&str, _>(3))?;
+                    out.insert((f, k), (r.get(2), st));
+                }
+            }
+            ReconStore::Sqlite(pool) => {
+                let pairs = serde_json::to_string(&keys).unwrap_or_default();
+                let rows = sqlx::query(
+                    "SELECT s.flow, s.flow_key, s.part, s.state FROM flow_state s
+                     JOIN json_each(?1) k ON s.flow = json_extract(k.value, '$[0]')
+                       AND s.flow_key = json_extract(k.value, '$[1]')",
+                )
+                .bind(pairs)
+                .fetch_all(pool)
+                .await?;
+                for r in rows {
+                    let (f, k): (String, String) = (r.get(0), r.get(1));
+                    let st = decode(&f, &k, r.get::<&str, _>(3))?;
+                    out.insert((f, k), (r.get(2), st));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Instances of `flow` on these partitions whose next deadline is at or before the
+    /// partition's watermark (at most `limit`).
+    pub async fn due(
+        &self,
+        flow: &str,
+        watermarks: &[(i32, DateTime<Utc>)],
+        limit: i64,
+    ) -> Result<Vec<(String, i32, FlowState)>, StoreError> {
+        if watermarks.is_empty() {
+            return Ok(vec![]);
+        }
+        let parts: Vec<i32> = watermarks.iter().map(|w| w.0).collect();
+        let wms: Vec<DateTime<Utc>> = watermarks.iter().map(|w| w.1).collect();
+        let fetch = |r: &dyn RowLike| -> (String, i32, String) { r.triple() };
+        let rows: Vec<(String, i32, String)> = match self {
+            ReconStore::Pg(pool) => sqlx::query(
+                "SELECT s.flow_key, s.part, s.state::text FROM flow_state s
+                 JOIN unnest($2::int[], $3::timestamptz[]) AS w(part, wm) ON s.part = w.part
+                 WHERE s.flow = $1 AND s.next_due IS NOT NULL AND s.next_due <= w.wm
+                 ORDER BY s.next_due LIMIT $4",
+            )
+            .bind(flow)
+            .bind(&parts)
+            .bind(&wms)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| fetch(r))
+            .collect(),
+            ReconStore::Sqlite(pool) => {
+                let w: Vec<(i32, String)> = watermarks
+                    .iter()
+                    .map(|(p, t)| (*p, sqlite_time(*t)))
+                    .collect();
+                sqlx::query(
+                    "SELECT s.flow_key, s.part, s.state FROM flow_state s
+                     JOIN json_each(?2) w ON s.part = json_extract(w.value, '$[0]')
+                     WHERE s.flow = ?1 AND s.next_due IS NOT NULL
+                       AND s.next_due <= json_extract(w.value, '$[1]')
+                     ORDER BY s.next_due LIMIT ?3",
+                )
+                .bind(flow)
+                .bind(serde_json::to_string(&w).unwrap_or_default())
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| fetch(r))
+                .collect()
+            }
+        };
+        rows.into_iter()
+            .map(|(key, part, text)| {
+                let st = decode(flow, &key, &text)?;
+                Ok((key, part, st))
+            })
+            .collect()
+    }
+
+    /// Writes a batch's state changes, new results (a result already stored is left as it
+    /// is) and resolutions in one transaction.
+    pub async fn save(
+        &self,
+        states: &[StateRow],
+        results: &[ResultRow],
+        resolved: &[Resolution],
+    ) -> Result<(), StoreError> {
+        match self {
+            ReconStore::Pg(pool) => {
+                let mut tx = pool.begin().await?;
+                if !states.is_empty() {
+                    let col = |f: fn(&StateRow) -> String| states.iter().map(f).collect::<Vec<_>>();
+                    let parts: Vec<i32> = states.iter().map(|s| s.part).collect();
+                    let dues: Vec<Option<DateTime<Utc>>> =
+                        states.iter().map(|s| s.next_due).collect();
+                    let done: Vec<bool> = states.iter().map(|s| s.completed).collect();
+                    sqlx::query(
+                        "INSERT INTO flow_state (flow, flow_key, part, state, next_due, completed)
+                         SELECT f, k, p, s::jsonb, d, c
+                         FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::bool[]) AS t(f, k, p, s, d, c)
+                         ON CONFLICT (flow, flow_key) DO UPDATE SET part = EXCLUDED.part, state = EXCLUDED.state,
+                           next_due = EXCLUDED.next_due, completed = EXCLUDED.completed, updated_at = now()",
+                    )
+                    .bind(col(|s| s.flow.clone()))
+                    .bind(col(|s| s.key.clone()))
+                    .bind(parts)
+                    .bind(col(|s| serde_json::to_string(&s.state).unwrap_or_default()))
+                    .bind(dues)
+                    .bind(done)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                if !results.is_empty() {
+                    let col =
+                        |f: fn(&ResultRow) -> String| results.iter().map(f).collect::<Vec<_>>();
+                    let times: Vec<DateTime<Utc>> = results.iter().map(|r| r.event_time).collect();
+                    let durations: Vec<Option<i64>> =
+                        results.iter().map(|r| r.duration_ms).collect();
+                    sqlx::query(
+                        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, event_time, duration_ms, detail)
+                         SELECT f, k, o, s, t, d, x::jsonb
+                         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::text[]) AS r(f, k, o, s, t, d, x)
+                         ON CONFLICT (flow, flow_key, outcome, step) DO NOTHING",
+                    )
+                    .bind(col(|r| r.flow.clone()))
+                    .bind(col(|r| r.key.clone()))
+                    .bind(col(|r| r.outcome.as_str().to_string()))
+                    .bind(col(|r| r.step.clone()))
+                    .bind(times)
+                    .bind(durations)
+                    .bind(col(|r| r.detail.to_string()))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for r in resolved {
+                    sqlx::query(
+                        "UPDATE reconciliation_results SET resolved_at = now()
+                         WHERE flow = $1 AND flow_key = $2 AND outcome = $3 AND step = $4 AND resolved_at IS NULL",
+                    )
+                    .bind(&r.flow)
+                    .bind(&r.key)
+                    .bind(r.outcome.as_str())
+                    .bind(&r.step)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+            }
+            ReconStore::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                for s in states {
+                    sqlx::query(
+                        "INSERT INTO flow_state (flow, flow_key, part, state, next_due, completed)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (flow, flow_key) DO UPDATE SET part = excluded.part, state = excluded.state,
+                           next_due = excluded.next_due, completed = excluded.completed,
+                           updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+                    )
+                    .bind(&s.flow)
+                    .bind(&s.key)
+                    .bind(s.part)
+                    .bind(serde_json::to_string(&s.state).unwrap_or_default())
+                    .bind(s.next_due.map(sqlite_time))
+                    .bind(s.completed)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for r in results {
+                    sqlx::query(
+                        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, event_time, duration_ms, detail)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&r.flow)
+                    .bind(&r.key)
+                    .bind(r.outcome.as_str())
+                    .bind(&r.step)
+                    .bind(sqlite_time(r.event_time))
+                    .bind(r.duration_ms)
+                    .bind(r.detail.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for r in resolved {
+                    sqlx::query(
+                        "UPDATE reconciliation_results SET resolved_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                         WHERE flow = ?1 AND flow_key = ?2 AND outcome = ?3 AND step = ?4 AND resolved_at IS NULL",
+                    )
+                    .bind(&r.flow)
+                    .bind(&r.key)
+                    .bind(r.outcome.as_str())
+                    .bind(&r.step)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes instances of these partitions not changed since `before` (state retention).
+    pub async fn prune(&self, parts: &[i32], before: DateTime<Utc>) -> Result<u64, StoreError> {
+        Ok(match self {
+            ReconStore::Pg(pool) => {
+                sqlx::query("DELETE FROM flow_state WHERE part = ANY($1) AND updated_at < $2")
+                    .bind(parts)
+                    .bind(before)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+            ReconStore::Sqlite(pool) => sqlx::query("DELETE FROM flow_state WHERE updated_at < ?1")
+                .bind(sqlite_time(before))
+                .execute(pool)
+                .await?
+                .rows_affected(),
+        })
+    }
+}
+
+/// (key, part, state text) of a row of either database.
+trait RowLike {
+    fn triple(&self) -> (String, i32, String);
+}
+
+impl RowLike for sqlx::postgres::PgRow {
+    fn triple(&self) -> (String, i32, String) {
+        (self.get(0), self.get(1), self.get(2))
+    }
+}
+
+impl RowLike for sqlx::sqlite::SqliteRow {
+    fn triple(&self) -> (String, i32, String) {
+        (self.get(0), self.get(1), self.get(2))
+    }
+}
+
+/// Times in the SQLite file: RFC 3339 in UTC with milliseconds (sorts as text).
+pub fn sqlite_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
