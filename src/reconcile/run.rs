@@ -54,6 +54,8 @@ pub struct ReconcileStats {
     pub already_counted: AtomicU64,
     pub outcomes: AtomicU64,
     pub batches: AtomicU64,
+    /// Topic-partitions assigned now.
+    pub assigned: AtomicU64,
 }
 
 /// One instance being worked on in a batch.
@@ -273,6 +275,9 @@ impl Reconciler {
                     .collect()
             })
             .unwrap_or_default();
+        self.stats
+            .assigned
+            .store(assigned.len() as u64, Ordering::Relaxed);
         self.clock.assigned(&assigned);
         if caught_up {
             // Records read now are newer than the catch-up point: the clock sees them after.

@@ -143,12 +143,14 @@ pub fn validate_flow(
                         .into(),
                 )),
                 (0, None) => None,
-                (_, None) => return Err((
-                    at,
-                    format!(
+                (_, None) => {
+                    return Err((
+                        at,
+                        format!(
                         "`{event_type}` needs a deadline, e.g. `- {event_type}: {{ within: 15m }}`"
                     ),
-                )),
+                    ))
+                }
                 (_, Some(w)) => {
                     let d = parse_duration(&w).map_err(|p| (format!("{at}.within"), p))?;
                     if d.is_zero() {

@@ -20,6 +20,7 @@ mod poison;
 mod processor;
 mod publish;
 mod pubsub_standin;
+mod reconcile;
 mod replay;
 mod resilience;
 mod status;
