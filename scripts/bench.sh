@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks: `scripts/bench.sh process [--records 10000,100000,1000000]`,
-# `scripts/bench.sh latency [--rate 5000 --fetch-wait-ms default,20]` or
-# `scripts/bench.sh ingress [--connections 64 --seconds 15]`. Starts Tansu on its memory engine on
+# `scripts/bench.sh latency [--rate 5000 --fetch-wait-ms default,20]`,
+# `scripts/bench.sh ingress [--connections 64 --seconds 15]` or
+# `scripts/bench.sh reconcile [--records 100000,1000000]`. Starts Tansu on its memory engine on
 # a free loopback port (and PostgreSQL/Redis when missing), then runs the `helios` bench target
 # (benches/helios, release profile): `cargo bench --bench helios -- <what> ...`.
 set -euo pipefail
@@ -10,8 +11,8 @@ source scripts/lib/services.sh
 
 what="${1:-}"; shift || true
 case "$what" in
-  ingress|process|latency) ;;
-  *) echo "usage: scripts/bench.sh ingress|process|latency [options; see --help of each]" >&2; exit 2 ;;
+  ingress|process|latency|reconcile) ;;
+  *) echo "usage: scripts/bench.sh ingress|process|latency|reconcile [options; see --help of each]" >&2; exit 2 ;;
 esac
 ensure_build_deps
 ensure_tansu

@@ -19,6 +19,7 @@ use crate::db::{EventStore, SqliteStore};
 use crate::ingress::IngressConfig;
 use crate::pipeline::dedup::MemoryDedup;
 use crate::pipeline::processor::{Processor, ProcessorConfig};
+use crate::reconcile::{ReconStore, Reconciler, ReconcilerConfig};
 use crate::shutdown::Shutdown;
 use crate::topology::Topology;
 
@@ -108,12 +109,12 @@ pub fn samples() -> Vec<Sample> {
         "resources": [], "detail": {"order_id": "O-1001", "customer_id": "C-42", "amount": 129.5, "currency": "EUR"}})
     .to_string();
     let eb_payment = json!({"version": "0", "id": "5f0c4a8e-8d1b-4e8e-9a57-2b1c4c1e9a02", "detail-type": "PaymentProcessed",
-        "source": "com.example.payments", "account": "111122223333", "time": "2026-11-22T09:15:09Z", "region": "eu-west-1",
-        "resources": [], "detail": {"order_id": "O-1001", "amount": 129.5, "currency": "EUR", "status": "captured"}})
+        "source": "com.example.payments", "account": "111122223333", "time": "2026-11-22T09:17:09Z", "region": "eu-west-1",
+        "resources": [], "detail": {"order_id": "O-3003", "amount": 18.0, "currency": "EUR", "status": "captured"}})
     .to_string();
     let sns = json!({"Type": "Notification", "MessageId": "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
         "TopicArn": "arn:aws:sns:eu-west-1:111122223333:payments", "Message": eb_payment,
-        "Timestamp": "2026-11-22T09:15:10.000Z", "SignatureVersion": "2", "Signature": "EXAMPLE",
+        "Timestamp": "2026-11-22T09:17:10.000Z", "SignatureVersion": "2", "Signature": "EXAMPLE",
         "SigningCertURL": "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-demo.pem"});
     let sns_confirm = json!({"Type": "SubscriptionConfirmation", "MessageId": "165545c9-2a5c-472c-8df2-7ff2be2b3b1b",
         "Token": "2336412f37f", "TopicArn": "arn:aws:sns:eu-west-1:111122223333:payments",
@@ -127,15 +128,15 @@ pub fn samples() -> Vec<Sample> {
     );
     let pubsub = json!({"message": {"data": inventory, "attributes": {"eventType": "InventoryReserved"},
         "messageId": "2070443601311540", "message_id": "2070443601311540",
-        "publishTime": "2026-11-22T09:15:05.749Z", "publish_time": "2026-11-22T09:15:05.749Z"},
+        "publishTime": "2026-11-22T09:15:12.749Z", "publish_time": "2026-11-22T09:15:12.749Z"},
         "subscription": "projects/demo/subscriptions/helios-push"});
     let eventgrid = json!([{"id": "831e1650-001e-001b-66ab-eeb76e069631",
         "topic": "/subscriptions/demo/resourceGroups/shop/providers/Microsoft.EventGrid/topics/orders",
         "subject": "orders/O-2002", "eventType": "Contoso.Orders.OrderPlaced", "eventTime": "2026-11-22T09:16:00.9584103Z",
         "data": {"orderId": "O-2002", "customerId": "C-7", "amount": 42.0}, "dataVersion": "1", "metadataVersion": "1"}]);
     let cloudevent = json!({"specversion": "1.0", "type": "Contoso.Orders.PaymentProcessed", "source": "/contoso/payments",
-        "id": "A234-1234-1234", "time": "2026-11-22T09:16:30Z", "datacontenttype": "application/json",
-        "data": {"order_id": "O-2002", "amount": 42.0, "currency": "EUR"}});
+        "id": "A234-1234-1234", "time": "2026-11-22T09:15:09Z", "datacontenttype": "application/json",
+        "data": {"order_id": "O-1001", "amount": 129.5, "currency": "EUR"}});
     let invalid = json!({"event_type": "OrderPlaced", "event_id": "direct-bad-1", "data": {"order_id": "O-3003"}});
     let json_ct = (
         "content-type",
@@ -143,7 +144,7 @@ pub fn samples() -> Vec<Sample> {
     );
     vec![
         post(
-            "EventBridge OrderPlaced",
+            "EventBridge OrderPlaced (O-1001)",
             "/api/v1/webhooks/aws/eventbridge",
             vec![json_ct.clone()],
             eb.clone(),
@@ -164,7 +165,7 @@ pub fn samples() -> Vec<Sample> {
             sns_confirm.to_string(),
         ),
         post(
-            "SNS Notification carrying an EventBridge PaymentProcessed",
+            "SNS Notification carrying an EventBridge PaymentProcessed (O-3003)",
             "/api/v1/webhooks/aws/sns",
             vec![
                 ("content-type", "text/plain; charset=UTF-8".into()),
@@ -177,7 +178,7 @@ pub fn samples() -> Vec<Sample> {
             sns.to_string(),
         ),
         post(
-            "Pub/Sub push (wrapped) InventoryReserved",
+            "Pub/Sub push (wrapped) InventoryReserved (O-1001)",
             "/api/v1/webhooks/gcp/pubsub",
             vec![json_ct.clone()],
             pubsub.to_string(),
@@ -200,13 +201,13 @@ pub fn samples() -> Vec<Sample> {
             body: vec![],
         },
         post(
-            "Event Grid schema Contoso.Orders.OrderPlaced",
+            "Event Grid schema Contoso.Orders.OrderPlaced (O-2002; its payment never comes)",
             "/api/v1/webhooks/azure/eventgrid",
             vec![json_ct.clone(), ("aeg-event-type", "Notification".into())],
             eventgrid.to_string(),
         ),
         post(
-            "CloudEvents Contoso.Orders.PaymentProcessed",
+            "CloudEvents Contoso.Orders.PaymentProcessed (O-1001)",
             "/api/v1/webhooks/azure/eventgrid",
             vec![(
                 "content-type",
@@ -215,7 +216,7 @@ pub fn samples() -> Vec<Sample> {
             cloudevent.to_string(),
         ),
         post(
-            "Direct OrderPlaced without customer_id (invalid: DLQ)",
+            "Direct OrderPlaced O-3003 without customer_id (invalid: DLQ)",
             "/api/v1/events/ingest",
             vec![json_ct],
             invalid.to_string(),
@@ -251,7 +252,7 @@ pub fn expected() -> Expected {
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let topology = match &args.topology {
         Some(p) => Topology::load(p)?,
-        None => Topology::builtin(),
+        None => demo_topology(),
     };
     let (bootstrap, _cluster_guard) = start_mock_cluster(&topology)?;
     let store = SqliteStore::open(&args.store).await?;
@@ -278,6 +279,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     )?;
     let stats = processor.stats();
     let proc_task = tokio::spawn(processor.run(local.clone()));
+    let reconciling = !topology.flows.is_empty();
+    let rec_task = if reconciling {
+        let r = Reconciler::new(
+            ReconcilerConfig {
+                kafka: KafkaSettings::new(bootstrap.clone()),
+                group: topology.reconciler_group.clone(),
+                topology: topology.clone(),
+                batch_size: 200,
+                // The samples' event times are days old: an idle partition advances on wall-clock
+                // time at once, so the demo reports its missing step within seconds.
+                idle_after: Duration::from_secs(2),
+                state_retention: Duration::from_secs(8 * 86_400),
+            },
+            ReconStore::Sqlite(store.pool().clone()),
+        )?;
+        Some(tokio::spawn(r.run(local.clone())))
+    } else {
+        None
+    };
 
     let base = format!("http://{}", ingress.addr);
     let store_path = std::fs::canonicalize(&args.store).unwrap_or(args.store.clone());
@@ -299,6 +319,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut ok = true;
     if args.send_samples {
         ok = send_and_report(&base, &stats, &store).await?;
+        if reconciling {
+            ok &= report_reconciliation(&store, &topology).await?;
+        }
     }
     if let Some(signals) = signals {
         println!("\nRunning; Ctrl-C stops. Arrivals (e.g. from `helios publish --cloud all`):");
@@ -309,11 +332,100 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     stop.trigger();
     ingress.wait().await?;
     proc_task.await??;
+    if let Some(t) = rec_task {
+        t.await??;
+    }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The built-in topology with the flow's deadlines cut to seconds, so a missing step shows up
+/// while someone watches (`helios publish` events carry the current time).
+fn demo_topology() -> Topology {
+    let mut t = Topology::builtin();
+    if let Some(f) = t.flows.get_mut("order_lifecycle") {
+        if let Ok(short) = serde_norway::from_str(
+            "steps: [OrderPlaced, {PaymentProcessed: {within: 10s}}, {InventoryReserved: {within: 20s}}]\nallowed_lateness: 2s",
+        ) {
+            *f = short;
+        }
+    }
+    t
+}
+
+/// The outcomes the samples must produce: (key, outcome, step).
+const EXPECTED_OUTCOMES: [(&str, &str, &str); 4] = [
+    ("O-1001", "completed", ""),
+    ("O-2002", "missing", "PaymentProcessed"),
+    ("O-2002", "missing", "InventoryReserved"),
+    ("O-3003", "orphan", "OrderPlaced"),
+];
+
+/// Waits for the samples' reconciliation outcomes and prints every outcome stored.
+async fn report_reconciliation(store: &SqliteStore, topology: &Topology) -> anyhow::Result<bool> {
+    let read = || async {
+        sqlx::query_as::<_, (String, String, String, String, Option<i64>, String)>(
+            "SELECT flow, flow_key, outcome, step, duration_ms, detail FROM reconciliation_results ORDER BY flow_key, id",
+        )
+        .fetch_all(store.pool())
+        .await
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = read().await?;
+        let all = EXPECTED_OUTCOMES
+            .iter()
+            .all(|(k, o, st)| rows.iter().any(|r| r.1 == *k && r.2 == *o && r.3 == *st));
+        if all || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if let Some(f) = topology.flows().ok().and_then(|f| f.into_iter().next()) {
+        let steps: Vec<String> = f
+            .steps
+            .iter()
+            .map(|s| match s.within {
+                Some(w) => format!("{} within {}s", s.event_type, w.as_secs()),
+                None => s.event_type.clone(),
+            })
+            .collect();
+        println!("\nReconciliation (flow {}: {}):", f.name, steps.join(" → "));
+    }
+    for (flow, key, outcome, step, duration, detail) in &rows {
+        let detail: serde_json::Value = serde_json::from_str(detail).unwrap_or_default();
+        let what = match outcome.as_str() {
+            "completed" => {
+                let clouds: Vec<String> = detail["steps"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|s| s["source"].as_str().unwrap_or("").to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!(
+                    "{} in {:.1}s",
+                    clouds.join(" → "),
+                    duration.unwrap_or(0) as f64 / 1000.0
+                )
+            }
+            "missing" => format!("{step} never came"),
+            "orphan" => format!("{step} never came (its steps arrived without it)"),
+            _ => step.clone(),
+        };
+        println!("  {outcome:<15} {key:<8} {what}   [{flow}]");
+    }
+    let ok = EXPECTED_OUTCOMES
+        .iter()
+        .all(|(k, o, st)| rows.iter().any(|r| r.1 == *k && r.2 == *o && r.3 == *st));
+    if !ok {
+        println!("MISMATCH: expected {EXPECTED_OUTCOMES:?}");
+    }
+    Ok(ok)
 }
 
 /// Prints what the processor did since the last look: each stored event, and counts of
@@ -323,8 +435,26 @@ async fn live_feed(
     store: SqliteStore,
 ) {
     let (_, _, mut out, mut dups, mut dlq) = stats.snapshot();
+    let last_outcome = || async {
+        sqlx::query_scalar::<_, i64>("SELECT coalesce(max(id), 0) FROM reconciliation_results")
+            .fetch_one(store.pool())
+            .await
+            .unwrap_or(0)
+    };
+    let mut seen_outcome = last_outcome().await;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let rows = sqlx::query_as::<_, (i64, String, String, String)>(
+            "SELECT id, flow_key, outcome, step FROM reconciliation_results WHERE id > ?1 ORDER BY id LIMIT 20",
+        )
+        .bind(seen_outcome)
+        .fetch_all(store.pool())
+        .await
+        .unwrap_or_default();
+        for (id, key, outcome, step) in rows {
+            println!("  ~ reconciled {outcome:<15} order={key:<10} {step}");
+            seen_outcome = id;
+        }
         let (_, _, o, d, q) = stats.snapshot();
         if o > out {
             let new = (o - out) as i64;

@@ -118,6 +118,25 @@ pub struct Status {
     /// Events stored whose `occurred_at` is within the last hour, by type.
     pub events_last_hour: BTreeMap<String, i64>,
     pub replays: Vec<ReplayRow>,
+    /// The reconciler group and its partitions of the flows' fan-out topics (none without flows).
+    pub reconciler_group: String,
+    pub reconciler_partitions: Vec<PartitionStatus>,
+    pub reconciler_lag: i64,
+    /// Reconciliation outcomes detected in the last hour / 24 h, by flow and outcome.
+    pub reconciliation: Vec<ReconCount>,
+    /// Flow instances with a deadline still pending.
+    pub reconciliation_open: Option<i64>,
+}
+
+/// Reconciliation outcomes of one flow and kind.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReconCount {
+    pub flow: String,
+    pub outcome: String,
+    pub last_hour: i64,
+    pub last_24h: i64,
+    /// `missing`/`orphan` not resolved since.
+    pub unresolved: i64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -128,18 +147,18 @@ fn ms(d: Duration) -> f64 {
 /// committed offsets (this client never joins it).
 fn partitions(
     settings: &KafkaSettings,
-    topology: &Topology,
+    group: &str,
+    raw: &[String],
 ) -> anyhow::Result<(Vec<PartitionStatus>, Duration)> {
     let c: BaseConsumer = settings
         .client_config()
-        .set("group.id", &topology.consumer_group)
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()?;
     let timeout = Duration::from_secs(10);
     let t0 = Instant::now();
     let md = c.fetch_metadata(None, timeout)?;
     let probe = t0.elapsed();
-    let raw: Vec<String> = Source::ALL.iter().map(|s| topology.raw_topic(*s)).collect();
     let mut tpl = TopicPartitionList::new();
     let mut ends = vec![];
     for t in md
@@ -469,23 +488,38 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
         let (s, t) = (settings.clone(), topology.clone());
         let limit = args.scan_limit;
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let (parts, probe) = partitions(&s, &t)?;
+            let raw: Vec<String> = Source::ALL.iter().map(|x| t.raw_topic(*x)).collect();
+            let (parts, probe) = partitions(&s, &t.consumer_group, &raw)?;
+            let mut flow_topics: Vec<String> = t
+                .flows()
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|f| f.steps.iter().map(|st| t.event_topic(&st.event_type)))
+                .collect();
+            flow_topics.sort();
+            flow_topics.dedup();
+            let recon = if flow_topics.is_empty() {
+                vec![]
+            } else {
+                partitions(&s, &t.reconciler_group, &flow_topics)?.0
+            };
             let (dlq, scanned) = dlq_counts(&s, &t, now, limit)?;
             let subs = subscriptions(&s, &t, now, limit)?;
-            Ok((parts, probe, dlq, scanned, subs))
+            Ok((parts, probe, dlq, scanned, subs, recon))
         })
     };
     let (pg, events_last_hour, replays) = postgres(args, pool).await;
+    let (reconciliation, reconciliation_open) = reconciliation(pool.as_ref()).await;
     let mut dependencies = vec![];
-    let (partitions, dlq, dlq_scanned, subscriptions) = match kafka.await? {
-        Ok((parts, probe, dlq, scanned, subs)) => {
+    let (partitions, dlq, dlq_scanned, subscriptions, reconciler_partitions) = match kafka.await? {
+        Ok((parts, probe, dlq, scanned, subs, recon)) => {
             dependencies.push(Dependency {
                 name: "kafka",
                 healthy: true,
                 latency_ms: ms(probe),
                 error: None,
             });
-            (parts, dlq, scanned, subs)
+            (parts, dlq, scanned, subs, recon)
         }
         Err(e) => {
             dependencies.push(Dependency {
@@ -494,7 +528,7 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
                 latency_ms: 0.0,
                 error: Some(bounded(&format!("{e:#}"), 300).into_owned()),
             });
-            (vec![], vec![], 0, vec![])
+            (vec![], vec![], 0, vec![], vec![])
         }
     };
     dependencies.push(pg);
@@ -518,7 +552,48 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
         subscriptions,
         events_last_hour,
         replays,
+        reconciler_group: topology.reconciler_group.clone(),
+        reconciler_lag: reconciler_partitions.iter().map(|p| p.lag).sum(),
+        reconciler_partitions,
+        reconciliation,
+        reconciliation_open,
     })
+}
+
+/// Reconciliation outcomes of the last 24 h and the instances still open (nothing when the
+/// tables are not there: reconciliation was never migrated).
+async fn reconciliation(pool: Option<&sqlx::PgPool>) -> (Vec<ReconCount>, Option<i64>) {
+    let Some(pool) = pool else {
+        return (vec![], None);
+    };
+    let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT flow, outcome, count(*) FILTER (WHERE detected_at > now() - interval '1 hour'), count(*),
+                count(*) FILTER (WHERE resolved_at IS NULL AND outcome IN ('missing', 'orphan'))
+         FROM reconciliation_results WHERE detected_at > now() - interval '24 hours'
+         GROUP BY flow, outcome ORDER BY flow, outcome LIMIT 200",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    let open: Option<i64> =
+        sqlx::query_scalar("SELECT count(*) FROM flow_state WHERE next_due IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .ok();
+    (
+        rows.into_iter()
+            .map(
+                |(flow, outcome, last_hour, last_24h, unresolved)| ReconCount {
+                    flow,
+                    outcome,
+                    last_hour,
+                    last_24h,
+                    unresolved,
+                },
+            )
+            .collect(),
+        open,
+    )
 }
 
 /// Fills in the rates from the previous look.
@@ -617,6 +692,30 @@ pub fn render(s: &Status) -> String {
     }
     for (t, n) in &s.events_last_hour {
         let _ = writeln!(o, "  {t:<40} {n:>10}");
+    }
+    if !s.reconciler_partitions.is_empty() || !s.reconciliation.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nReconciliation  group {}  lag {}  open orders {}",
+            s.reconciler_group,
+            s.reconciler_lag,
+            s.reconciliation_open.map_or("-".into(), |n| n.to_string())
+        );
+        if s.reconciliation.is_empty() {
+            let _ = writeln!(o, "  no outcome in the last 24 h");
+        }
+        for r in &s.reconciliation {
+            let unresolved = if r.outcome == "missing" || r.outcome == "orphan" {
+                format!("{} unresolved", r.unresolved)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                o,
+                "  {:<24} {:<15} {:>6} last hour {:>8} last 24 h  {}",
+                r.flow, r.outcome, r.last_hour, r.last_24h, unresolved
+            );
+        }
     }
     let _ = writeln!(o, "\nLast replays");
     if s.replays.is_empty() {

@@ -6,10 +6,12 @@
 //! - `latency`: freshness, from the ingress receiving an event to its row in PostgreSQL, at a
 //!   steady request rate through the ingress and a processor in one process (as `helios run`).
 //! - `ingress`: requests/s and latency of the ingress against a bare HTTP server.
+//! - `reconcile`: one reconciler on a backlog of fan-out events (orders with one to three steps).
 
 mod ingress;
 mod latency;
 mod process;
+mod reconcile;
 
 use clap::{Parser, Subcommand};
 use helios::config::KafkaArgs;
@@ -74,6 +76,16 @@ enum BenchCommand {
         /// processor's own.
         #[arg(long, value_delimiter = ',', default_value = "default")]
         fetch_wait_ms: Vec<String>,
+        #[command(flatten)]
+        stores: Stores,
+    },
+    /// Reconciler throughput, CPU and memory on a backlog of fan-out events.
+    Reconcile {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Fan-out events in the backlog (comma-separated for several runs).
+        #[arg(long, value_delimiter = ',', default_value = "100000")]
+        records: Vec<usize>,
         #[command(flatten)]
         stores: Stores,
     },
@@ -167,6 +179,18 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
             connections,
             seconds,
         } => ingress::run(&kafka, connections, seconds).await,
+        BenchCommand::Reconcile {
+            kafka,
+            records,
+            stores,
+        } => {
+            let mut rows = vec![];
+            for n in records {
+                rows.push(reconcile::run_once(&kafka, n, &stores.database_url).await?);
+            }
+            reconcile::print(&rows);
+            Ok(())
+        }
     }
 }
 

@@ -41,7 +41,7 @@ pub struct Row {
 }
 
 /// (utime + stime) of this process in microseconds, from /proc.
-fn cpu_micros() -> u64 {
+pub fn cpu_micros() -> u64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -51,7 +51,7 @@ fn cpu_micros() -> u64 {
 }
 
 /// Resident set size in MiB, from /proc.
-fn rss_mb() -> f64 {
+pub fn rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -171,7 +171,7 @@ async fn produce_backlog(
     drain(&mut pending).await
 }
 
-async fn drain(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
+pub async fn drain(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
     for f in pending.drain(..) {
         match f.await {
             Ok(Ok(_)) => {}

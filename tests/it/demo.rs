@@ -31,6 +31,9 @@ fn demo_sends_samples_and_reports_what_happened_twice_on_one_store() {
             "DLQ                  1 (expected 1: missing_required_field)",
             "7 events in = 5 out + 1 duplicates + 1 DLQ; 3 handshakes skipped",
             "Everything arrived as expected.",
+            "completed       O-1001   aws → azure → gcp in 10.7s",
+            "missing         O-2002   PaymentProcessed never came",
+            "orphan          O-3003   OrderPlaced never came",
         ] {
             assert!(
                 stdout.contains(line),

@@ -44,7 +44,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
     // The units name /usr/local/bin/helios; verify them against the binary just built.
     let dir = scratch_dir("systemd");
     let mut units = vec![];
-    for name in ["helios-ingress.service", "helios-processor.service"] {
+    for name in [
+        "helios-ingress.service",
+        "helios-processor.service",
+        "helios-reconcile.service",
+    ] {
         let text = std::fs::read_to_string(format!("{ROOT}/deploy/systemd/{name}")).unwrap();
         let path = dir.join(name);
         std::fs::write(

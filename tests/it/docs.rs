@@ -47,7 +47,7 @@ fn the_readme_configuration_table_matches_the_binary() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md");
     let mut helps = HashMap::new();
-    for cmd in ["run", "process", "demo", "migrate"] {
+    for cmd in ["run", "process", "demo", "migrate", "reconcile"] {
         helps.insert(cmd, help_of(&[cmd]));
     }
     let mut checked = 0;
@@ -67,7 +67,7 @@ fn the_readme_configuration_table_matches_the_binary() {
         if !flag.starts_with("--") {
             continue; // read from the environment only
         }
-        let cmd = if flag == "--metrics-addr" {
+        let cmd = if flag == "--metrics-addr" && cmd == "run" {
             "process"
         } else {
             cmd
