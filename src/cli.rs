@@ -238,6 +238,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for (name, spec) in &t.event_types {
                     println!("  rule {name}: requires {}", spec.required.join(", "));
                 }
+                println!("  reconciler group: {}", t.reconciler_group);
+                for f in t.flows()? {
+                    let steps: Vec<String> = f
+                        .steps
+                        .iter()
+                        .map(|s| match s.within {
+                            Some(w) => format!("{} within {}s", s.event_type, w.as_secs()),
+                            None => s.event_type.clone(),
+                        })
+                        .collect();
+                    println!(
+                        "  flow {} (key {}, lateness {}s): {}",
+                        f.name,
+                        f.key,
+                        f.allowed_lateness.as_secs(),
+                        steps.join(" → ")
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
             }
             TopologyAction::Apply { kafka, dry_run } => {

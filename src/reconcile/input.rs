@@ -77,6 +77,14 @@ pub fn read<M: Message>(m: &M, now: DateTime<Utc>) -> Result<Seen, Skip> {
     if order_id.len() > MAX_ID_BYTES || event_id.len() > MAX_ID_BYTES || source.len() > 16 {
         return Err(Skip::TooLong);
     }
+    // PostgreSQL stores no NUL in text or JSON: such an event could never be written (the
+    // processor never fans one out; another producer might).
+    if [order_id.as_str(), event_id, source]
+        .iter()
+        .any(|s| s.contains('\0'))
+    {
+        return Err(Skip::NotAnEvent);
+    }
     let raw = match (
         header(m, lineage::RAW_TOPIC),
         header(m, lineage::RAW_PARTITION),

@@ -312,6 +312,7 @@ impl Reconciler {
     async fn process(&mut self, batch: &[rdkafka::message::OwnedMessage]) -> anyhow::Result<()> {
         let now = Utc::now();
         let mut seen: Vec<(usize, Seen)> = vec![];
+        let mut skips: Vec<input::Skip> = vec![];
         for m in batch {
             match input::read(m, now) {
                 Ok(s) => {
@@ -326,11 +327,7 @@ impl Reconciler {
                         }
                     }
                 }
-                Err(skip) => {
-                    self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("helios_reconcile_skipped_total", "reason" => skip.as_str())
-                        .increment(1);
-                }
+                Err(skip) => skips.push(skip),
             }
         }
         // The instances this batch touches, as stored.
@@ -363,6 +360,8 @@ impl Reconciler {
         }
         let mut results: Vec<ResultRow> = vec![];
         let mut resolved: Vec<Resolution> = vec![];
+        // Per flow: events counted, events already counted (reported once the batch is written).
+        let mut counted = vec![(0u64, 0u64); self.flows.len()];
         for (f, s) in seen {
             let flow = &self.flows[f];
             let w = work.entry((f, s.order_id.clone())).or_insert(Working {
@@ -373,15 +372,11 @@ impl Reconciler {
             w.part = s.sighting.partition;
             let fx = engine::apply(flow, &mut w.state, s.sighting);
             if fx.already_counted {
-                self.stats.already_counted.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("helios_reconcile_already_counted_total", "flow" => flow.name.clone())
-                    .increment(1);
+                counted[f].1 += 1;
                 continue;
             }
             w.changed = true;
-            self.stats.events.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("helios_reconcile_events_total", "flow" => flow.name.clone())
-                .increment(1);
+            counted[f].0 += 1;
             collect(flow, &s.order_id, fx, &mut results, &mut resolved);
         }
         // Deadlines: the instances due on the owned partitions, and those of this batch.
@@ -442,6 +437,21 @@ impl Reconciler {
         }
         if !states.is_empty() || !results.is_empty() || !resolved.is_empty() {
             self.store.save(&states, &results, &resolved).await?;
+        }
+        for skip in skips {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("helios_reconcile_skipped_total", "reason" => skip.as_str())
+                .increment(1);
+        }
+        for (flow, (new, again)) in self.flows.iter().zip(&counted) {
+            self.stats.events.fetch_add(*new, Ordering::Relaxed);
+            self.stats
+                .already_counted
+                .fetch_add(*again, Ordering::Relaxed);
+            metrics::counter!("helios_reconcile_events_total", "flow" => flow.name.clone())
+                .increment(*new);
+            metrics::counter!("helios_reconcile_already_counted_total", "flow" => flow.name.clone())
+                .increment(*again);
         }
         for r in &results {
             self.stats.outcomes.fetch_add(1, Ordering::Relaxed);

@@ -540,6 +540,24 @@ mod tests {
     }
 
     #[test]
+    fn a_flow_over_topics_with_different_partition_counts_is_refused() {
+        let base = include_str!("../../topology.yaml");
+        let text = base.replacen(
+            "  InventoryReserved:\n    required: [order_id]",
+            "  InventoryReserved:\n    required: [order_id]\n    partitions: 8",
+            1,
+        );
+        assert_ne!(text, base);
+        let err = Topology::parse(&text, "t.yaml").unwrap_err().to_string();
+        assert!(err.contains("flows.order_lifecycle.steps"), "{err}");
+        assert!(err.contains("InventoryReserved: 8"), "{err}");
+        let t = Topology::builtin();
+        let f = &t.flows().unwrap()[0];
+        assert_eq!(f.steps.len(), 3);
+        assert_eq!(t.reconciliation_topic(), "helios.reconciliation");
+    }
+
+    #[test]
     fn prefix_applies_to_every_topic() {
         let mut t = Topology::builtin();
         t.topic_prefix = "test1.".into();
