@@ -88,6 +88,9 @@ enum BenchCommand {
         records: Vec<usize>,
         #[command(flatten)]
         stores: Stores,
+        /// Records per batch (default: the reconciler's).
+        #[arg(long, default_value_t = helios::reconcile::run::DEFAULT_BATCH)]
+        batch_size: usize,
     },
     /// Ingress throughput and latency against a bare HTTP server.
     Ingress {
@@ -183,10 +186,11 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
             kafka,
             records,
             stores,
+            batch_size,
         } => {
             let mut rows = vec![];
             for n in records {
-                rows.push(reconcile::run_once(&kafka, n, &stores.database_url).await?);
+                rows.push(reconcile::run_once(&kafka, n, &stores.database_url, batch_size).await?);
             }
             reconcile::print(&rows);
             Ok(())

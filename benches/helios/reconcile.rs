@@ -24,7 +24,11 @@ pub struct Row {
     rss_before_mb: f64,
     rss_peak_mb: f64,
     outcomes: Vec<(String, i64)>,
+    /// The outcomes equal what the backlog must give.
+    correct: bool,
     open: i64,
+    /// Share of the run spent in each phase: poll, load, due, send, save (%).
+    phases: [f64; 5],
 }
 
 /// The events of order `i` (type, cloud, seconds after its start): every order is placed;
@@ -48,29 +52,71 @@ fn order(i: usize) -> Vec<(&'static str, Source, i64)> {
     v
 }
 
-/// Fan-out records of orders until `n` events: an order starts every 50 ms of event time,
-/// so the 15-minute and 30-minute deadlines pass while the backlog is read.
-async fn produce(settings: &KafkaSettings, topology: &Topology, n: usize) -> anyhow::Result<usize> {
+/// Event time of order `i`'s start (50 ms apart).
+fn start_of(t0: DateTime<Utc>, i: usize) -> DateTime<Utc> {
+    t0 + chrono::Duration::milliseconds(i as i64 * 50)
+}
+
+/// The outcomes `orders` orders must have once event time reached `watermark`, with the
+/// default flow (15m, 30m): none is late or out of order.
+fn expected(t0: DateTime<Utc>, orders: usize, watermark: DateTime<Utc>) -> Vec<(String, i64)> {
+    let mut c: std::collections::BTreeMap<&str, i64> = Default::default();
+    let passed = |at: DateTime<Utc>, mins: i64| at + chrono::Duration::minutes(mins) <= watermark;
+    for i in 0..orders {
+        let steps = order(i);
+        let start = start_of(t0, i);
+        let has = |t: &str| steps.iter().filter(|s| s.0 == t).count();
+        if has("OrderPlaced") == 0 {
+            let first = start + chrono::Duration::seconds(steps[0].2);
+            if passed(first, 30) {
+                *c.entry("orphan").or_default() += 1;
+            }
+            continue;
+        }
+        if has("PaymentProcessed") > 1 {
+            *c.entry("duplicate_step").or_default() += 1;
+        }
+        if has("PaymentProcessed") == 0 && passed(start, 15) {
+            *c.entry("missing").or_default() += 1;
+        }
+        if has("InventoryReserved") == 0 && passed(start, 30) {
+            *c.entry("missing").or_default() += 1;
+        }
+        if has("PaymentProcessed") > 0 && has("InventoryReserved") > 0 {
+            *c.entry("completed").or_default() += 1;
+        }
+    }
+    c.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Fan-out records of whole orders until at least `n` events: an order starts every 50 ms of
+/// event time, so the 15-minute and 30-minute deadlines pass while the backlog is read.
+/// Returns (events, orders, the start of event time, the newest event time).
+async fn produce(
+    settings: &KafkaSettings,
+    topology: &Topology,
+    n: usize,
+) -> anyhow::Result<(usize, usize, DateTime<Utc>, DateTime<Utc>)> {
     let mut cfg = settings.client_config();
     cfg.set("linger.ms", "20")
         .set("compression.type", "lz4")
         .set("queue.buffering.max.messages", "200000");
     let producer: FutureProducer = cfg.create()?;
     let t0: DateTime<Utc> = Utc::now() - chrono::Duration::days(2);
-    let (mut produced, mut orders) = (0, 0);
+    let (mut produced, mut orders, mut newest) = (0, 0, t0);
     let mut pending = Vec::with_capacity(10_000);
-    'orders: for i in 0.. {
+    for i in 0.. {
+        if produced >= n {
+            break;
+        }
         orders += 1;
         let key = format!("B-{i}");
         for (j, (ty, source, at)) in order(i).into_iter().enumerate() {
-            if produced == n {
-                break 'orders;
-            }
             let e = CanonicalEvent {
                 event_id: format!("{key}-{j}"),
                 event_type: ty.into(),
                 source,
-                occurred_at: t0 + chrono::Duration::milliseconds(i as i64 * 50 + at * 1000),
+                occurred_at: start_of(t0, i) + chrono::Duration::seconds(at),
                 ingested_at: Utc::now(),
                 order_id: Some(key.clone()),
                 customer_id: Some("C-1".into()),
@@ -83,6 +129,7 @@ async fn produce(settings: &KafkaSettings, topology: &Topology, n: usize) -> any
                     index: 0,
                 },
             };
+            newest = newest.max(e.occurred_at);
             let topic = topology.event_topic(ty);
             let payload = helios::pipeline::fanout::json_payload(&e);
             let headers = helios::pipeline::fanout::headers(&e, "application/json", None, None);
@@ -109,17 +156,25 @@ async fn produce(settings: &KafkaSettings, topology: &Topology, n: usize) -> any
         }
     }
     drain(&mut pending).await?;
-    Ok(orders)
+    Ok((produced, orders, t0, newest))
 }
 
-pub async fn run_once(kafka: &KafkaArgs, n: usize, database_url: &str) -> anyhow::Result<Row> {
+pub async fn run_once(
+    kafka: &KafkaArgs,
+    n: usize,
+    database_url: &str,
+    batch_size: usize,
+) -> anyhow::Result<Row> {
     let (mut topology, settings, tag) = crate::scratch_topology(kafka)?;
     topology.event_topics.partitions = 4;
     topology.event_topics.config.clear();
     topology.reconciler_group = format!("bench-{tag}.helios-reconciler");
     helios::kafka::apply_topology(&settings, &topology, false).await?;
     eprintln!("[bench] producing a backlog of {n} fan-out events ...");
-    let orders = produce(&settings, &topology, n).await?;
+    let (n, orders, t0, newest) = produce(&settings, &topology, n).await?;
+    // Once everything is read, event time stands at the newest event minus the lateness.
+    let lateness = topology.flows()?[0].allowed_lateness;
+    let want = expected(t0, orders, newest - chrono::Duration::from_std(lateness)?);
     let schema = format!("bench_{tag}");
     let pool = helios::db::connect(database_url, Some(&schema)).await?;
     helios::db::migrate(&pool).await?;
@@ -129,13 +184,14 @@ pub async fn run_once(kafka: &KafkaArgs, n: usize, database_url: &str) -> anyhow
             kafka: settings.clone(),
             group: topology.reconciler_group.clone(),
             topology: topology.clone(),
-            batch_size: helios::reconcile::run::DEFAULT_BATCH,
+            batch_size,
             idle_after: Duration::from_secs(3600),
             state_retention: Duration::from_secs(8 * 86_400),
         },
         ReconStore::Pg(pool.clone()),
     )?;
     let stats = r.stats.clone();
+    let store = pool.clone();
     let (stop, shutdown) = Shutdown::new();
     let rss_before_mb = rss_mb();
     let cpu0 = cpu_micros();
@@ -160,13 +216,31 @@ pub async fn run_once(kafka: &KafkaArgs, n: usize, database_url: &str) -> anyhow
     }
     let elapsed = started.elapsed();
     let cpu = cpu_micros().saturating_sub(cpu0);
+    // The deadlines the last records passed fire once the partitions count as read to the end.
+    let counts = || async {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT outcome, count(*) FROM reconciliation_results GROUP BY outcome ORDER BY outcome",
+        )
+        .fetch_all(&store)
+        .await
+    };
+    let settle = Instant::now() + Duration::from_secs(30);
+    while counts().await? != want && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let share = |c: &std::sync::atomic::AtomicU64| {
+        100.0 * c.load(Ordering::Relaxed) as f64 / elapsed.as_micros() as f64
+    };
+    let phases = [
+        share(&stats.poll_us),
+        share(&stats.load_us),
+        share(&stats.due_us),
+        share(&stats.send_us),
+        share(&stats.save_us),
+    ];
     stop.trigger();
     task.await??;
-    let outcomes: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT outcome, count(*) FROM reconciliation_results GROUP BY outcome ORDER BY outcome",
-    )
-    .fetch_all(&pool)
-    .await?;
+    let outcomes: Vec<(String, i64)> = counts().await?;
     let open: i64 =
         sqlx::query_scalar("SELECT count(*) FROM flow_state WHERE next_due IS NOT NULL")
             .fetch_one(&pool)
@@ -179,8 +253,10 @@ pub async fn run_once(kafka: &KafkaArgs, n: usize, database_url: &str) -> anyhow
         cpu_us_per_event: cpu as f64 / n.max(1) as f64,
         rss_before_mb,
         rss_peak_mb,
+        correct: outcomes == want,
         outcomes,
         open,
+        phases,
     })
 }
 
@@ -189,13 +265,20 @@ pub fn print(rows: &[Row]) {
         "\nHELIOS reconciler benchmark (one instance, Tansu memory engine, PostgreSQL on loopback)"
     );
     println!(
-        "{:>9} {:>8} {:>10} {:>9} {:>8} {:>9} {:>8}   outcomes",
-        "events", "orders", "events/s", "CPU us/ev", "RSS MiB", "peak MiB", "open"
+        "{:>9} {:>8} {:>10} {:>9} {:>8} {:>9} {:>8}  {:<34}  outcomes",
+        "events",
+        "orders",
+        "events/s",
+        "CPU us/ev",
+        "RSS MiB",
+        "peak MiB",
+        "open",
+        "% poll/load/due/send/save"
     );
     for r in rows {
         let outcomes: Vec<String> = r.outcomes.iter().map(|(o, n)| format!("{o} {n}")).collect();
         println!(
-            "{:>9} {:>8} {:>10.0} {:>9.1} {:>8.1} {:>9.1} {:>8}   {}",
+            "{:>9} {:>8} {:>10.0} {:>9.1} {:>8.1} {:>9.1} {:>8}  {:<34}  {}",
             r.events,
             r.orders,
             r.events_per_s,
@@ -203,7 +286,15 @@ pub fn print(rows: &[Row]) {
             r.rss_before_mb,
             r.rss_peak_mb,
             r.open,
+            r.phases
+                .iter()
+                .map(|p| format!("{p:.0}"))
+                .collect::<Vec<_>>()
+                .join("/"),
             outcomes.join(", ")
         );
+        if !r.correct {
+            println!("          MISMATCH: these are not the outcomes the backlog must give");
+        }
     }
 }

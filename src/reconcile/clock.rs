@@ -1,14 +1,15 @@
 //! Watermarks: how far event time has certainly advanced on a partition of a flow's topics.
 //!
 //! Per assigned topic-partition the newest `occurred_at` read is kept, and whether the consumer
-//! has caught up with it (the last poll found nothing more waiting). A flow's watermark on
+//! has read it to its end (from librdkafka's statistics: the high watermark against the last
+//! record handed over; a record read since marks it as being read again). A flow's watermark on
 //! partition p is the newest event time over its step topics' partition p when all are caught
 //! up, else the smallest newest event time among those still being read (a topic whose backlog
 //! is behind holds the watermark back), minus `allowed_lateness`. When every one is caught up
 //! and nothing has arrived for `idle_after`, wall-clock time minus `allowed_lateness` counts
 //! too, so a missing step is reported even when traffic stops.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -23,7 +24,7 @@ struct Track {
 }
 
 /// Event-time progress per topic-partition.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Clock {
     tracks: HashMap<(String, i32), Track>,
 }
@@ -56,11 +57,17 @@ impl Clock {
         t.last_record = Instant::now();
     }
 
-    /// The last poll found nothing more waiting: every assigned topic-partition is caught up.
-    pub fn caught_up(&mut self) {
-        for t in self.tracks.values_mut() {
-            t.caught_up = true;
+    /// Which topic-partitions are read to their end (the consumer's statistics); one not
+    /// listed is not.
+    pub fn caught_up(&mut self, flags: &HashMap<(String, i32), bool>) {
+        for (tp, t) in self.tracks.iter_mut() {
+            t.caught_up = flags.get(tp).copied().unwrap_or(false);
         }
+    }
+
+    /// The assigned topic-partitions.
+    pub fn assigned_set(&self) -> HashSet<(String, i32)> {
+        self.tracks.keys().cloned().collect()
     }
 
     /// The partitions (numbers) assigned on any of `topics`.
@@ -156,7 +163,16 @@ mod tests {
         assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), None, "b unread");
         c.record("b", 0, t(50));
         assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), Some(t(40)));
-        c.caught_up();
+        let mut flags = HashMap::new();
+        flags.insert(("a".to_string(), 0), true);
+        c.caught_up(&flags);
+        assert_eq!(
+            c.watermark(&f, &topics, 0, idle, t(0)),
+            Some(t(40)),
+            "b still being read"
+        );
+        flags.insert(("b".to_string(), 0), true);
+        c.caught_up(&flags);
         assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), Some(t(90)));
         assert_eq!(
             c.watermark(&f, &topics, 0, Duration::ZERO, t(1000)),

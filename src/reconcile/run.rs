@@ -56,9 +56,69 @@ pub struct ReconcileStats {
     pub batches: AtomicU64,
     /// Topic-partitions assigned now.
     pub assigned: AtomicU64,
+    /// Where the time goes (µs, summed over batches): waiting for records, reading states,
+    /// looking for due deadlines, sending outcomes, writing the transaction.
+    pub poll_us: AtomicU64,
+    pub load_us: AtomicU64,
+    pub due_us: AtomicU64,
+    pub send_us: AtomicU64,
+    pub save_us: AtomicU64,
 }
 
-/// One instance being worked on in a batch.
+fn add_us(c: &AtomicU64, since: Instant) {
+    c.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+}
+
+/// Counted but not yet written: flushed when the consumer has caught up, every
+/// [`FLUSH_EVERY`], or when 4 batches' worth of instances are pending (each write of an
+/// instance then covers all of its events read meanwhile).
+#[derive(Default)]
+struct Pending {
+    work: HashMap<(usize, String), Working>,
+    results: Vec<ResultRow>,
+    resolved: Vec<Resolution>,
+    /// Next offset per topic-partition of the records absorbed.
+    offsets: BTreeMap<(String, i32), i64>,
+    skips: Vec<input::Skip>,
+    /// Per flow: events counted, events already counted.
+    counted: Vec<(u64, u64)>,
+    since: Option<Instant>,
+}
+
+/// Longest time counted work waits to be written while records keep coming.
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
+
+/// Which topic-partitions the consumer has read to their end, from librdkafka's statistics
+/// (the high watermark against the offset of the last record handed over).
+type CaughtUp = Arc<std::sync::Mutex<HashMap<(String, i32), bool>>>;
+
+/// The consumer's context: keeps [`CaughtUp`] from the statistics.
+pub struct ReconContext {
+    caught_up: CaughtUp,
+}
+
+impl rdkafka::ClientContext for ReconContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let mut m = self.caught_up.lock().unwrap_or_else(|e| e.into_inner());
+        m.clear();
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || part.hi_offset < 0 {
+                    continue;
+                }
+                let read_to = part
+                    .app_offset
+                    .max(part.committed_offset)
+                    .max(part.lo_offset);
+                m.insert((topic.clone(), *p), read_to >= part.hi_offset);
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReconContext {}
+
+/// One instance being worked on.
 struct Working {
     part: i32,
     state: FlowState,
@@ -74,11 +134,17 @@ pub struct Reconciler {
     /// Fan-out topic → (flow index) of the flows it is a step of.
     by_topic: HashMap<String, Vec<usize>>,
     store: ReconStore,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<ReconContext>,
     producer: FutureProducer,
     clock: Clock,
+    caught_up: CaughtUp,
+    /// Per (flow, partition): the watermark so far (it never goes back), and up to which
+    /// deadline the stored instances were fetched.
+    watermarks: HashMap<(usize, i32), DateTime<Utc>>,
+    due_checked: HashMap<(usize, i32), DateTime<Utc>>,
     /// Messages received while paused for a retry: the next batch starts with them.
     stash: Vec<rdkafka::message::OwnedMessage>,
+    pending: Pending,
     pub stats: Arc<ReconcileStats>,
     last_prune: Instant,
 }
@@ -111,8 +177,11 @@ impl Reconciler {
             ("client.id", "helios-reconciler"),
             ("auto.offset.reset", "earliest"),
             ("session.timeout.ms", "15000"),
-            ("queued.max.messages.kbytes", "16384"),
+            // Per partition, and a flow reads a partition of each step topic.
+            ("queued.max.messages.kbytes", "4096"),
             ("fetch.wait.max.ms", "20"),
+            // How often the watermarks learn which partitions are read to their end.
+            ("statistics.interval.ms", "500"),
         ] {
             if !cfg.kafka.properties.contains_key(k) {
                 c.set(k, v);
@@ -125,7 +194,10 @@ impl Reconciler {
         c.set("enable.auto.commit", "false");
         c.set("enable.auto.offset.store", "false");
         c.set("isolation.level", "read_committed");
-        let consumer: StreamConsumer = c.create()?;
+        let caught_up: CaughtUp = Arc::default();
+        let consumer: StreamConsumer<ReconContext> = c.create_with_context(ReconContext {
+            caught_up: caught_up.clone(),
+        })?;
         let mut p = cfg.kafka.client_config();
         for (k, v) in [
             ("client.id", "helios-reconciler"),
@@ -146,6 +218,7 @@ impl Reconciler {
             metrics::counter!("helios_reconcile_events_total", "flow" => f.name.clone())
                 .increment(0);
         }
+        let n_flows = flows.len();
         Ok(Reconciler {
             cfg,
             flows,
@@ -155,7 +228,14 @@ impl Reconciler {
             consumer,
             producer,
             clock: Clock::default(),
+            caught_up,
+            watermarks: HashMap::new(),
+            due_checked: HashMap::new(),
             stash: vec![],
+            pending: Pending {
+                counted: vec![(0, 0); n_flows],
+                ..Pending::default()
+            },
             stats: Arc::default(),
             last_prune: Instant::now(),
         })
@@ -175,18 +255,22 @@ impl Reconciler {
         tracing::info!(flows = self.flows.len(), topics = ?topics, group = %self.cfg.group, "reconciler started");
         let mut backoff = Backoff::default();
         while !shutdown.is_triggered() {
-            let batch = tokio::select! {
+            let polled = Instant::now();
+            let (batch, caught_up) = tokio::select! {
                 b = self.poll_batch() => b,
                 _ = shutdown.clone().wait() => break,
             };
+            add_us(&self.stats.poll_us, polled);
+            // Reading states and due deadlines may fail (PostgreSQL away): the batch is taken
+            // again, nothing of it was kept.
             loop {
-                match self.process(&batch).await {
+                match self.absorb(&batch).await {
                     Ok(()) => {
                         backoff = Backoff::default();
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "reconciliation batch not written; retrying");
+                        tracing::warn!(error = %e, "reconciliation batch not read; retrying");
                         metrics::counter!("helios_reconcile_retries_total").increment(1);
                         if !self.wait_polling(backoff.next_wait(), &shutdown).await {
                             return Ok(());
@@ -194,9 +278,45 @@ impl Reconciler {
                     }
                 }
             }
+            let due = caught_up
+                || self.pending.work.len() >= self.cfg.batch_size * 4
+                || self
+                    .pending
+                    .since
+                    .is_some_and(|t| t.elapsed() >= FLUSH_EVERY);
+            if due && !self.flush_retrying(&shutdown).await {
+                return Ok(());
+            }
         }
+        // Stopping: what was counted is written (a few attempts), so a restart need not count
+        // it again.
+        self.flush_retrying(&shutdown).await;
         tracing::info!("reconciler stopped");
         Ok(())
+    }
+
+    /// Flushes until it succeeds; false when shutdown came first.
+    async fn flush_retrying(&mut self, shutdown: &Shutdown) -> bool {
+        let mut backoff = Backoff::default();
+        for attempt in 0.. {
+            match self.flush().await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconciliation not written; retrying");
+                    metrics::counter!("helios_reconcile_retries_total").increment(1);
+                    if attempt >= 3 && shutdown.is_triggered() {
+                        return false;
+                    }
+                    if !self.wait_polling(backoff.next_wait(), shutdown).await && attempt >= 3 {
+                        return false;
+                    }
+                    // Polling may have brought a rebalance: never write for partitions now
+                    // owned by another instance.
+                    self.refresh_assignment();
+                }
+            }
+        }
+        false
     }
 
     async fn check_partitions(&self) -> anyhow::Result<()> {
@@ -243,8 +363,9 @@ impl Reconciler {
     }
 
     /// Up to `batch_size` records: the first waits up to 200 ms, the rest are taken while more
-    /// are waiting. An empty or cut-short batch means the consumer has caught up.
-    async fn poll_batch(&mut self) -> Vec<rdkafka::message::OwnedMessage> {
+    /// are waiting. True with it when the batch was cut short (nothing more waiting: time to
+    /// write what is pending).
+    async fn poll_batch(&mut self) -> (Vec<rdkafka::message::OwnedMessage>, bool) {
         let mut out = std::mem::take(&mut self.stash);
         let mut caught_up = false;
         while out.len() < self.cfg.batch_size {
@@ -265,6 +386,20 @@ impl Reconciler {
                 }
             }
         }
+        self.refresh_assignment();
+        // Which partitions are read to their end (as of the last statistics); this batch's
+        // records then mark theirs as being read again.
+        let flags = self
+            .caught_up
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.clock.caught_up(&flags);
+        (out, caught_up)
+    }
+
+    /// Takes the consumer's assignment as it is now.
+    fn refresh_assignment(&mut self) {
         let assigned: Vec<(String, i32)> = self
             .consumer
             .assignment()
@@ -279,11 +414,52 @@ impl Reconciler {
             .assigned
             .store(assigned.len() as u64, Ordering::Relaxed);
         self.clock.assigned(&assigned);
-        if caught_up {
-            // Records read now are newer than the catch-up point: the clock sees them after.
-            self.clock.caught_up();
+        self.forget_unassigned();
+    }
+
+    /// Drops what was counted but not written for partitions this instance no longer owns:
+    /// their offsets were not committed, so their new owner counts those events itself.
+    fn forget_unassigned(&mut self) {
+        let owned: Vec<Vec<i32>> = self
+            .flow_topics
+            .iter()
+            .map(|t| self.clock.partitions(t))
+            .collect();
+        self.watermarks
+            .retain(|(f, part), _| owned[*f].contains(part));
+        self.due_checked
+            .retain(|(f, part), _| owned[*f].contains(part));
+        let flows = &self.flows;
+        let p = &mut self.pending;
+        let before = p.work.len();
+        p.work.retain(|(f, _), w| owned[*f].contains(&w.part));
+        if p.work.len() == before {
+            return;
         }
-        out
+        let gone = |flow: &str, key: &str| {
+            !flows
+                .iter()
+                .position(|f| f.name == flow)
+                .is_some_and(|f| p.work.contains_key(&(f, key.to_string())))
+        };
+        let (results, resolved) = (
+            std::mem::take(&mut p.results),
+            std::mem::take(&mut p.resolved),
+        );
+        p.results = results
+            .into_iter()
+            .filter(|r| !gone(&r.flow, &r.key))
+            .collect();
+        p.resolved = resolved
+            .into_iter()
+            .filter(|r| !gone(&r.flow, &r.key))
+            .collect();
+        let assigned = self.clock.assigned_set();
+        p.offsets.retain(|tp, _| assigned.contains(tp));
+        tracing::info!(
+            dropped = before - p.work.len(),
+            "partitions revoked: their unwritten counts are left to the new owner"
+        );
     }
 
     /// While a batch waits to be retried: partitions paused, the consumer polled (the group
@@ -308,19 +484,16 @@ impl Reconciler {
         !shutdown.is_triggered()
     }
 
-    /// Counts a batch, fires due deadlines, writes, commits.
-    async fn process(&mut self, batch: &[rdkafka::message::OwnedMessage]) -> anyhow::Result<()> {
+    /// Counts a batch into the pending states and fires the deadlines the watermarks passed.
+    /// The reads (states not pending yet, instances due) come first: if one fails, nothing of
+    /// the batch was kept and it is taken again.
+    async fn absorb(&mut self, batch: &[rdkafka::message::OwnedMessage]) -> anyhow::Result<()> {
         let now = Utc::now();
         let mut seen: Vec<(usize, Seen)> = vec![];
         let mut skips: Vec<input::Skip> = vec![];
         for m in batch {
             match input::read(m, now) {
                 Ok(s) => {
-                    self.clock.record(
-                        &s.sighting.topic,
-                        s.sighting.partition,
-                        s.sighting.occurred_at,
-                    );
                     if let Some(flows) = self.by_topic.get(&s.sighting.topic) {
                         for &f in flows {
                             seen.push((f, s.clone()));
@@ -330,41 +503,116 @@ impl Reconciler {
                 Err(skip) => skips.push(skip),
             }
         }
-        // The instances this batch touches, as stored.
+        // States of this batch's instances that are not pending already, as stored.
         let keys: Vec<(String, String)> = {
             let set: HashSet<(String, String)> = seen
                 .iter()
+                .filter(|(f, s)| !self.pending.work.contains_key(&(*f, s.order_id.clone())))
                 .map(|(f, s)| (self.flows[*f].name.clone(), s.order_id.clone()))
                 .collect();
             set.into_iter().collect()
         };
+        let t = Instant::now();
         let stored = self.store.load(&keys).await?;
-        let mut work: HashMap<(usize, String), Working> = HashMap::new();
+        add_us(&self.stats.load_us, t);
+        // The watermarks with this batch's event times, and the stored instances they make due.
+        let mut clock = self.clock.clone();
+        for (_, s) in &seen {
+            clock.record(
+                &s.sighting.topic,
+                s.sighting.partition,
+                s.sighting.occurred_at,
+            );
+        }
+        let mut wms: Vec<BTreeMap<i32, DateTime<Utc>>> = vec![];
+        let mut due_rows = vec![];
+        let mut checked = self.due_checked.clone();
+        for (f, flow) in self.flows.iter().enumerate() {
+            let topics = &self.flow_topics[f];
+            // Watermarks never go back (a topic read again holds back only what comes next).
+            let w: BTreeMap<i32, DateTime<Utc>> = clock
+                .partitions(topics)
+                .into_iter()
+                .filter_map(|p| {
+                    let new = clock.watermark(flow, topics, p, self.cfg.idle_after, now);
+                    let old = self.watermarks.get(&(f, p)).copied();
+                    new.max(old).map(|w| (p, w))
+                })
+                .collect();
+            // Stored instances due since the last look (earlier ones were fetched then and
+            // are pending or written with a later deadline).
+            let list: Vec<super::store::DueWindow> = w
+                .iter()
+                .map(|(p, t)| (*p, checked.get(&(f, *p)).copied(), *t))
+                .filter(|(_, lo, hi)| lo.is_none_or(|lo| lo < *hi))
+                .collect();
+            if !list.is_empty() {
+                let t = Instant::now();
+                let rows = self.store.due(&flow.name, &list, DUE_LIMIT).await?;
+                add_us(&self.stats.due_us, t);
+                let cut = (rows.len() as i64 >= DUE_LIMIT)
+                    .then(|| rows.iter().map(|r| r.3).max())
+                    .flatten();
+                for (p, _, hi) in &list {
+                    // Cut by the limit: the rest (from the last deadline returned, ties
+                    // included) next time.
+                    let upto = match cut {
+                        Some(c) => (*hi).min(c - chrono::Duration::milliseconds(1)),
+                        None => *hi,
+                    };
+                    checked.insert((f, *p), upto);
+                }
+                for (key, part, state, _) in rows {
+                    due_rows.push((f, key, part, state));
+                }
+            }
+            wms.push(w);
+        }
+        // Nothing below fails: the batch is now part of the pending work.
+        self.clock = clock;
+        self.due_checked = checked;
+        for (f, w) in wms.iter().enumerate() {
+            for (p, t) in w {
+                self.watermarks.insert((f, *p), *t);
+            }
+        }
         let flow_index: HashMap<&str, usize> = self
             .flows
             .iter()
             .enumerate()
             .map(|(i, f)| (f.name.as_str(), i))
             .collect();
+        let p = &mut self.pending;
+        p.since.get_or_insert_with(Instant::now);
+        p.skips.extend(skips);
+        for m in batch {
+            use rdkafka::Message;
+            let e = p
+                .offsets
+                .entry((m.topic().to_string(), m.partition()))
+                .or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
         for ((flow, key), (part, state)) in stored {
             if let Some(&i) = flow_index.get(flow.as_str()) {
-                work.insert(
-                    (i, key),
-                    Working {
-                        part,
-                        state,
-                        changed: false,
-                    },
-                );
+                p.work.entry((i, key)).or_insert(Working {
+                    part,
+                    state,
+                    changed: false,
+                });
             }
         }
-        let mut results: Vec<ResultRow> = vec![];
-        let mut resolved: Vec<Resolution> = vec![];
-        // Per flow: events counted, events already counted (reported once the batch is written).
-        let mut counted = vec![(0u64, 0u64); self.flows.len()];
+        for (f, key, part, state) in due_rows {
+            // A pending state is newer than the stored one.
+            p.work.entry((f, key)).or_insert(Working {
+                part,
+                state,
+                changed: false,
+            });
+        }
         for (f, s) in seen {
             let flow = &self.flows[f];
-            let w = work.entry((f, s.order_id.clone())).or_insert(Working {
+            let w = p.work.entry((f, s.order_id.clone())).or_insert(Working {
                 part: s.sighting.partition,
                 state: FlowState::default(),
                 changed: false,
@@ -372,78 +620,77 @@ impl Reconciler {
             w.part = s.sighting.partition;
             let fx = engine::apply(flow, &mut w.state, s.sighting);
             if fx.already_counted {
-                counted[f].1 += 1;
+                p.counted[f].1 += 1;
                 continue;
             }
             w.changed = true;
-            counted[f].0 += 1;
-            collect(flow, &s.order_id, fx, &mut results, &mut resolved);
+            p.counted[f].0 += 1;
+            collect(flow, &s.order_id, fx, &mut p.results, &mut p.resolved);
         }
-        // Deadlines: the instances due on the owned partitions, and those of this batch.
-        for (f, flow) in self.flows.iter().enumerate() {
-            let topics = &self.flow_topics[f];
-            let wms: BTreeMap<i32, DateTime<Utc>> = self
-                .clock
-                .partitions(topics)
-                .into_iter()
-                .filter_map(|p| {
-                    self.clock
-                        .watermark(flow, topics, p, self.cfg.idle_after, now)
-                        .map(|w| (p, w))
-                })
-                .collect();
-            if wms.is_empty() {
+        // Deadlines of every pending instance (stored ones were fetched above when due).
+        for ((f, key), w) in p.work.iter_mut() {
+            let Some(wm) = wms[*f].get(&w.part) else {
+                continue;
+            };
+            let flow = &self.flows[*f];
+            if engine::next_due(flow, &w.state).is_none_or(|d| d > *wm) {
                 continue;
             }
-            let list: Vec<(i32, DateTime<Utc>)> = wms.iter().map(|(p, w)| (*p, *w)).collect();
-            for (key, part, state) in self.store.due(&flow.name, &list, DUE_LIMIT).await? {
-                work.entry((f, key)).or_insert(Working {
-                    part,
-                    state,
-                    changed: false,
-                });
-            }
-            for ((wf, key), w) in work.iter_mut() {
-                if *wf != f {
-                    continue;
-                }
-                let Some(wm) = wms.get(&w.part) else {
-                    continue;
-                };
-                let fx = engine::due(flow, &mut w.state, *wm);
-                if !fx.outcomes.is_empty() {
-                    w.changed = true;
-                    collect(flow, key, fx, &mut results, &mut resolved);
-                }
+            let fx = engine::due(flow, &mut w.state, *wm);
+            if !fx.outcomes.is_empty() {
+                w.changed = true;
+                collect(flow, key, fx, &mut p.results, &mut p.resolved);
             }
         }
-        let states: Vec<StateRow> = work
-            .into_iter()
+        Ok(())
+    }
+
+    /// Writes what is pending: outcome records sent and acknowledged, then states, results and
+    /// resolutions in one transaction, then the offsets. On failure nothing is lost: the same
+    /// pending work is written again.
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        let now = Utc::now();
+        let p = &self.pending;
+        if p.work.is_empty() && p.offsets.is_empty() && p.skips.is_empty() {
+            self.pending.since = None;
+            self.prune(now).await;
+            return Ok(());
+        }
+        let states: Vec<StateRow> = p
+            .work
+            .iter()
             .filter(|(_, w)| w.changed)
             .map(|((f, key), w)| {
-                let flow = &self.flows[f];
+                let flow = &self.flows[*f];
                 StateRow {
                     flow: flow.name.clone(),
-                    key,
+                    key: key.clone(),
                     part: w.part,
                     next_due: engine::next_due(flow, &w.state),
                     completed: w.state.complete(flow),
-                    state: w.state,
+                    state: w.state.clone(),
                 }
             })
             .collect();
-        if !results.is_empty() {
-            self.send(&results).await?;
+        if !p.results.is_empty() {
+            let t = Instant::now();
+            self.send(&p.results).await?;
+            add_us(&self.stats.send_us, t);
         }
-        if !states.is_empty() || !results.is_empty() || !resolved.is_empty() {
-            self.store.save(&states, &results, &resolved).await?;
+        if !states.is_empty() || !p.results.is_empty() || !p.resolved.is_empty() {
+            let t = Instant::now();
+            self.store.save(&states, &p.results, &p.resolved).await?;
+            add_us(&self.stats.save_us, t);
         }
-        for skip in skips {
+        let p = std::mem::take(&mut self.pending);
+        self.pending.counted = vec![(0, 0); self.flows.len()];
+        self.commit(&p.offsets)?;
+        for skip in p.skips {
             self.stats.skipped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("helios_reconcile_skipped_total", "reason" => skip.as_str())
                 .increment(1);
         }
-        for (flow, (new, again)) in self.flows.iter().zip(&counted) {
+        for (flow, (new, again)) in self.flows.iter().zip(&p.counted) {
             self.stats.events.fetch_add(*new, Ordering::Relaxed);
             self.stats
                 .already_counted
@@ -453,16 +700,13 @@ impl Reconciler {
             metrics::counter!("helios_reconcile_already_counted_total", "flow" => flow.name.clone())
                 .increment(*again);
         }
-        for r in &results {
+        for r in &p.results {
             self.stats.outcomes.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("helios_reconcile_outcomes_total", "flow" => r.flow.clone(), "outcome" => r.outcome.as_str())
                 .increment(1);
             tracing::info!(flow = %r.flow, key = %crate::model::text::bounded(&r.key, 128), outcome = r.outcome.as_str(), step = %r.step, "reconciliation outcome");
         }
-        if !batch.is_empty() {
-            self.commit(batch)?;
-            self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        }
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.prune(now).await;
         Ok(())
     }
@@ -509,21 +753,16 @@ impl Reconciler {
         Ok(())
     }
 
-    fn commit(&self, batch: &[rdkafka::message::OwnedMessage]) -> anyhow::Result<()> {
-        use rdkafka::Message;
-        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        for m in batch {
-            let e = next
-                .entry((m.topic().to_string(), m.partition()))
-                .or_insert(0);
-            *e = (*e).max(m.offset() + 1);
+    fn commit(&self, offsets: &BTreeMap<(String, i32), i64>) -> anyhow::Result<()> {
+        if offsets.is_empty() {
+            return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in next {
-            tpl.add_partition_offset(&t, p, Offset::Offset(o))?;
+        for ((t, p), o) in offsets {
+            tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
         }
-        // A partition revoked since the batch was polled is refused by the group: its new
-        // owner reads the batch again and finds every event already counted.
+        // A partition revoked since its records were polled is refused by the group: its new
+        // owner reads them again and finds every event already counted.
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::warn!(error = %e, "offsets not committed");
         }

@@ -43,6 +43,9 @@ pub struct Resolution {
     pub step: String,
 }
 
+/// (partition, deadlines after this one — all when none —, up to this watermark).
+pub type DueWindow = (i32, Option<DateTime<Utc>>, DateTime<Utc>);
+
 /// The reconciler's tables.
 #[derive(Clone)]
 pub enum ReconStore {
@@ -106,62 +109,71 @@ impl ReconStore {
         Ok(out)
     }
 
-    /// Instances of `flow` on these partitions whose next deadline is at or before the
-    /// partition's watermark (at most `limit`).
+    /// Instances of `flow` on these partitions whose next deadline is after `lo` (when given)
+    /// and at or before the partition's watermark, earliest first (at most `limit`), with that
+    /// deadline.
     pub async fn due(
         &self,
         flow: &str,
-        watermarks: &[(i32, DateTime<Utc>)],
+        watermarks: &[DueWindow],
         limit: i64,
-    ) -> Result<Vec<(String, i32, FlowState)>, StoreError> {
+    ) -> Result<Vec<(String, i32, FlowState, DateTime<Utc>)>, StoreError> {
         if watermarks.is_empty() {
             return Ok(vec![]);
         }
         let parts: Vec<i32> = watermarks.iter().map(|w| w.0).collect();
-        let wms: Vec<DateTime<Utc>> = watermarks.iter().map(|w| w.1).collect();
-        let fetch = |r: &dyn RowLike| -> (String, i32, String) { r.triple() };
-        let rows: Vec<(String, i32, String)> = match self {
-            ReconStore::Pg(pool) => sqlx::query(
-                "SELECT s.flow_key, s.part, s.state::text FROM flow_state s
-                 JOIN unnest($2::int[], $3::timestamptz[]) AS w(part, wm) ON s.part = w.part
-                 WHERE s.flow = $1 AND s.next_due IS NOT NULL AND s.next_due <= w.wm
-                 ORDER BY s.next_due LIMIT $4",
-            )
-            .bind(flow)
-            .bind(&parts)
-            .bind(&wms)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(|r| fetch(r))
-            .collect(),
+        let los: Vec<Option<DateTime<Utc>>> = watermarks.iter().map(|w| w.1).collect();
+        let his: Vec<DateTime<Utc>> = watermarks.iter().map(|w| w.2).collect();
+        let rows: Vec<(String, i32, String, DateTime<Utc>)> = match self {
+            ReconStore::Pg(pool) => {
+                sqlx::query_as(
+                    "SELECT s.flow_key, s.part, s.state::text, s.next_due FROM flow_state s
+                 JOIN unnest($2::int[], $3::timestamptz[], $4::timestamptz[]) AS w(part, lo, hi)
+                   ON s.part = w.part
+                 WHERE s.flow = $1 AND s.next_due IS NOT NULL AND s.next_due <= w.hi
+                   AND (w.lo IS NULL OR s.next_due > w.lo)
+                 ORDER BY s.next_due LIMIT $5",
+                )
+                .bind(flow)
+                .bind(&parts)
+                .bind(&los)
+                .bind(&his)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+            }
             ReconStore::Sqlite(pool) => {
-                let w: Vec<(i32, String)> = watermarks
+                let w: Vec<(i32, Option<String>, String)> = watermarks
                     .iter()
-                    .map(|(p, t)| (*p, sqlite_time(*t)))
+                    .map(|(p, lo, hi)| (*p, lo.map(sqlite_time), sqlite_time(*hi)))
                     .collect();
-                sqlx::query(
-                    "SELECT s.flow_key, s.part, s.state FROM flow_state s
+                let rows: Vec<(String, i32, String, String)> = sqlx::query_as(
+                    "SELECT s.flow_key, s.part, s.state, s.next_due FROM flow_state s
                      JOIN json_each(?2) w ON s.part = json_extract(w.value, '$[0]')
                      WHERE s.flow = ?1 AND s.next_due IS NOT NULL
-                       AND s.next_due <= json_extract(w.value, '$[1]')
+                       AND s.next_due <= json_extract(w.value, '$[2]')
+                       AND (json_extract(w.value, '$[1]') IS NULL OR s.next_due > json_extract(w.value, '$[1]'))
                      ORDER BY s.next_due LIMIT ?3",
                 )
                 .bind(flow)
                 .bind(serde_json::to_string(&w).unwrap_or_default())
                 .bind(limit)
                 .fetch_all(pool)
-                .await?
-                .iter()
-                .map(|r| fetch(r))
-                .collect()
+                .await?;
+                rows.into_iter()
+                    .map(|(k, p, s, d)| {
+                        let d = DateTime::parse_from_rfc3339(&d)
+                            .map(|d| d.with_timezone(&Utc))
+                            .unwrap_or_default();
+                        (k, p, s, d)
+                    })
+                    .collect()
             }
         };
         rows.into_iter()
-            .map(|(key, part, text)| {
+            .map(|(key, part, text, due)| {
                 let st = decode(flow, &key, &text)?;
-                Ok((key, part, st))
+                Ok((key, part, st, due))
             })
             .collect()
     }
@@ -304,23 +316,6 @@ impl ReconStore {
                 .await?
                 .rows_affected(),
         })
-    }
-}
-
-/// (key, part, state text) of a row of either database.
-trait RowLike {
-    fn triple(&self) -> (String, i32, String);
-}
-
-impl RowLike for sqlx::postgres::PgRow {
-    fn triple(&self) -> (String, i32, String) {
-        (self.get(0), self.get(1), self.get(2))
-    }
-}
-
-impl RowLike for sqlx::sqlite::SqliteRow {
-    fn triple(&self) -> (String, i32, String) {
-        (self.get(0), self.get(1), self.get(2))
     }
 }
 
