@@ -65,6 +65,22 @@ impl Clock {
         }
     }
 
+    /// The topic-partitions counted as read to their end.
+    pub fn caught_up_tracks(&self) -> Vec<(String, i32)> {
+        self.tracks
+            .iter()
+            .filter(|(_, t)| t.caught_up)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Marks one as still being read (a fresher look found records after the position).
+    pub fn not_caught_up(&mut self, tp: &(String, i32)) {
+        if let Some(t) = self.tracks.get_mut(tp) {
+            t.caught_up = false;
+        }
+    }
+
     /// The assigned topic-partitions.
     pub fn assigned_set(&self) -> HashSet<(String, i32)> {
         self.tracks.keys().cloned().collect()

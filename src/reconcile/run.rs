@@ -90,7 +90,8 @@ const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 /// Which topic-partitions the consumer has read to their end, from librdkafka's statistics
 /// (the high watermark against the offset of the last record handed over).
-type CaughtUp = Arc<std::sync::Mutex<HashMap<(String, i32), bool>>>;
+/// Per topic-partition: read to its end, and the offset read to.
+type CaughtUp = Arc<std::sync::Mutex<HashMap<(String, i32), (bool, i64)>>>;
 
 /// The consumer's context: keeps [`CaughtUp`] from the statistics.
 pub struct ReconContext {
@@ -110,7 +111,7 @@ impl rdkafka::ClientContext for ReconContext {
                     .app_offset
                     .max(part.committed_offset)
                     .max(part.lo_offset);
-                m.insert((topic.clone(), *p), read_to >= part.hi_offset);
+                m.insert((topic.clone(), *p), (read_to >= part.hi_offset, read_to));
             }
         }
     }
@@ -135,6 +136,8 @@ pub struct Reconciler {
     by_topic: HashMap<String, Vec<usize>>,
     store: ReconStore,
     consumer: StreamConsumer<ReconContext>,
+    /// Asks the broker for high watermarks (never joins the group).
+    meta: Arc<rdkafka::consumer::BaseConsumer>,
     producer: FutureProducer,
     clock: Clock,
     caught_up: CaughtUp,
@@ -210,6 +213,7 @@ impl Reconciler {
             }
         }
         let producer: FutureProducer = p.create()?;
+        let meta = Arc::new(crate::kafka::reader(&cfg.kafka, "reconcile-watermarks")?);
         for f in &flows {
             for k in OutcomeKind::ALL {
                 metrics::counter!("helios_reconcile_outcomes_total", "flow" => f.name.clone(), "outcome" => k.as_str())
@@ -226,6 +230,7 @@ impl Reconciler {
             by_topic,
             store,
             consumer,
+            meta,
             producer,
             clock: Clock::default(),
             caught_up,
@@ -389,11 +394,13 @@ impl Reconciler {
         self.refresh_assignment();
         // Which partitions are read to their end (as of the last statistics); this batch's
         // records then mark theirs as being read again.
-        let flags = self
+        let flags: HashMap<(String, i32), bool> = self
             .caught_up
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0))
+            .collect();
         self.clock.caught_up(&flags);
         (out, caught_up)
     }
@@ -524,6 +531,10 @@ impl Reconciler {
                 s.sighting.occurred_at,
             );
         }
+        // The statistics that count a partition as read to its end may predate records
+        // written since (before the records just read that move event time on): check those
+        // partitions against the broker's high watermark now.
+        self.confirm_caught_up(&mut clock).await;
         let mut wms: Vec<BTreeMap<i32, DateTime<Utc>>> = vec![];
         let mut due_rows = vec![];
         let mut checked = self.due_checked.clone();
@@ -643,6 +654,50 @@ impl Reconciler {
             }
         }
         Ok(())
+    }
+
+    /// Confirms with the broker that the partitions counted as read to their end still are:
+    /// one whose high watermark is past the consumer's position is not (any error: not).
+    async fn confirm_caught_up(&mut self, clock: &mut Clock) {
+        let candidates = clock.caught_up_tracks();
+        if candidates.is_empty() {
+            return;
+        }
+        let positions = self.consumer.position().unwrap_or_default();
+        let read_to: HashMap<(String, i32), i64> = self
+            .caught_up
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.1))
+            .collect();
+        let meta = self.meta.clone();
+        let asked = candidates.clone();
+        let highs = tokio::task::spawn_blocking(move || {
+            asked
+                .iter()
+                .map(|(t, p)| meta.fetch_watermarks(t, *p, Duration::from_secs(5)).ok())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (i, tp) in candidates.iter().enumerate() {
+            let position = positions
+                .find_partition(&tp.0, tp.1)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            // Nothing handed over since the assignment: where the statistics saw it read to.
+            let at = position.or_else(|| read_to.get(tp).copied());
+            let read_to_end = match (highs.get(i).copied().flatten(), at) {
+                (Some((_, high)), Some(at)) => at >= high,
+                _ => false,
+            };
+            if !read_to_end {
+                clock.not_caught_up(tp);
+            }
+        }
     }
 
     /// Writes what is pending: outcome records sent and acknowledged, then states, results and

@@ -146,9 +146,9 @@ async fn produce_steps(topology: &Topology, t0: DateTime<Utc>, steps: &[Step<'_>
     }
 }
 
-/// The marker order (OrderPlaced at t0, nothing else) and a clock order an hour later, on
-/// every partition: once the marker's two `missing` outcomes are written, every deadline of
-/// the test has been looked at.
+/// The marker order (OrderPlaced half an hour after t0, nothing else) and a clock order an
+/// hour after t0, on every partition: once the marker's two `missing` outcomes are written,
+/// every deadline of the test has been looked at.
 async fn advance_past_every_deadline(topology: &Topology, t0: DateTime<Utc>) {
     let parts = topology.event_topics.partitions;
     let mut markers: Vec<String> = vec![];
@@ -171,9 +171,10 @@ async fn advance_past_every_deadline(topology: &Topology, t0: DateTime<Utc>) {
     for m in &markers {
         steps.push((format!("{m}-placed"), m.clone()));
     }
+    // The markers after every test event's time (their deadlines need the clock orders).
     let owned: Vec<(String, String, i64)> = markers
         .iter()
-        .map(|m| (format!("{m}-placed"), m.clone(), 0))
+        .map(|m| (format!("{m}-placed"), m.clone(), 1800))
         .chain(
             clocks
                 .iter()
@@ -540,7 +541,9 @@ fn stream(n: usize) -> (Vec<OwnedStep>, Expected) {
     let mut expected = BTreeSet::new();
     for i in 0..n {
         let key = format!("S-{i}");
-        let base = i as i64 % 50;
+        // Event time moves on with the stream (an order a second): a step is never behind
+        // the watermark by more than the lateness.
+        let base = i as i64;
         steps.push((
             "OrderPlaced".into(),
             "aws".into(),
