@@ -240,20 +240,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 println!("  reconciler group: {}", t.reconciler_group);
                 for f in t.flows()? {
-                    let steps: Vec<String> = f
-                        .steps
-                        .iter()
-                        .map(|s| match s.within {
-                            Some(w) => format!("{} within {}s", s.event_type, w.as_secs()),
-                            None => s.event_type.clone(),
-                        })
-                        .collect();
                     println!(
                         "  flow {} (key {}, lateness {}s): {}",
                         f.name,
                         f.key,
                         f.allowed_lateness.as_secs(),
-                        steps.join(" → ")
+                        f.describe()
                     );
                 }
                 Ok(ExitCode::SUCCESS)

@@ -385,15 +385,7 @@ async fn report_reconciliation(store: &SqliteStore, topology: &Topology) -> anyh
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     if let Some(f) = topology.flows().ok().and_then(|f| f.into_iter().next()) {
-        let steps: Vec<String> = f
-            .steps
-            .iter()
-            .map(|s| match s.within {
-                Some(w) => format!("{} within {}s", s.event_type, w.as_secs()),
-                None => s.event_type.clone(),
-            })
-            .collect();
-        println!("\nReconciliation (flow {}: {}):", f.name, steps.join(" → "));
+        println!("\nReconciliation (flow {}: {}):", f.name, f.describe());
     }
     for (flow, key, outcome, step, duration, detail) in &rows {
         let detail: serde_json::Value = serde_json::from_str(detail).unwrap_or_default();

@@ -149,26 +149,40 @@ async fn produce_backlog(
             });
         }
         let topic = topology.raw_topic(source);
-        let mut rec: FutureRecord<'_, [u8], [u8]> =
+        let rec: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&topic).payload(body.as_slice()).headers(h);
-        loop {
-            match producer.send_result(rec) {
-                Ok(f) => {
-                    pending.push(f);
-                    break;
-                }
-                Err((_, back)) => {
-                    // Local queue full: wait for what is in flight, then try again.
-                    drain(&mut pending).await?;
-                    rec = back;
-                }
-            }
-        }
-        if pending.len() >= 10_000 {
-            drain(&mut pending).await?;
-        }
+        enqueue(&producer, &mut pending, rec).await?;
     }
     drain(&mut pending).await
+}
+
+/// Queues a record of a backlog; waits for what is in flight when the local queue is full,
+/// and every 10,000 records.
+pub async fn enqueue<K, P>(
+    producer: &FutureProducer,
+    pending: &mut Vec<rdkafka::producer::DeliveryFuture>,
+    mut rec: FutureRecord<'_, K, P>,
+) -> anyhow::Result<()>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send_result(rec) {
+            Ok(f) => {
+                pending.push(f);
+                break;
+            }
+            Err((_, back)) => {
+                drain(pending).await?;
+                rec = back;
+            }
+        }
+    }
+    if pending.len() >= 10_000 {
+        drain(pending).await?;
+    }
+    Ok(())
 }
 
 pub async fn drain(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {

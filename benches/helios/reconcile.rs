@@ -14,7 +14,7 @@ use helios::source::Source;
 use helios::topology::Topology;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::process::{cpu_micros, drain, rss_mb};
+use crate::process::{cpu_micros, drain, enqueue, rss_mb};
 
 pub struct Row {
     events: usize,
@@ -133,26 +133,12 @@ async fn produce(
             let topic = topology.event_topic(ty);
             let payload = helios::pipeline::fanout::json_payload(&e);
             let headers = helios::pipeline::fanout::headers(&e, "application/json", None, None);
-            let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic)
+            let rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic)
                 .key(key.as_str())
                 .payload(payload.as_slice())
                 .headers(headers);
-            loop {
-                match producer.send_result(rec) {
-                    Ok(f) => {
-                        pending.push(f);
-                        break;
-                    }
-                    Err((_, back)) => {
-                        drain(&mut pending).await?;
-                        rec = back;
-                    }
-                }
-            }
+            enqueue(&producer, &mut pending, rec).await?;
             produced += 1;
-            if pending.len() >= 10_000 {
-                drain(&mut pending).await?;
-            }
         }
     }
     drain(&mut pending).await?;

@@ -75,6 +75,18 @@ impl Flow {
         self.steps.iter().position(|s| s.event_type == event_type)
     }
 
+    /// `OrderPlaced → PaymentProcessed within 900s → …`.
+    pub fn describe(&self) -> String {
+        self.steps
+            .iter()
+            .map(|s| match s.within {
+                Some(w) => format!("{} within {}s", s.event_type, w.as_secs()),
+                None => s.event_type.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(" → ")
+    }
+
     /// The longest deadline (an instance without its first step is an orphan after it).
     pub fn longest(&self) -> Duration {
         self.steps

@@ -409,28 +409,31 @@ async fn a_missing_step_is_reported_after_its_deadline_then_resolved_as_late() {
     rec.stop().await;
 }
 
-#[tokio::test]
-async fn arrival_out_of_order_completes_while_event_time_out_of_order_is_reported() {
+/// A reconciler on a fresh topology after `steps` (event time from two hours ago) and every
+/// deadline they could have.
+async fn settled(steps: &[Step<'_>]) -> TestReconciler {
     let topology = flow_topology(1).await;
     let rec = spawn_reconciler(&topology, &unique_schema(), HOUR).await;
     let t0 = t0();
-    produce_steps(
-        &topology,
-        t0,
-        &[
-            // A-1 arrives last step first, within the lateness: it simply completes.
-            ("InventoryReserved", "gcp", "a-3", "A-1", 40),
-            ("PaymentProcessed", "azure", "a-2", "A-1", 20),
-            ("OrderPlaced", "aws", "a-1", "A-1", 0),
-            // B-1's payment happened (event time) before the order was placed.
-            ("OrderPlaced", "aws", "b-1", "B-1", 30),
-            ("PaymentProcessed", "gcp", "b-2", "B-1", 10),
-            ("InventoryReserved", "gcp", "b-3", "B-1", 50),
-        ],
-    )
-    .await;
+    produce_steps(&topology, t0, steps).await;
     advance_past_every_deadline(&topology, t0).await;
     wait_for_markers(&rec.pool).await;
+    rec
+}
+
+#[tokio::test]
+async fn arrival_out_of_order_completes_while_event_time_out_of_order_is_reported() {
+    let rec = settled(&[
+        // A-1 arrives last step first, within the lateness: it simply completes.
+        ("InventoryReserved", "gcp", "a-3", "A-1", 40),
+        ("PaymentProcessed", "azure", "a-2", "A-1", 20),
+        ("OrderPlaced", "aws", "a-1", "A-1", 0),
+        // B-1's payment happened (event time) before the order was placed.
+        ("OrderPlaced", "aws", "b-1", "B-1", 30),
+        ("PaymentProcessed", "gcp", "b-2", "B-1", 10),
+        ("InventoryReserved", "gcp", "b-3", "B-1", 50),
+    ])
+    .await;
     assert_eq!(
         outcomes_of(&rec.pool, "A-1").await,
         set(&[("completed", "", false)])
@@ -447,24 +450,15 @@ async fn arrival_out_of_order_completes_while_event_time_out_of_order_is_reporte
 
 #[tokio::test]
 async fn a_step_paid_twice_through_two_clouds_is_a_duplicate_step_and_a_lone_payment_an_orphan() {
-    let topology = flow_topology(1).await;
-    let rec = spawn_reconciler(&topology, &unique_schema(), HOUR).await;
-    let t0 = t0();
-    produce_steps(
-        &topology,
-        t0,
-        &[
-            ("OrderPlaced", "aws", "d-1", "D-1", 0),
-            ("PaymentProcessed", "aws", "d-2", "D-1", 10),
-            ("PaymentProcessed", "azure", "d-2b", "D-1", 12),
-            ("InventoryReserved", "gcp", "d-3", "D-1", 30),
-            // O-1: a payment for an order that was never placed.
-            ("PaymentProcessed", "gcp", "o-2", "O-1", 10),
-        ],
-    )
+    let rec = settled(&[
+        ("OrderPlaced", "aws", "d-1", "D-1", 0),
+        ("PaymentProcessed", "aws", "d-2", "D-1", 10),
+        ("PaymentProcessed", "azure", "d-2b", "D-1", 12),
+        ("InventoryReserved", "gcp", "d-3", "D-1", 30),
+        // O-1: a payment for an order that was never placed.
+        ("PaymentProcessed", "gcp", "o-2", "O-1", 10),
+    ])
     .await;
-    advance_past_every_deadline(&topology, t0).await;
-    wait_for_markers(&rec.pool).await;
     assert_eq!(
         outcomes_of(&rec.pool, "D-1").await,
         set(&[
