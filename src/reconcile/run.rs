@@ -221,6 +221,8 @@ impl Reconciler {
             }
             metrics::counter!("helios_reconcile_events_total", "flow" => f.name.clone())
                 .increment(0);
+            metrics::counter!("helios_reconcile_already_counted_total", "flow" => f.name.clone())
+                .increment(0);
         }
         let n_flows = flows.len();
         Ok(Reconciler {

@@ -40,6 +40,7 @@ pub fn test_topology() -> Topology {
     }
     t.event_topics.partitions = 1;
     t.consumer_group = format!("{}helios-processor", t.topic_prefix);
+    t.reconciler_group = format!("{}helios-reconciler", t.topic_prefix);
     t
 }
 

@@ -115,6 +115,21 @@ async fn every_metric_of_the_dashboard_and_the_rules_is_exported() {
     let app = spawn_app(|_| {}).await;
     let topology = app.topology.clone();
     let proc = spawn_processor(&topology).await;
+    // And a reconciler (its series are exported from start-up).
+    let reconciler = helios::reconcile::Reconciler::new(
+        helios::reconcile::ReconcilerConfig {
+            kafka: helios::config::KafkaSettings::new(kafka_bootstrap()),
+            group: topology.reconciler_group.clone(),
+            topology: topology.clone(),
+            batch_size: 100,
+            idle_after: Duration::from_secs(30),
+            state_retention: Duration::from_secs(8 * 86_400),
+        },
+        helios::reconcile::ReconStore::Pg(proc.pool.clone()),
+    )
+    .expect("reconciler");
+    let (stop_reconciler, reconciler_shutdown) = helios::shutdown::Shutdown::new();
+    let reconciling = tokio::spawn(reconciler.run(reconciler_shutdown));
     let event = json!({"version": "0", "id": "m-1", "detail-type": "OrderPlaced", "detail": {"order_id": "O-1", "customer_id": "C"}});
     let invalid = json!({"version": "0", "id": "m-2", "detail-type": "OrderPlaced", "detail": {"order_id": "O-2"}});
     for body in [&event, &event, &invalid] {
@@ -162,6 +177,11 @@ async fn every_metric_of_the_dashboard_and_the_rules_is_exported() {
         missing.is_empty(),
         "named by deploy/ but not exported: {missing:?}"
     );
+    stop_reconciler.trigger();
+    reconciling
+        .await
+        .expect("reconciler task")
+        .expect("reconciler ended cleanly");
     proc.stop().await;
     app.stop().await;
 }
