@@ -74,10 +74,10 @@ impl Clock {
             .collect()
     }
 
-    /// Marks one as still being read (a fresher look found records after the position).
-    pub fn not_caught_up(&mut self, tp: &(String, i32)) {
+    /// Sets whether one is read to its end (a fresher look at the broker).
+    pub fn set_caught_up(&mut self, tp: &(String, i32), read_to_end: bool) {
         if let Some(t) = self.tracks.get_mut(tp) {
-            t.caught_up = false;
+            t.caught_up = read_to_end;
         }
     }
 

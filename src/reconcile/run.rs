@@ -213,7 +213,14 @@ impl Reconciler {
             }
         }
         let producer: FutureProducer = p.create()?;
-        let meta = Arc::new(crate::kafka::reader(&cfg.kafka, "reconcile-watermarks")?);
+        // The group's committed offsets are read without joining it (status does the same).
+        let meta: rdkafka::consumer::BaseConsumer = cfg
+            .kafka
+            .client_config()
+            .set("group.id", &cfg.group)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let meta = Arc::new(meta);
         for f in &flows {
             for k in OutcomeKind::ALL {
                 metrics::counter!("helios_reconcile_outcomes_total", "flow" => f.name.clone(), "outcome" => k.as_str())
@@ -661,11 +668,23 @@ impl Reconciler {
     /// Confirms with the broker that the partitions counted as read to their end still are:
     /// one whose high watermark is past the consumer's position is not (any error: not).
     async fn confirm_caught_up(&mut self, clock: &mut Clock) {
-        let candidates = clock.caught_up_tracks();
+        let positions = self.consumer.position().unwrap_or_default();
+        let handed_over = |tp: &(String, i32)| {
+            positions
+                .find_partition(&tp.0, tp.1)
+                .is_some_and(|e| matches!(e.offset(), Offset::Offset(_)))
+        };
+        // Also every partition nothing was handed over from since the assignment (after a
+        // restart it may have been read to its end and committed before).
+        let mut candidates = clock.caught_up_tracks();
+        for tp in clock.assigned_set() {
+            if !handed_over(&tp) && !candidates.contains(&tp) {
+                candidates.push(tp);
+            }
+        }
         if candidates.is_empty() {
             return;
         }
-        let positions = self.consumer.position().unwrap_or_default();
         let read_to: HashMap<(String, i32), i64> = self
             .caught_up
             .lock()
@@ -675,11 +694,19 @@ impl Reconciler {
             .collect();
         let meta = self.meta.clone();
         let asked = candidates.clone();
-        let highs = tokio::task::spawn_blocking(move || {
-            asked
+        let (highs, committed) = tokio::task::spawn_blocking(move || {
+            let highs = asked
                 .iter()
                 .map(|(t, p)| meta.fetch_watermarks(t, *p, Duration::from_secs(5)).ok())
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in &asked {
+                tpl.add_partition(t, *p);
+            }
+            let committed = meta
+                .committed_offsets(tpl, Duration::from_secs(5))
+                .unwrap_or_default();
+            (highs, committed)
         })
         .await
         .unwrap_or_default();
@@ -690,15 +717,23 @@ impl Reconciler {
                     Offset::Offset(o) => Some(o),
                     _ => None,
                 });
-            // Nothing handed over since the assignment: where the statistics saw it read to.
-            let at = position.or_else(|| read_to.get(tp).copied());
+            // Nothing handed over since the assignment: the group's committed offset (reading
+            // resumed there), else where the statistics saw it read to.
+            let at = position
+                .or_else(|| {
+                    committed
+                        .find_partition(&tp.0, tp.1)
+                        .and_then(|e| match e.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        })
+                })
+                .or_else(|| read_to.get(tp).copied());
             let read_to_end = match (highs.get(i).copied().flatten(), at) {
                 (Some((_, high)), Some(at)) => at >= high,
                 _ => false,
             };
-            if !read_to_end {
-                clock.not_caught_up(tp);
-            }
+            clock.set_caught_up(tp, read_to_end);
         }
     }
 
