@@ -10,6 +10,7 @@
 //! too, so a missing step is reported even when traffic stops.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -140,6 +141,37 @@ impl Clock {
         wm
     }
 }
+
+/// Which topic-partitions the consumer has read to their end, from librdkafka's statistics
+/// (the high watermark against the offset of the last record handed over).
+/// Per topic-partition: read to its end, and the offset read to.
+pub(super) type CaughtUp = Arc<std::sync::Mutex<HashMap<(String, i32), (bool, i64)>>>;
+
+/// The consumer's context: keeps [`CaughtUp`] from the statistics.
+pub struct ReconContext {
+    pub(super) caught_up: CaughtUp,
+}
+
+impl rdkafka::ClientContext for ReconContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let mut m = self.caught_up.lock().unwrap_or_else(|e| e.into_inner());
+        m.clear();
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || part.hi_offset < 0 {
+                    continue;
+                }
+                let read_to = part
+                    .app_offset
+                    .max(part.committed_offset)
+                    .max(part.lo_offset);
+                m.insert((topic.clone(), *p), (read_to >= part.hi_offset, read_to));
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReconContext {}
 
 #[cfg(test)]
 mod tests {

@@ -4,13 +4,15 @@
 //! `out_of_order`, `duplicate_step` and `orphan` — each once, as a row of
 //! `reconciliation_results` and a record on `helios.reconciliation`.
 //!
-//! [`engine`] is the state machine of one instance, [`clock`] the watermarks, [`input`] reads
+//! [`engine`] is the state machine of one instance, [`clock`] the watermarks (and which
+//! partitions are read to their end), [`intake`] the consumer side, [`input`] reads
 //! fan-out records, [`store`] keeps `flow_state` and the results, [`run`] is the consumer-group
 //! loop, [`report`] reads the results back.
 
 pub mod clock;
 pub mod engine;
 pub mod input;
+pub mod intake;
 pub mod report;
 pub mod run;
 pub mod store;
