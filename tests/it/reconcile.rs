@@ -196,7 +196,7 @@ thread_local! {
 /// Waits until every marker order has both of its `missing` outcomes.
 async fn wait_for_markers(pool: &sqlx::PgPool) {
     let markers = MARKERS.with(|m| m.borrow().clone());
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM reconciliation_results WHERE outcome = 'missing' AND flow_key = ANY($1)",
