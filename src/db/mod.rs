@@ -38,6 +38,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "reconciliation",
         include_str!("../../migrations/0003_reconciliation.sql"),
     ),
+    (
+        4,
+        "reconcile_progress",
+        include_str!("../../migrations/0004_reconcile_progress.sql"),
+    ),
 ];
 
 /// A database failure, classified: transient ones retry the batch; ones caused by the data

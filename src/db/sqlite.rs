@@ -39,6 +39,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "reconciliation",
         include_str!("../../migrations/sqlite/0002_reconciliation.sql"),
     ),
+    (
+        3,
+        "reconcile_progress",
+        include_str!("../../migrations/sqlite/0003_reconcile_progress.sql"),
+    ),
 ];
 
 impl SqliteStore {

@@ -1,6 +1,8 @@
 //! Watermarks: how far event time has certainly advanced on a partition of a flow's topics.
 //!
-//! Per assigned topic-partition the newest `occurred_at` read is kept, and whether the consumer
+//! Per assigned topic-partition the newest `occurred_at` read is kept (taken over from the
+//! store when the partition is assigned: what was read before a restart or a rebalance is not
+//! read again, and the event time it reached must not be forgotten), and whether the consumer
 //! has read it to its end (from librdkafka's statistics: the high watermark against the last
 //! record handed over; a record read since marks it as being read again). A flow's watermark on
 //! partition p is the newest event time over its step topics' partition p when all are caught
@@ -22,6 +24,20 @@ struct Track {
     newest: Option<DateTime<Utc>>,
     caught_up: bool,
     last_record: Instant,
+    /// The newest event time stored for it (by this group, up to its committed offsets) was
+    /// taken over: the records read before a restart or a rebalance are not read again.
+    restored: bool,
+}
+
+impl Track {
+    fn new() -> Track {
+        Track {
+            newest: None,
+            caught_up: false,
+            last_record: Instant::now(),
+            restored: false,
+        }
+    }
 }
 
 /// Event-time progress per topic-partition.
@@ -35,11 +51,27 @@ impl Clock {
     pub fn assigned(&mut self, tps: &[(String, i32)]) {
         self.tracks.retain(|k, _| tps.contains(k));
         for tp in tps {
-            self.tracks.entry(tp.clone()).or_insert_with(|| Track {
-                newest: None,
-                caught_up: false,
-                last_record: Instant::now(),
-            });
+            self.tracks.entry(tp.clone()).or_insert_with(Track::new);
+        }
+    }
+
+    /// The assigned topic-partitions whose stored event time was not taken over yet.
+    pub fn unrestored(&self) -> Vec<(String, i32)> {
+        let mut v: Vec<(String, i32)> = self
+            .tracks
+            .iter()
+            .filter(|(_, t)| !t.restored)
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Takes over the newest event time stored for `tp` (none: nothing was stored).
+    pub fn restore(&mut self, tp: &(String, i32), stored: Option<DateTime<Utc>>) {
+        if let Some(t) = self.tracks.get_mut(tp) {
+            t.newest = t.newest.max(stored);
+            t.restored = true;
         }
     }
 
@@ -48,11 +80,7 @@ impl Clock {
         let t = self
             .tracks
             .entry((topic.to_string(), partition))
-            .or_insert_with(|| Track {
-                newest: None,
-                caught_up: false,
-                last_record: Instant::now(),
-            });
+            .or_insert_with(Track::new);
         t.newest = Some(t.newest.map_or(at, |n| n.max(at)));
         t.caught_up = false;
         t.last_record = Instant::now();
@@ -228,5 +256,36 @@ mod tests {
             "idle: wall clock"
         );
         assert_eq!(c.watermark(&f, &topics, 1, idle, t(0)), None);
+    }
+
+    #[test]
+    fn an_assigned_partition_takes_over_the_event_time_reached_before() {
+        let f = flow();
+        let topics = vec!["a".to_string(), "b".to_string()];
+        let mut c = Clock::default();
+        c.assigned(&[("a".into(), 0), ("b".into(), 0)]);
+        assert_eq!(c.unrestored().len(), 2);
+        // `a` was read to t(500) before a restart; `b` never had anything.
+        c.restore(&("a".into(), 0), Some(t(500)));
+        c.restore(&("b".into(), 0), None);
+        assert!(c.unrestored().is_empty());
+        c.record("b", 0, t(20));
+        let mut flags = HashMap::new();
+        flags.insert(("a".to_string(), 0), true);
+        flags.insert(("b".to_string(), 0), true);
+        c.caught_up(&flags);
+        let idle = Duration::from_secs(3600);
+        assert_eq!(
+            c.watermark(&f, &topics, 0, idle, t(0)),
+            Some(t(490)),
+            "read to the end: the newest, stored or read"
+        );
+        // An older stored time never moves a track back; a new assignment starts unrestored.
+        c.restore(&("b".into(), 0), Some(t(10)));
+        flags.insert(("a".to_string(), 0), false);
+        c.caught_up(&flags);
+        assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), Some(t(490)));
+        c.assigned(&[("a".into(), 0), ("b".into(), 0), ("a".into(), 1)]);
+        assert_eq!(c.unrestored(), vec![("a".to_string(), 1)]);
     }
 }

@@ -154,6 +154,7 @@ impl Reconciler {
             .collect();
         let assigned = self.clock.assigned_set();
         p.offsets.retain(|tp, _| assigned.contains(tp));
+        p.newest.retain(|tp, _| assigned.contains(tp));
         tracing::info!(
             dropped = before - p.work.len(),
             "partitions revoked: their unwritten counts are left to the new owner"

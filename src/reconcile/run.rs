@@ -2,10 +2,11 @@
 //! (the range assignor gives one member partition p of every step topic, since they have equal
 //! partition counts). Per batch: count the events into their instances' states, fire the
 //! deadlines the watermarks passed, send the outcomes to `helios.reconciliation` and wait for
-//! the acknowledgements, write states, results and resolutions in one transaction, and only
-//! then commit the offsets. A crash before the transaction re-does the batch (its outcome
-//! records may be sent twice; the rows are written once); a crash after it finds every event
-//! already counted and changes nothing.
+//! the acknowledgements, write states, results and resolutions in one transaction (with how
+//! far event time had come on each topic-partition, which a restarted or newly assigned
+//! instance takes over), and only then commit the offsets. A crash before the transaction
+//! re-does the batch (its outcome records may be sent twice; the rows are written once); a
+//! crash after it finds every event already counted and changes nothing.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,7 @@ use super::clock::Clock;
 use super::clock::{CaughtUp, ReconContext};
 use super::engine::{self, Effects, FlowState, OutcomeKind};
 use super::input::{self, Seen};
-use super::store::{ReconStore, Resolution, ResultRow, StateRow};
+use super::store::{ProgressRow, ReconStore, Resolution, ResultRow, StateRow};
 use crate::config::KafkaSettings;
 use crate::pipeline::retry::Backoff;
 use crate::shutdown::Shutdown;
@@ -79,6 +80,8 @@ pub(super) struct Pending {
     pub(super) resolved: Vec<Resolution>,
     /// Next offset per topic-partition of the records absorbed.
     pub(super) offsets: BTreeMap<(String, i32), i64>,
+    /// Newest event time per topic-partition of the records absorbed.
+    pub(super) newest: HashMap<(String, i32), DateTime<Utc>>,
     pub(super) skips: Vec<input::Skip>,
     /// Per flow: events counted, events already counted.
     pub(super) counted: Vec<(u64, u64)>,
@@ -342,6 +345,15 @@ impl Reconciler {
                 s.sighting.occurred_at,
             );
         }
+        // Partitions assigned since the last look: the event time reached before (by this
+        // instance before a restart, or by another before a rebalance) is taken over.
+        let fresh = clock.unrestored();
+        if !fresh.is_empty() {
+            let stored = self.store.load_progress(&self.cfg.group, &fresh).await?;
+            for tp in &fresh {
+                clock.restore(tp, stored.get(tp).copied());
+            }
+        }
         // The statistics that count a partition as read to its end may predate records
         // written since (before the records just read that move event time on): check those
         // partitions against the broker's high watermark now.
@@ -432,6 +444,13 @@ impl Reconciler {
                 changed: false,
             });
         }
+        for (_, s) in &seen {
+            let at = s.sighting.occurred_at;
+            p.newest
+                .entry((s.sighting.topic.clone(), s.sighting.partition))
+                .and_modify(|n| *n = (*n).max(at))
+                .or_insert(at);
+        }
         for (f, s) in seen {
             let flow = &self.flows[f];
             let w = p.work.entry((f, s.order_id.clone())).or_insert(Working {
@@ -499,9 +518,27 @@ impl Reconciler {
             self.send(&p.results).await?;
             add_us(&self.stats.send_us, t);
         }
-        if !states.is_empty() || !p.results.is_empty() || !p.resolved.is_empty() {
+        let progress: Vec<ProgressRow> = p
+            .offsets
+            .iter()
+            .filter_map(|(tp, next)| {
+                Some(ProgressRow {
+                    topic: tp.0.clone(),
+                    part: tp.1,
+                    newest: *p.newest.get(tp)?,
+                    next_offset: *next,
+                })
+            })
+            .collect();
+        if !states.is_empty()
+            || !p.results.is_empty()
+            || !p.resolved.is_empty()
+            || !progress.is_empty()
+        {
             let t = Instant::now();
-            self.store.save(&states, &p.results, &p.resolved).await?;
+            self.store
+                .save(&states, &p.results, &p.resolved, &self.cfg.group, &progress)
+                .await?;
             add_us(&self.stats.save_us, t);
         }
         let p = std::mem::take(&mut self.pending);

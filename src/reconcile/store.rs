@@ -43,6 +43,16 @@ pub struct Resolution {
     pub step: String,
 }
 
+/// How far event time had come on one fan-out topic-partition, as of the offset committed
+/// with it (`reconcile_progress`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressRow {
+    pub topic: String,
+    pub part: i32,
+    pub newest: DateTime<Utc>,
+    pub next_offset: i64,
+}
+
 /// (partition, deadlines after this one — all when none —, up to this watermark).
 pub type DueWindow = (i32, Option<DateTime<Utc>>, DateTime<Utc>);
 
@@ -107,6 +117,54 @@ impl ReconStore {
             }
         }
         Ok(out)
+    }
+
+    /// The newest event time stored by `group` for these topic-partitions.
+    pub async fn load_progress(
+        &self,
+        group: &str,
+        tps: &[(String, i32)],
+    ) -> Result<HashMap<(String, i32), DateTime<Utc>>, StoreError> {
+        if tps.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let topics: Vec<&str> = tps.iter().map(|t| t.0.as_str()).collect();
+        let parts: Vec<i32> = tps.iter().map(|t| t.1).collect();
+        let rows: Vec<(String, i32, DateTime<Utc>)> = match self {
+            ReconStore::Pg(pool) => {
+                sqlx::query_as(
+                    "SELECT p.topic, p.part, p.newest_event_time FROM reconcile_progress p
+                     JOIN unnest($2::text[], $3::int[]) AS k(topic, part)
+                       ON p.topic = k.topic AND p.part = k.part
+                     WHERE p.consumer_group = $1",
+                )
+                .bind(group)
+                .bind(&topics)
+                .bind(&parts)
+                .fetch_all(pool)
+                .await?
+            }
+            ReconStore::Sqlite(pool) => {
+                let rows: Vec<(String, i32, String)> = sqlx::query_as(
+                    "SELECT topic, part, newest_event_time FROM reconcile_progress
+                     WHERE consumer_group = ?1",
+                )
+                .bind(group)
+                .fetch_all(pool)
+                .await?;
+                rows.into_iter()
+                    .filter_map(|(t, p, at)| {
+                        let at = DateTime::parse_from_rfc3339(&at).ok()?.with_timezone(&Utc);
+                        Some((t, p, at))
+                    })
+                    .collect()
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .filter(|(t, p, _)| tps.iter().any(|k| k.0 == *t && k.1 == *p))
+            .map(|(t, p, at)| ((t, p), at))
+            .collect())
     }
 
     /// Instances of `flow` on these partitions whose next deadline is after `lo` (when given)
@@ -179,12 +237,14 @@ impl ReconStore {
     }
 
     /// Writes a batch's state changes, new results (a result already stored is left as it
-    /// is) and resolutions in one transaction.
+    /// is), resolutions and `group`'s event-time progress in one transaction.
     pub async fn save(
         &self,
         states: &[StateRow],
         results: &[ResultRow],
         resolved: &[Resolution],
+        group: &str,
+        progress: &[ProgressRow],
     ) -> Result<(), StoreError> {
         match self {
             ReconStore::Pg(pool) => {
@@ -245,6 +305,26 @@ impl ReconStore {
                     .execute(&mut *tx)
                     .await?;
                 }
+                if !progress.is_empty() {
+                    let topics: Vec<&str> = progress.iter().map(|r| r.topic.as_str()).collect();
+                    let parts: Vec<i32> = progress.iter().map(|r| r.part).collect();
+                    let newest: Vec<DateTime<Utc>> = progress.iter().map(|r| r.newest).collect();
+                    let offsets: Vec<i64> = progress.iter().map(|r| r.next_offset).collect();
+                    sqlx::query(
+                        "INSERT INTO reconcile_progress (consumer_group, topic, part, newest_event_time, next_offset)
+                         SELECT $1, t, p, n, o FROM unnest($2::text[], $3::int[], $4::timestamptz[], $5::bigint[]) AS r(t, p, n, o)
+                         ON CONFLICT (consumer_group, topic, part) DO UPDATE SET
+                           newest_event_time = GREATEST(reconcile_progress.newest_event_time, EXCLUDED.newest_event_time),
+                           next_offset = EXCLUDED.next_offset, updated_at = now()",
+                    )
+                    .bind(group)
+                    .bind(&topics)
+                    .bind(&parts)
+                    .bind(&newest)
+                    .bind(&offsets)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 tx.commit().await?;
             }
             ReconStore::Sqlite(pool) => {
@@ -290,6 +370,23 @@ impl ReconStore {
                     .bind(&r.key)
                     .bind(r.outcome.as_str())
                     .bind(&r.step)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for r in progress {
+                    sqlx::query(
+                        "INSERT INTO reconcile_progress (consumer_group, topic, part, newest_event_time, next_offset)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (consumer_group, topic, part) DO UPDATE SET
+                           newest_event_time = max(newest_event_time, excluded.newest_event_time),
+                           next_offset = excluded.next_offset,
+                           updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+                    )
+                    .bind(group)
+                    .bind(&r.topic)
+                    .bind(r.part)
+                    .bind(sqlite_time(r.newest))
+                    .bind(r.next_offset)
                     .execute(&mut *tx)
                     .await?;
                 }
