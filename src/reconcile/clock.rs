@@ -24,9 +24,10 @@ struct Track {
     newest: Option<DateTime<Utc>>,
     caught_up: bool,
     last_record: Instant,
-    /// The newest event time stored for it (by this group, up to its committed offsets) was
-    /// taken over: the records read before a restart or a rebalance are not read again.
-    restored: bool,
+    /// Claimed for this instance in the store, and the newest event time stored for it (up to
+    /// the offsets committed) taken over: the records read before a restart or a rebalance are
+    /// not read again.
+    claimed: bool,
 }
 
 impl Track {
@@ -35,7 +36,7 @@ impl Track {
             newest: None,
             caught_up: false,
             last_record: Instant::now(),
-            restored: false,
+            claimed: false,
         }
     }
 }
@@ -55,23 +56,30 @@ impl Clock {
         }
     }
 
-    /// The assigned topic-partitions whose stored event time was not taken over yet.
-    pub fn unrestored(&self) -> Vec<(String, i32)> {
+    /// The assigned topic-partitions not claimed yet.
+    pub fn unclaimed(&self) -> Vec<(String, i32)> {
         let mut v: Vec<(String, i32)> = self
             .tracks
             .iter()
-            .filter(|(_, t)| !t.restored)
+            .filter(|(_, t)| !t.claimed)
             .map(|(k, _)| k.clone())
             .collect();
         v.sort();
         v
     }
 
-    /// Takes over the newest event time stored for `tp` (none: nothing was stored).
-    pub fn restore(&mut self, tp: &(String, i32), stored: Option<DateTime<Utc>>) {
+    /// `tp` was claimed: takes over the newest event time stored for it (none: nothing was).
+    pub fn claimed(&mut self, tp: &(String, i32), stored: Option<DateTime<Utc>>) {
         if let Some(t) = self.tracks.get_mut(tp) {
             t.newest = t.newest.max(stored);
-            t.restored = true;
+            t.claimed = true;
+        }
+    }
+
+    /// `tp`'s claim was lost (another instance claimed it since): claimed again if assigned.
+    pub fn unclaim(&mut self, tp: &(String, i32)) {
+        if let Some(t) = self.tracks.get_mut(tp) {
+            t.claimed = false;
         }
     }
 
@@ -178,6 +186,8 @@ pub(super) type CaughtUp = Arc<std::sync::Mutex<HashMap<(String, i32), (bool, i6
 /// The consumer's context: keeps [`CaughtUp`] from the statistics.
 pub struct ReconContext {
     pub(super) caught_up: CaughtUp,
+    /// Rebalances served (each one starts the instance's unwritten work over).
+    pub(super) rebalances: std::sync::atomic::AtomicU64,
 }
 
 impl rdkafka::ClientContext for ReconContext {
@@ -199,7 +209,16 @@ impl rdkafka::ClientContext for ReconContext {
     }
 }
 
-impl rdkafka::consumer::ConsumerContext for ReconContext {}
+impl rdkafka::consumer::ConsumerContext for ReconContext {
+    fn post_rebalance(
+        &self,
+        _: &rdkafka::consumer::BaseConsumer<Self>,
+        _: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        self.rebalances
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -264,11 +283,11 @@ mod tests {
         let topics = vec!["a".to_string(), "b".to_string()];
         let mut c = Clock::default();
         c.assigned(&[("a".into(), 0), ("b".into(), 0)]);
-        assert_eq!(c.unrestored().len(), 2);
+        assert_eq!(c.unclaimed().len(), 2);
         // `a` was read to t(500) before a restart; `b` never had anything.
-        c.restore(&("a".into(), 0), Some(t(500)));
-        c.restore(&("b".into(), 0), None);
-        assert!(c.unrestored().is_empty());
+        c.claimed(&("a".into(), 0), Some(t(500)));
+        c.claimed(&("b".into(), 0), None);
+        assert!(c.unclaimed().is_empty());
         c.record("b", 0, t(20));
         let mut flags = HashMap::new();
         flags.insert(("a".to_string(), 0), true);
@@ -280,12 +299,12 @@ mod tests {
             Some(t(490)),
             "read to the end: the newest, stored or read"
         );
-        // An older stored time never moves a track back; a new assignment starts unrestored.
-        c.restore(&("b".into(), 0), Some(t(10)));
+        // An older stored time never moves a track back; a new assignment starts unclaimed.
+        c.claimed(&("b".into(), 0), Some(t(10)));
         flags.insert(("a".to_string(), 0), false);
         c.caught_up(&flags);
         assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), Some(t(490)));
         c.assigned(&[("a".into(), 0), ("b".into(), 0), ("a".into(), 1)]);
-        assert_eq!(c.unrestored(), vec![("a".to_string(), 1)]);
+        assert_eq!(c.unclaimed(), vec![("a".to_string(), 1)]);
     }
 }

@@ -3,7 +3,7 @@
 //! live member while a write is retried, knowing which partitions are read to their end
 //! (statistics, confirmed against the broker), and committing offsets.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,7 @@ impl Reconciler {
     pub(super) async fn poll_batch(&mut self) -> (Vec<rdkafka::message::OwnedMessage>, bool) {
         let mut out = std::mem::take(&mut self.stash);
         let mut caught_up = false;
+        let mut epoch = self.rebalances();
         while out.len() < self.cfg.batch_size {
             let wait = if out.is_empty() {
                 Duration::from_millis(200)
@@ -71,7 +72,15 @@ impl Reconciler {
                 Duration::from_millis(2)
             };
             match tokio::time::timeout(wait, self.consumer.recv()).await {
-                Ok(Ok(m)) => out.push(m.detach()),
+                Ok(Ok(m)) => {
+                    // Records taken before a rebalance come again from the committed offsets
+                    // (to this instance or another): they are dropped with the unwritten work.
+                    if self.rebalances() != epoch {
+                        epoch = self.rebalances();
+                        out.clear();
+                    }
+                    out.push(m.detach());
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
                     break;
@@ -96,8 +105,34 @@ impl Reconciler {
         (out, caught_up)
     }
 
-    /// Takes the consumer's assignment as it is now.
+    /// Rebalances the consumer served so far.
+    fn rebalances(&self) -> u64 {
+        self.consumer.context().rebalances.load(Ordering::SeqCst)
+    }
+
+    /// Takes the consumer's assignment as it is now. After a rebalance (every partition was
+    /// revoked, and the ones assigned again are read from their committed offsets) the
+    /// unwritten work is dropped and every partition is claimed anew.
     pub(super) fn refresh_assignment(&mut self) {
+        let rebalances = self.rebalances();
+        if rebalances != self.rebalances_seen {
+            self.rebalances_seen = rebalances;
+            let dropped = self.pending.work.len();
+            self.pending = super::run::Pending {
+                counted: vec![(0, 0); self.flows.len()],
+                ..Default::default()
+            };
+            self.clock = Clock::default();
+            self.claims.clear();
+            self.watermarks.clear();
+            self.due_checked.clear();
+            if dropped > 0 {
+                tracing::info!(
+                    dropped,
+                    "rebalance: unwritten counts dropped, read again from the committed offsets"
+                );
+            }
+        }
         let assigned: Vec<(String, i32)> = self
             .consumer
             .assignment()
@@ -112,30 +147,49 @@ impl Reconciler {
             .assigned
             .store(assigned.len() as u64, Ordering::Relaxed);
         self.clock.assigned(&assigned);
-        self.forget_unassigned();
-    }
-
-    /// Drops what was counted but not written for partitions this instance no longer owns:
-    /// their offsets were not committed, so their new owner counts those events itself.
-    pub(super) fn forget_unassigned(&mut self) {
+        self.claims.retain(|tp, _| assigned.contains(tp));
         let owned: Vec<Vec<i32>> = self
             .flow_topics
             .iter()
             .map(|t| self.clock.partitions(t))
             .collect();
-        self.watermarks
-            .retain(|(f, part), _| owned[*f].contains(part));
-        self.due_checked
-            .retain(|(f, part), _| owned[*f].contains(part));
+        self.drop_work(|f, part| !owned[f].contains(&part));
+    }
+
+    /// A write found these topic-partitions claimed by another instance since: the work
+    /// counted for them (every flow they are a step topic of, on that partition) is theirs now.
+    pub(super) fn taken_over(&mut self, taken: &[(String, i32)]) {
+        let lost: HashSet<(usize, i32)> = taken
+            .iter()
+            .flat_map(|(t, p)| {
+                self.by_topic
+                    .get(t)
+                    .into_iter()
+                    .flatten()
+                    .map(move |f| (*f, *p))
+            })
+            .collect();
+        for (f, p) in &lost {
+            for t in &self.flow_topics[*f] {
+                let tp = (t.clone(), *p);
+                self.claims.remove(&tp);
+                self.clock.unclaim(&tp);
+            }
+        }
+        self.drop_work(|f, part| lost.contains(&(f, part)));
+    }
+
+    /// Drops what was counted but not written for the (flow, partition) pairs `gone` says:
+    /// their offsets are not committed, so whoever owns them counts those events itself.
+    fn drop_work(&mut self, gone: impl Fn(usize, i32) -> bool) {
+        self.watermarks.retain(|(f, part), _| !gone(*f, *part));
+        self.due_checked.retain(|(f, part), _| !gone(*f, *part));
         let flows = &self.flows;
         let p = &mut self.pending;
         let before = p.work.len();
-        p.work.retain(|(f, _), w| owned[*f].contains(&w.part));
-        if p.work.len() == before {
-            return;
-        }
-        let gone = |flow: &str, key: &str| {
-            !flows
+        p.work.retain(|(f, _), w| !gone(*f, w.part));
+        let kept = |flow: &str, key: &str| {
+            flows
                 .iter()
                 .position(|f| f.name == flow)
                 .is_some_and(|f| p.work.contains_key(&(f, key.to_string())))
@@ -146,19 +200,26 @@ impl Reconciler {
         );
         p.results = results
             .into_iter()
-            .filter(|r| !gone(&r.flow, &r.key))
+            .filter(|r| kept(&r.flow, &r.key))
             .collect();
         p.resolved = resolved
             .into_iter()
-            .filter(|r| !gone(&r.flow, &r.key))
+            .filter(|r| kept(&r.flow, &r.key))
             .collect();
-        let assigned = self.clock.assigned_set();
-        p.offsets.retain(|tp, _| assigned.contains(tp));
-        p.newest.retain(|tp, _| assigned.contains(tp));
-        tracing::info!(
-            dropped = before - p.work.len(),
-            "partitions revoked: their unwritten counts are left to the new owner"
-        );
+        let by_topic = &self.by_topic;
+        let dropped_tp = |tp: &(String, i32)| {
+            by_topic
+                .get(&tp.0)
+                .is_some_and(|fs| fs.iter().any(|f| gone(*f, tp.1)))
+        };
+        p.offsets.retain(|tp, _| !dropped_tp(tp));
+        p.newest.retain(|tp, _| !dropped_tp(tp));
+        if p.work.len() < before {
+            tracing::info!(
+                dropped = before - p.work.len(),
+                "partitions gone: their unwritten counts are left to their owner"
+            );
+        }
     }
 
     /// While a batch waits to be retried: partitions paused, the consumer polled (the group
@@ -167,6 +228,7 @@ impl Reconciler {
         let assignment = self.consumer.assignment().unwrap_or_default();
         let _ = self.consumer.pause(&assignment);
         let until = Instant::now() + d;
+        let mut epoch = self.rebalances();
         while Instant::now() < until {
             if shutdown.is_triggered() {
                 return false;
@@ -176,6 +238,10 @@ impl Reconciler {
                 tokio::time::timeout(left.min(Duration::from_millis(100)), self.consumer.recv())
                     .await
             {
+                if self.rebalances() != epoch {
+                    epoch = self.rebalances();
+                    self.stash.clear();
+                }
                 self.stash.push(m.detach());
             }
         }

@@ -22,7 +22,7 @@ use super::clock::Clock;
 use super::clock::{CaughtUp, ReconContext};
 use super::engine::{self, Effects, FlowState, OutcomeKind};
 use super::input::{self, Seen};
-use super::store::{ProgressRow, ReconStore, Resolution, ResultRow, StateRow};
+use super::store::{Fence, ReconStore, Resolution, ResultRow, StateRow};
 use crate::config::KafkaSettings;
 use crate::pipeline::retry::Backoff;
 use crate::shutdown::Shutdown;
@@ -120,6 +120,11 @@ pub struct Reconciler {
     /// Messages received while paused for a retry: the next batch starts with them.
     pub(super) stash: Vec<rdkafka::message::OwnedMessage>,
     pub(super) pending: Pending,
+    /// Per assigned topic-partition: the generation this instance claimed it with (every write
+    /// is refused once another instance claimed it since).
+    pub(super) claims: HashMap<(String, i32), i64>,
+    /// Rebalances served so far (see [`ReconContext`]).
+    pub(super) rebalances_seen: u64,
     pub stats: Arc<ReconcileStats>,
     pub(super) last_prune: Instant,
 }
@@ -172,6 +177,7 @@ impl Reconciler {
         let caught_up: CaughtUp = Arc::default();
         let consumer: StreamConsumer<ReconContext> = c.create_with_context(ReconContext {
             caught_up: caught_up.clone(),
+            rebalances: Default::default(),
         })?;
         let mut p = cfg.kafka.client_config();
         for (k, v) in [
@@ -222,6 +228,8 @@ impl Reconciler {
                 counted: vec![(0, 0); n_flows],
                 ..Pending::default()
             },
+            claims: HashMap::new(),
+            rebalances_seen: 0,
             stats: Arc::default(),
             last_prune: Instant::now(),
         })
@@ -324,6 +332,20 @@ impl Reconciler {
                 Err(skip) => skips.push(skip),
             }
         }
+        // Partitions assigned since the last look are claimed before any of their states is
+        // read (a write on its way from their earlier owner is refused from now on, or it was
+        // committed before and is read here); the event time reached before is taken over.
+        let mut clock = self.clock.clone();
+        let fresh = clock.unclaimed();
+        let mut claimed = HashMap::new();
+        if !fresh.is_empty() {
+            let stored = self.store.claim(&self.cfg.group, &fresh).await?;
+            for tp in &fresh {
+                let (newest, generation) = stored.get(tp).copied().unwrap_or((None, 0));
+                clock.claimed(tp, newest);
+                claimed.insert(tp.clone(), generation);
+            }
+        }
         // States of this batch's instances that are not pending already, as stored.
         let keys: Vec<(String, String)> = {
             let set: HashSet<(String, String)> = seen
@@ -337,22 +359,12 @@ impl Reconciler {
         let stored = self.store.load(&keys).await?;
         add_us(&self.stats.load_us, t);
         // The watermarks with this batch's event times, and the stored instances they make due.
-        let mut clock = self.clock.clone();
         for (_, s) in &seen {
             clock.record(
                 &s.sighting.topic,
                 s.sighting.partition,
                 s.sighting.occurred_at,
             );
-        }
-        // Partitions assigned since the last look: the event time reached before (by this
-        // instance before a restart, or by another before a rebalance) is taken over.
-        let fresh = clock.unrestored();
-        if !fresh.is_empty() {
-            let stored = self.store.load_progress(&self.cfg.group, &fresh).await?;
-            for tp in &fresh {
-                clock.restore(tp, stored.get(tp).copied());
-            }
         }
         // The statistics that count a partition as read to its end may predate records
         // written since (before the records just read that move event time on): check those
@@ -404,6 +416,7 @@ impl Reconciler {
         }
         // Nothing below fails: the batch is now part of the pending work.
         self.clock = clock;
+        self.claims.extend(claimed);
         self.due_checked = checked;
         for (f, w) in wms.iter().enumerate() {
             for (p, t) in w {
@@ -518,27 +531,36 @@ impl Reconciler {
             self.send(&p.results).await?;
             add_us(&self.stats.send_us, t);
         }
-        let progress: Vec<ProgressRow> = p
-            .offsets
+        // Every claimed partition is fenced (a write for one another instance claimed since is
+        // refused whole), with how far event time came in what was counted.
+        let fence: Vec<Fence> = self
+            .claims
             .iter()
-            .filter_map(|(tp, next)| {
-                Some(ProgressRow {
-                    topic: tp.0.clone(),
-                    part: tp.1,
-                    newest: *p.newest.get(tp)?,
-                    next_offset: *next,
-                })
+            .map(|(tp, generation)| Fence {
+                topic: tp.0.clone(),
+                part: tp.1,
+                generation: *generation,
+                newest: p.newest.get(tp).copied(),
+                next_offset: p.offsets.get(tp).copied(),
             })
             .collect();
         if !states.is_empty()
             || !p.results.is_empty()
             || !p.resolved.is_empty()
-            || !progress.is_empty()
+            || !p.offsets.is_empty()
         {
             let t = Instant::now();
-            self.store
-                .save(&states, &p.results, &p.resolved, &self.cfg.group, &progress)
+            let taken = self
+                .store
+                .save(&states, &p.results, &p.resolved, &self.cfg.group, &fence)
                 .await?;
+            if !taken.is_empty() {
+                self.taken_over(&taken);
+                anyhow::bail!(
+                    "partitions {taken:?} were claimed by another instance of group {}: their unwritten work is left to it",
+                    self.cfg.group
+                );
+            }
             add_us(&self.stats.save_us, t);
         }
         let p = std::mem::take(&mut self.pending);

@@ -43,15 +43,19 @@ pub struct Resolution {
     pub step: String,
 }
 
-/// How far event time had come on one fan-out topic-partition, as of the offset committed
-/// with it (`reconcile_progress`).
+/// A write's claim on one fan-out topic-partition (`reconcile_progress`): the generation this
+/// instance claimed it with, and how far event time had come in what the write counted.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ProgressRow {
+pub struct Fence {
     pub topic: String,
     pub part: i32,
-    pub newest: DateTime<Utc>,
-    pub next_offset: i64,
+    pub generation: i64,
+    pub newest: Option<DateTime<Utc>>,
+    pub next_offset: Option<i64>,
 }
+
+/// What a claim found: the newest event time stored, and the generation now this instance's.
+pub type Claimed = HashMap<(String, i32), (Option<DateTime<Utc>>, i64)>;
 
 /// (partition, deadlines after this one — all when none —, up to this watermark).
 pub type DueWindow = (i32, Option<DateTime<Utc>>, DateTime<Utc>);
@@ -119,52 +123,60 @@ impl ReconStore {
         Ok(out)
     }
 
-    /// The newest event time stored by `group` for these topic-partitions.
-    pub async fn load_progress(
-        &self,
-        group: &str,
-        tps: &[(String, i32)],
-    ) -> Result<HashMap<(String, i32), DateTime<Utc>>, StoreError> {
+    /// Claims these topic-partitions for `group`'s instance that was just assigned them: raises
+    /// their generation (a write still on its way from an earlier owner is then refused) and
+    /// returns the newest event time stored. Call it before reading any of their states.
+    pub async fn claim(&self, group: &str, tps: &[(String, i32)]) -> Result<Claimed, StoreError> {
+        let mut tps = tps.to_vec();
+        tps.sort();
+        let mut out = HashMap::new();
         if tps.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(out);
         }
-        let topics: Vec<&str> = tps.iter().map(|t| t.0.as_str()).collect();
-        let parts: Vec<i32> = tps.iter().map(|t| t.1).collect();
-        let rows: Vec<(String, i32, DateTime<Utc>)> = match self {
+        match self {
             ReconStore::Pg(pool) => {
-                sqlx::query_as(
-                    "SELECT p.topic, p.part, p.newest_event_time FROM reconcile_progress p
-                     JOIN unnest($2::text[], $3::int[]) AS k(topic, part)
-                       ON p.topic = k.topic AND p.part = k.part
-                     WHERE p.consumer_group = $1",
+                let topics: Vec<&str> = tps.iter().map(|t| t.0.as_str()).collect();
+                let parts: Vec<i32> = tps.iter().map(|t| t.1).collect();
+                let rows: Vec<(String, i32, Option<DateTime<Utc>>, i64)> = sqlx::query_as(
+                    "INSERT INTO reconcile_progress (consumer_group, topic, part)
+                     SELECT $1, t, p FROM unnest($2::text[], $3::int[]) AS k(t, p) ORDER BY t, p
+                     ON CONFLICT (consumer_group, topic, part) DO UPDATE
+                       SET generation = reconcile_progress.generation + 1, updated_at = now()
+                     RETURNING topic, part, newest_event_time, generation",
                 )
                 .bind(group)
                 .bind(&topics)
                 .bind(&parts)
                 .fetch_all(pool)
-                .await?
+                .await?;
+                for (t, p, newest, g) in rows {
+                    out.insert((t, p), (newest, g));
+                }
             }
             ReconStore::Sqlite(pool) => {
-                let rows: Vec<(String, i32, String)> = sqlx::query_as(
-                    "SELECT topic, part, newest_event_time FROM reconcile_progress
-                     WHERE consumer_group = ?1",
-                )
-                .bind(group)
-                .fetch_all(pool)
-                .await?;
-                rows.into_iter()
-                    .filter_map(|(t, p, at)| {
-                        let at = DateTime::parse_from_rfc3339(&at).ok()?.with_timezone(&Utc);
-                        Some((t, p, at))
-                    })
-                    .collect()
+                let mut tx = pool.begin().await?;
+                for (t, p) in &tps {
+                    let (newest, g): (Option<String>, i64) = sqlx::query_as(
+                        "INSERT INTO reconcile_progress (consumer_group, topic, part) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (consumer_group, topic, part) DO UPDATE
+                           SET generation = generation + 1,
+                               updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                         RETURNING newest_event_time, generation",
+                    )
+                    .bind(group)
+                    .bind(t)
+                    .bind(p)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let newest = newest
+                        .and_then(|n| DateTime::parse_from_rfc3339(&n).ok())
+                        .map(|n| n.with_timezone(&Utc));
+                    out.insert((t.clone(), *p), (newest, g));
+                }
+                tx.commit().await?;
             }
-        };
-        Ok(rows
-            .into_iter()
-            .filter(|(t, p, _)| tps.iter().any(|k| k.0 == *t && k.1 == *p))
-            .map(|(t, p, at)| ((t, p), at))
-            .collect())
+        }
+        Ok(out)
     }
 
     /// Instances of `flow` on these partitions whose next deadline is after `lo` (when given)
@@ -237,18 +249,69 @@ impl ReconStore {
     }
 
     /// Writes a batch's state changes, new results (a result already stored is left as it
-    /// is), resolutions and `group`'s event-time progress in one transaction.
+    /// is), resolutions and `group`'s event-time progress in one transaction — only if every
+    /// topic-partition of `fence` is still claimed with its generation. Returns those that are
+    /// not (another instance claimed them since): then nothing was written.
     pub async fn save(
         &self,
         states: &[StateRow],
         results: &[ResultRow],
         resolved: &[Resolution],
         group: &str,
-        progress: &[ProgressRow],
-    ) -> Result<(), StoreError> {
+        fence: &[Fence],
+    ) -> Result<Vec<(String, i32)>, StoreError> {
+        let taken = |claims: Vec<(String, i32, i64)>| -> Vec<(String, i32)> {
+            fence
+                .iter()
+                .filter(|f| {
+                    !claims
+                        .iter()
+                        .any(|(t, p, g)| *t == f.topic && *p == f.part && *g == f.generation)
+                })
+                .map(|f| (f.topic.clone(), f.part))
+                .collect()
+        };
         match self {
             ReconStore::Pg(pool) => {
                 let mut tx = pool.begin().await?;
+                if !fence.is_empty() {
+                    let topics: Vec<&str> = fence.iter().map(|f| f.topic.as_str()).collect();
+                    let parts: Vec<i32> = fence.iter().map(|f| f.part).collect();
+                    // Locked in one order: a claim waits until this write is committed.
+                    let claims: Vec<(String, i32, i64)> = sqlx::query_as(
+                        "SELECT p.topic, p.part, p.generation FROM reconcile_progress p
+                         JOIN unnest($2::text[], $3::int[]) AS k(t, pt) ON p.topic = k.t AND p.part = k.pt
+                         WHERE p.consumer_group = $1 ORDER BY p.topic, p.part FOR UPDATE OF p",
+                    )
+                    .bind(group)
+                    .bind(&topics)
+                    .bind(&parts)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let taken = taken(claims);
+                    if !taken.is_empty() {
+                        tx.rollback().await?;
+                        return Ok(taken);
+                    }
+                    let newest: Vec<Option<DateTime<Utc>>> =
+                        fence.iter().map(|f| f.newest).collect();
+                    let offsets: Vec<Option<i64>> = fence.iter().map(|f| f.next_offset).collect();
+                    sqlx::query(
+                        "UPDATE reconcile_progress p SET
+                           newest_event_time = GREATEST(p.newest_event_time, r.n),
+                           next_offset = COALESCE(r.o, p.next_offset), updated_at = now()
+                         FROM unnest($2::text[], $3::int[], $4::timestamptz[], $5::bigint[]) AS r(t, pt, n, o)
+                         WHERE p.consumer_group = $1 AND p.topic = r.t AND p.part = r.pt
+                           AND (r.n IS NOT NULL OR r.o IS NOT NULL)",
+                    )
+                    .bind(group)
+                    .bind(&topics)
+                    .bind(&parts)
+                    .bind(&newest)
+                    .bind(&offsets)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 if !states.is_empty() {
                     let col = |f: fn(&StateRow) -> String| states.iter().map(f).collect::<Vec<_>>();
                     let parts: Vec<i32> = states.iter().map(|s| s.part).collect();
@@ -305,30 +368,30 @@ impl ReconStore {
                     .execute(&mut *tx)
                     .await?;
                 }
-                if !progress.is_empty() {
-                    let topics: Vec<&str> = progress.iter().map(|r| r.topic.as_str()).collect();
-                    let parts: Vec<i32> = progress.iter().map(|r| r.part).collect();
-                    let newest: Vec<DateTime<Utc>> = progress.iter().map(|r| r.newest).collect();
-                    let offsets: Vec<i64> = progress.iter().map(|r| r.next_offset).collect();
-                    sqlx::query(
-                        "INSERT INTO reconcile_progress (consumer_group, topic, part, newest_event_time, next_offset)
-                         SELECT $1, t, p, n, o FROM unnest($2::text[], $3::int[], $4::timestamptz[], $5::bigint[]) AS r(t, p, n, o)
-                         ON CONFLICT (consumer_group, topic, part) DO UPDATE SET
-                           newest_event_time = GREATEST(reconcile_progress.newest_event_time, EXCLUDED.newest_event_time),
-                           next_offset = EXCLUDED.next_offset, updated_at = now()",
-                    )
-                    .bind(group)
-                    .bind(&topics)
-                    .bind(&parts)
-                    .bind(&newest)
-                    .bind(&offsets)
-                    .execute(&mut *tx)
-                    .await?;
-                }
                 tx.commit().await?;
             }
             ReconStore::Sqlite(pool) => {
                 let mut tx = pool.begin().await?;
+                let mut claims = vec![];
+                for f in fence {
+                    let g: Option<i64> = sqlx::query_scalar(
+                        "SELECT generation FROM reconcile_progress
+                         WHERE consumer_group = ?1 AND topic = ?2 AND part = ?3",
+                    )
+                    .bind(group)
+                    .bind(&f.topic)
+                    .bind(f.part)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if let Some(g) = g {
+                        claims.push((f.topic.clone(), f.part, g));
+                    }
+                }
+                let taken = taken(claims);
+                if !taken.is_empty() {
+                    tx.rollback().await?;
+                    return Ok(taken);
+                }
                 for s in states {
                     sqlx::query(
                         "INSERT INTO flow_state (flow, flow_key, part, state, next_due, completed)
@@ -373,27 +436,28 @@ impl ReconStore {
                     .execute(&mut *tx)
                     .await?;
                 }
-                for r in progress {
+                for f in fence {
                     sqlx::query(
-                        "INSERT INTO reconcile_progress (consumer_group, topic, part, newest_event_time, next_offset)
-                         VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT (consumer_group, topic, part) DO UPDATE SET
-                           newest_event_time = max(newest_event_time, excluded.newest_event_time),
-                           next_offset = excluded.next_offset,
-                           updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+                        "UPDATE reconcile_progress SET
+                           newest_event_time = CASE WHEN newest_event_time IS NULL OR ?4 > newest_event_time
+                                               THEN ?4 ELSE newest_event_time END,
+                           next_offset = coalesce(?5, next_offset),
+                           updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                         WHERE consumer_group = ?1 AND topic = ?2 AND part = ?3
+                           AND (?4 IS NOT NULL OR ?5 IS NOT NULL)",
                     )
                     .bind(group)
-                    .bind(&r.topic)
-                    .bind(r.part)
-                    .bind(sqlite_time(r.newest))
-                    .bind(r.next_offset)
+                    .bind(&f.topic)
+                    .bind(f.part)
+                    .bind(f.newest.map(sqlite_time))
+                    .bind(f.next_offset)
                     .execute(&mut *tx)
                     .await?;
                 }
                 tx.commit().await?;
             }
         }
-        Ok(())
+        Ok(vec![])
     }
 
     /// Deletes instances of these partitions not changed since `before` (state retention).

@@ -742,7 +742,9 @@ async fn a_restarted_reconciler_goes_on_from_the_event_time_reached_before() {
     let pool = first.pool.clone();
     first.stop().await;
     let stored: Vec<(String, DateTime<Utc>)> =
-        sqlx::query_as("SELECT topic, newest_event_time FROM reconcile_progress")
+        sqlx::query_as(
+            "SELECT topic, newest_event_time FROM reconcile_progress WHERE newest_event_time IS NOT NULL",
+        )
             .fetch_all(&pool)
             .await
             .unwrap();
@@ -771,6 +773,59 @@ async fn a_restarted_reconciler_goes_on_from_the_event_time_reached_before() {
     }
     assert!(outcomes_of(&second.pool, "W-1").await.is_empty());
     second.stop().await;
+}
+
+#[tokio::test]
+async fn a_write_from_an_instance_whose_partition_was_claimed_since_changes_nothing() {
+    // A reconciler paused past its session (or whose write was still on its way when its
+    // partitions moved) must not overwrite what the new owner wrote.
+    use helios::reconcile::store::{Fence, StateRow};
+    let pool = helios::db::connect(&database_url(), Some(&unique_schema()))
+        .await
+        .unwrap();
+    helios::db::migrate(&pool).await.unwrap();
+    let store = ReconStore::Pg(pool.clone());
+    let tp = ("helios.events.OrderPlaced".to_string(), 0);
+    let old = store.claim("g", std::slice::from_ref(&tp)).await.unwrap()[&tp].1;
+    let new = store.claim("g", std::slice::from_ref(&tp)).await.unwrap()[&tp].1;
+    assert!(new > old);
+    let state = |key: &str| StateRow {
+        flow: "order_lifecycle".into(),
+        key: key.into(),
+        part: 0,
+        state: Default::default(),
+        next_due: None,
+        completed: false,
+    };
+    let fence = |generation| Fence {
+        topic: tp.0.clone(),
+        part: 0,
+        generation,
+        newest: Some(t0()),
+        next_offset: Some(10),
+    };
+    let taken = store
+        .save(&[state("late")], &[], &[], "g", &[fence(old)])
+        .await
+        .unwrap();
+    assert_eq!(taken, vec![tp.clone()]);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM flow_state")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "the refused write changed nothing");
+    let taken = store
+        .save(&[state("owner")], &[], &[], "g", &[fence(new)])
+        .await
+        .unwrap();
+    assert!(taken.is_empty());
+    let (key, newest): (String, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT s.flow_key, p.newest_event_time FROM flow_state s, reconcile_progress p",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((key.as_str(), newest), ("owner", Some(t0())));
 }
 
 #[tokio::test]
@@ -812,6 +867,73 @@ async fn two_reconcilers_split_the_partitions_and_agree() {
     );
     assert!(ea > 0 && eb > 0, "both worked: {ea} and {eb} events");
     assert_eq!(ea + eb, steps.len() as u64 + 4, "each event counted once");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_reconciler_joining_mid_stream_takes_its_partitions_over_without_loss_or_double() {
+    // The rebalance revokes the first instance's partitions while it reads: what it counted but
+    // did not write is dropped and read again (by whichever instance owns it now), what it
+    // wrote is found already counted, and the new owner claims the partition before reading
+    // its states.
+    let topology = flow_topology(2).await;
+    let schema = unique_schema();
+    let (steps, expected) = stream(240);
+    let (early, late) = steps.split_at(steps.len() / 2);
+    let t0 = t0();
+    let a = spawn_reconciler(&topology, &schema, HOUR).await;
+    produce_stream(&topology, t0, early).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.stats.events.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first instance never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = spawn_reconciler(&topology, &schema, HOUR).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (x, y) = (
+            a.stats.assigned.load(std::sync::atomic::Ordering::Relaxed),
+            b.stats.assigned.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        if (x, y) == (3, 3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never split: {x} and {y}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    produce_stream(&topology, t0, late).await;
+    advance_past_every_deadline(&topology, t0).await;
+    wait_for_markers(&a.pool).await;
+    assert_eq!(stream_outcomes(&a.pool).await, expected);
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reconciliation_results WHERE flow_key LIKE 'S-%'")
+            .fetch_one(&a.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows as usize, expected.len(), "one row per outcome");
+    let (ea, eb) = (
+        a.stats.events.load(std::sync::atomic::Ordering::Relaxed),
+        b.stats.events.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert!(eb > 0, "the second instance took its share");
+    assert_eq!(ea + eb, steps.len() as u64 + 4, "each event counted once");
+    let generations: Vec<i64> = sqlx::query_scalar(
+        "SELECT generation FROM reconcile_progress WHERE part = 1 ORDER BY topic",
+    )
+    .fetch_all(&a.pool)
+    .await
+    .unwrap();
+    assert!(
+        generations.len() == 3 && generations.iter().all(|g| *g >= 2),
+        "partition 1 was claimed again by its new owner: {generations:?}"
+    );
     a.stop().await;
     b.stop().await;
 }
