@@ -27,8 +27,11 @@ pub struct Row {
     /// The outcomes equal what the backlog must give.
     correct: bool,
     open: i64,
-    /// Share of the run spent in each phase: poll, load, due, send, save (%).
-    phases: [f64; 5],
+    /// Writes landed (transactions of states, results and progress).
+    writes: u64,
+    /// Share of the run spent in each phase: poll, load, due, send, save (%), and waiting for
+    /// a write (send and save run beside the reading; the loop waits only for `wait`).
+    phases: [f64; 6],
 }
 
 /// The events of order `i` (type, cloud, seconds after its start): every order is placed;
@@ -223,6 +226,7 @@ pub async fn run_once(
         share(&stats.due_us),
         share(&stats.send_us),
         share(&stats.save_us),
+        share(&stats.wait_us),
     ];
     stop.trigger();
     task.await??;
@@ -242,6 +246,7 @@ pub async fn run_once(
         correct: outcomes == want,
         outcomes,
         open,
+        writes: stats.batches.load(Ordering::Relaxed),
         phases,
     })
 }
@@ -251,7 +256,7 @@ pub fn print(rows: &[Row]) {
         "\nHELIOS reconciler benchmark (one instance, Tansu memory engine, PostgreSQL on loopback)"
     );
     println!(
-        "{:>9} {:>8} {:>10} {:>9} {:>8} {:>9} {:>8}  {:<34}  outcomes",
+        "{:>9} {:>8} {:>10} {:>9} {:>8} {:>9} {:>8} {:>7}  {:<34}  outcomes",
         "events",
         "orders",
         "events/s",
@@ -259,12 +264,13 @@ pub fn print(rows: &[Row]) {
         "RSS MiB",
         "peak MiB",
         "open",
-        "% poll/load/due/send/save"
+        "writes",
+        "% poll/load/due/send/save/wait"
     );
     for r in rows {
         let outcomes: Vec<String> = r.outcomes.iter().map(|(o, n)| format!("{o} {n}")).collect();
         println!(
-            "{:>9} {:>8} {:>10.0} {:>9.1} {:>8.1} {:>9.1} {:>8}  {:<34}  {}",
+            "{:>9} {:>8} {:>10.0} {:>9.1} {:>8.1} {:>9.1} {:>8} {:>7}  {:<34}  {}",
             r.events,
             r.orders,
             r.events_per_s,
@@ -272,6 +278,7 @@ pub fn print(rows: &[Row]) {
             r.rss_before_mb,
             r.rss_peak_mb,
             r.open,
+            r.writes,
             r.phases
                 .iter()
                 .map(|p| format!("{p:.0}"))

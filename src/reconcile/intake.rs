@@ -59,8 +59,7 @@ impl Reconciler {
     }
 
     /// Up to `batch_size` records: the first waits up to 200 ms, the rest are taken while more
-    /// are waiting. True with it when the batch was cut short (nothing more waiting: time to
-    /// write what is pending).
+    /// are waiting. True with it when the consumer caught up (time to write what is pending).
     pub(super) async fn poll_batch(&mut self) -> (Vec<rdkafka::message::OwnedMessage>, bool) {
         let mut out = std::mem::take(&mut self.stash);
         let mut caught_up = false;
@@ -102,6 +101,11 @@ impl Reconciler {
             .map(|(k, v)| (k.clone(), v.0))
             .collect();
         self.clock.caught_up(&flags);
+        // Nothing more waiting: time to write what is pending — when nothing came at all, or
+        // the statistics see every partition read to its end (a gap in a backlog being read
+        // is not; the next write then takes more at once).
+        let caught_up =
+            caught_up && (out.is_empty() || self.clock.caught_up_tracks().len() == flags.len());
         (out, caught_up)
     }
 
@@ -118,7 +122,7 @@ impl Reconciler {
         if rebalances != self.rebalances_seen {
             self.rebalances_seen = rebalances;
             let dropped = self.pending.work.len();
-            self.pending = super::run::Pending {
+            self.pending = super::pending::Pending {
                 counted: vec![(0, 0); self.flows.len()],
                 ..Default::default()
             };

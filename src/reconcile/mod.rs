@@ -13,9 +13,11 @@ pub mod clock;
 pub mod engine;
 pub mod input;
 pub mod intake;
+pub mod pending;
 pub mod report;
 pub mod run;
 pub mod store;
+pub mod write;
 
 use std::process::ExitCode;
 use std::time::Duration;

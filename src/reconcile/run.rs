@@ -1,13 +1,15 @@
 //! The reconciler loop: a consumer-group member over the flows' fan-out topics, co-partitioned
 //! (the range assignor gives one member partition p of every step topic, since they have equal
-//! partition counts). Per batch: count the events into their instances' states, fire the
-//! deadlines the watermarks passed, send the outcomes to `helios.reconciliation` and wait for
-//! the acknowledgements, write states, results and resolutions in one transaction (with how
-//! far event time had come on each topic-partition, which a restarted or newly assigned
-//! instance takes over), and only then commit the offsets. A crash before the transaction
-//! re-does the batch (its outcome records may be sent twice; the rows are written once); a
-//! crash after it finds every event already counted and changes nothing.
+//! partition counts). Per batch: count the events into their instances' states and fire the
+//! deadlines the watermarks passed. What was counted is written (see [`super::write`]) while
+//! the next batches are read: the outcomes sent to `helios.reconciliation` and acknowledged,
+//! then states, results and resolutions in one transaction (fenced by the instance's claims,
+//! with how far event time had come on each topic-partition, which a restarted or newly
+//! assigned instance takes over), and only then the offsets committed. A crash before the
+//! transaction re-does the work (its outcome records may be sent twice; the rows are written
+//! once); a crash after it finds every event already counted and changes nothing.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,14 +17,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 
 use super::clock::Clock;
 use super::clock::{CaughtUp, ReconContext};
 use super::engine::{self, Effects, FlowState, OutcomeKind};
 use super::input::{self, Seen};
-use super::store::{Fence, ReconStore, Resolution, ResultRow, StateRow};
+use super::pending::{add_us, Pending, Working, Writing};
+use super::store::{ReconStore, Resolution, ResultRow};
 use crate::config::KafkaSettings;
 use crate::pipeline::retry::Backoff;
 use crate::shutdown::Shutdown;
@@ -55,6 +57,8 @@ pub struct ReconcileStats {
     pub already_counted: AtomicU64,
     pub outcomes: AtomicU64,
     pub batches: AtomicU64,
+    /// Reads or writes that failed and were retried.
+    pub retries: AtomicU64,
     /// Topic-partitions assigned now.
     pub assigned: AtomicU64,
     /// Where the time goes (µs, summed over batches): waiting for records, reading states,
@@ -64,39 +68,15 @@ pub struct ReconcileStats {
     pub due_us: AtomicU64,
     pub send_us: AtomicU64,
     pub save_us: AtomicU64,
+    /// Time the loop waited for a write on its way (sending and saving overlap the reading).
+    pub wait_us: AtomicU64,
 }
 
-fn add_us(c: &AtomicU64, since: Instant) {
-    c.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
-}
-
-/// Counted but not yet written: flushed when the consumer has caught up, every
-/// [`FLUSH_EVERY`], or when 4 batches' worth of instances are pending (each write of an
-/// instance then covers all of its events read meanwhile).
-#[derive(Default)]
-pub(super) struct Pending {
-    pub(super) work: HashMap<(usize, String), Working>,
-    pub(super) results: Vec<ResultRow>,
-    pub(super) resolved: Vec<Resolution>,
-    /// Next offset per topic-partition of the records absorbed.
-    pub(super) offsets: BTreeMap<(String, i32), i64>,
-    /// Newest event time per topic-partition of the records absorbed.
-    pub(super) newest: HashMap<(String, i32), DateTime<Utc>>,
-    pub(super) skips: Vec<input::Skip>,
-    /// Per flow: events counted, events already counted.
-    pub(super) counted: Vec<(u64, u64)>,
-    pub(super) since: Option<Instant>,
-}
-
-/// Longest time counted work waits to be written while records keep coming.
+/// Longest time counted work waits to be written while records keep coming (when no write
+/// is on its way).
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
-
-/// One instance being worked on.
-pub(super) struct Working {
-    pub(super) part: i32,
-    pub(super) state: FlowState,
-    pub(super) changed: bool,
-}
+/// While a write is on its way, reading goes on up to this many batches' worth of instances.
+const MAX_PENDING_BATCHES: usize = 8;
 
 /// A running reconciler.
 pub struct Reconciler {
@@ -120,6 +100,8 @@ pub struct Reconciler {
     /// Messages received while paused for a retry: the next batch starts with them.
     pub(super) stash: Vec<rdkafka::message::OwnedMessage>,
     pub(super) pending: Pending,
+    /// The write on its way, if any.
+    pub(super) writing: Option<Writing>,
     /// Per assigned topic-partition: the generation this instance claimed it with (every write
     /// is refused once another instance claimed it since).
     pub(super) claims: HashMap<(String, i32), i64>,
@@ -224,10 +206,8 @@ impl Reconciler {
             watermarks: HashMap::new(),
             due_checked: HashMap::new(),
             stash: vec![],
-            pending: Pending {
-                counted: vec![(0, 0); n_flows],
-                ..Pending::default()
-            },
+            pending: Pending::new(n_flows),
+            writing: None,
             claims: HashMap::new(),
             rebalances_seen: 0,
             stats: Arc::default(),
@@ -248,6 +228,7 @@ impl Reconciler {
         self.consumer.subscribe(&names)?;
         tracing::info!(flows = self.flows.len(), topics = ?topics, group = %self.cfg.group, "reconciler started");
         let mut backoff = Backoff::default();
+        let mut write_backoff = Backoff::default();
         while !shutdown.is_triggered() {
             let polled = Instant::now();
             let (batch, caught_up) = tokio::select! {
@@ -265,8 +246,9 @@ impl Reconciler {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "reconciliation batch not read; retrying");
-                        metrics::counter!("helios_reconcile_retries_total").increment(1);
+                        self.retried();
                         if !self.wait_polling(backoff.next_wait(), &shutdown).await {
+                            self.flush_retrying(&shutdown).await;
                             return Ok(());
                         }
                     }
@@ -278,15 +260,40 @@ impl Reconciler {
                     .pending
                     .since
                     .is_some_and(|t| t.elapsed() >= FLUSH_EVERY);
-            if due && !self.flush_retrying(&shutdown).await {
-                return Ok(());
+            // The write on its way lands when it is done (reading goes on meanwhile, so the
+            // next write takes everything counted since), or when what is pending reached its
+            // bound.
+            let full = self.pending.work.len() >= self.cfg.batch_size * MAX_PENDING_BATCHES;
+            if self.writing.as_ref().is_some_and(|w| w.finished() || full) {
+                if let Err(e) = self.land().await {
+                    tracing::warn!(error = %e, "reconciliation not written; retrying");
+                    self.retried();
+                    if !self
+                        .wait_polling(write_backoff.next_wait(), &shutdown)
+                        .await
+                    {
+                        break;
+                    }
+                    self.refresh_assignment();
+                    continue;
+                }
+                write_backoff = Backoff::default();
             }
+            if due && self.writing.is_none() {
+                self.start_write();
+            }
+            self.prune(Utc::now()).await;
         }
         // Stopping: what was counted is written (a few attempts), so a restart need not count
         // it again.
         self.flush_retrying(&shutdown).await;
         tracing::info!("reconciler stopped");
         Ok(())
+    }
+
+    fn retried(&self) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("helios_reconcile_retries_total").increment(1);
     }
 
     /// Flushes until it succeeds; false when shutdown came first.
@@ -297,7 +304,7 @@ impl Reconciler {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::warn!(error = %e, "reconciliation not written; retrying");
-                    metrics::counter!("helios_reconcile_retries_total").increment(1);
+                    self.retried();
                     if attempt >= 3 && shutdown.is_triggered() {
                         return false;
                     }
@@ -350,7 +357,14 @@ impl Reconciler {
         let keys: Vec<(String, String)> = {
             let set: HashSet<(String, String)> = seen
                 .iter()
-                .filter(|(f, s)| !self.pending.work.contains_key(&(*f, s.order_id.clone())))
+                .filter(|(f, s)| {
+                    let k = (*f, s.order_id.clone());
+                    !self.pending.work.contains_key(&k)
+                        && !self
+                            .writing
+                            .as_ref()
+                            .is_some_and(|w| w.work.contains_key(&k))
+                })
                 .map(|(f, s)| (self.flows[*f].name.clone(), s.order_id.clone()))
                 .collect();
             set.into_iter().collect()
@@ -440,6 +454,33 @@ impl Reconciler {
                 .or_insert(0);
             *e = (*e).max(m.offset() + 1);
         }
+        // Instances of the write on its way: its version is the newest (the stored row is older
+        // until it lands) — those seen again, and those whose deadline the watermark passed.
+        if let Some(w) = &self.writing {
+            let from_write = |k: &(usize, String)| {
+                w.work.get(k).map(|x| Working {
+                    part: x.part,
+                    state: x.state.clone(),
+                    changed: false,
+                })
+            };
+            for (f, s) in &seen {
+                let k = (*f, s.order_id.clone());
+                if let Entry::Vacant(e) = p.work.entry(k) {
+                    if let Some(x) = from_write(e.key()) {
+                        e.insert(x);
+                    }
+                }
+            }
+            for (f, key, part, due) in &w.due {
+                let k = (*f, key.clone());
+                if wms[*f].get(part).is_some_and(|wm| due <= wm) && !p.work.contains_key(&k) {
+                    if let Some(x) = from_write(&k) {
+                        p.work.insert(k, x);
+                    }
+                }
+            }
+        }
         for ((flow, key), (part, state)) in stored {
             if let Some(&i) = flow_index.get(flow.as_str()) {
                 p.work.entry((i, key)).or_insert(Working {
@@ -450,8 +491,14 @@ impl Reconciler {
             }
         }
         for (f, key, part, state) in due_rows {
-            // A pending state is newer than the stored one.
-            p.work.entry((f, key)).or_insert(Working {
+            // A pending state, or one on its way, is newer than the stored one.
+            let k = (f, key);
+            let on_its_way = self.writing.as_ref().and_then(|w| w.work.get(&k));
+            let (part, state) = match on_its_way {
+                Some(x) => (x.part, x.state.clone()),
+                None => (part, state),
+            };
+            p.work.entry(k).or_insert(Working {
                 part,
                 state,
                 changed: false,
@@ -497,159 +544,6 @@ impl Reconciler {
             }
         }
         Ok(())
-    }
-
-    /// Writes what is pending: outcome records sent and acknowledged, then states, results and
-    /// resolutions in one transaction, then the offsets. On failure nothing is lost: the same
-    /// pending work is written again.
-    async fn flush(&mut self) -> anyhow::Result<()> {
-        let now = Utc::now();
-        let p = &self.pending;
-        if p.work.is_empty() && p.offsets.is_empty() && p.skips.is_empty() {
-            self.pending.since = None;
-            self.prune(now).await;
-            return Ok(());
-        }
-        let states: Vec<StateRow> = p
-            .work
-            .iter()
-            .filter(|(_, w)| w.changed)
-            .map(|((f, key), w)| {
-                let flow = &self.flows[*f];
-                StateRow {
-                    flow: flow.name.clone(),
-                    key: key.clone(),
-                    part: w.part,
-                    next_due: engine::next_due(flow, &w.state),
-                    completed: w.state.complete(flow),
-                    state: w.state.clone(),
-                }
-            })
-            .collect();
-        if !p.results.is_empty() {
-            let t = Instant::now();
-            self.send(&p.results).await?;
-            add_us(&self.stats.send_us, t);
-        }
-        // Every claimed partition is fenced (a write for one another instance claimed since is
-        // refused whole), with how far event time came in what was counted.
-        let fence: Vec<Fence> = self
-            .claims
-            .iter()
-            .map(|(tp, generation)| Fence {
-                topic: tp.0.clone(),
-                part: tp.1,
-                generation: *generation,
-                newest: p.newest.get(tp).copied(),
-                next_offset: p.offsets.get(tp).copied(),
-            })
-            .collect();
-        if !states.is_empty()
-            || !p.results.is_empty()
-            || !p.resolved.is_empty()
-            || !p.offsets.is_empty()
-        {
-            let t = Instant::now();
-            let taken = self
-                .store
-                .save(&states, &p.results, &p.resolved, &self.cfg.group, &fence)
-                .await?;
-            if !taken.is_empty() {
-                self.taken_over(&taken);
-                anyhow::bail!(
-                    "partitions {taken:?} were claimed by another instance of group {}: their unwritten work is left to it",
-                    self.cfg.group
-                );
-            }
-            add_us(&self.stats.save_us, t);
-        }
-        let p = std::mem::take(&mut self.pending);
-        self.pending.counted = vec![(0, 0); self.flows.len()];
-        self.commit(&p.offsets)?;
-        for skip in p.skips {
-            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("helios_reconcile_skipped_total", "reason" => skip.as_str())
-                .increment(1);
-        }
-        for (flow, (new, again)) in self.flows.iter().zip(&p.counted) {
-            self.stats.events.fetch_add(*new, Ordering::Relaxed);
-            self.stats
-                .already_counted
-                .fetch_add(*again, Ordering::Relaxed);
-            metrics::counter!("helios_reconcile_events_total", "flow" => flow.name.clone())
-                .increment(*new);
-            metrics::counter!("helios_reconcile_already_counted_total", "flow" => flow.name.clone())
-                .increment(*again);
-        }
-        for r in &p.results {
-            self.stats.outcomes.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("helios_reconcile_outcomes_total", "flow" => r.flow.clone(), "outcome" => r.outcome.as_str())
-                .increment(1);
-            tracing::info!(flow = %r.flow, key = %crate::model::text::bounded(&r.key, 128), outcome = r.outcome.as_str(), step = %r.step, "reconciliation outcome");
-        }
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.prune(now).await;
-        Ok(())
-    }
-
-    /// One record per outcome on the reconciliation topic, keyed by the flow key; returns when
-    /// every one was acknowledged.
-    async fn send(&self, results: &[ResultRow]) -> anyhow::Result<()> {
-        let topic = self.cfg.topology.reconciliation_topic();
-        let detected = Utc::now();
-        let mut pending = Vec::with_capacity(results.len());
-        for r in results {
-            let value = serde_json::json!({
-                "flow": r.flow, "key": r.key, "outcome": r.outcome.as_str(), "step": r.step,
-                "event_time": r.event_time, "duration_ms": r.duration_ms, "detail": r.detail,
-                "detected_at": detected,
-            })
-            .to_string();
-            let headers = OwnedHeaders::new_with_capacity(3)
-                .insert(Header {
-                    key: "helios-flow",
-                    value: Some(r.flow.as_str()),
-                })
-                .insert(Header {
-                    key: "helios-outcome",
-                    value: Some(r.outcome.as_str()),
-                })
-                .insert(Header {
-                    key: "content-type",
-                    value: Some("application/json"),
-                });
-            let rec = FutureRecord::to(&topic)
-                .key(r.key.as_str())
-                .payload(value.as_str())
-                .headers(headers);
-            pending.push(self.producer.send_result(rec).map_err(|(e, _)| e)?);
-        }
-        for p in pending {
-            match p.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => anyhow::bail!("outcome record not acknowledged: {e}"),
-                Err(_) => anyhow::bail!("outcome record cancelled"),
-            }
-        }
-        Ok(())
-    }
-
-    /// Deletes instances unchanged for longer than the retention (at most once a minute).
-    async fn prune(&mut self, now: DateTime<Utc>) {
-        if self.last_prune.elapsed() < Duration::from_secs(60) {
-            return;
-        }
-        self.last_prune = Instant::now();
-        let parts: Vec<i32> = {
-            let all: Vec<String> = self.by_topic.keys().cloned().collect();
-            self.clock.partitions(&all)
-        };
-        let before = now - chrono::Duration::from_std(self.cfg.state_retention).unwrap_or_default();
-        match self.store.prune(&parts, before).await {
-            Ok(n) if n > 0 => tracing::info!(deleted = n, "flow states past retention deleted"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "flow states not pruned"),
-        }
     }
 }
 

@@ -828,6 +828,24 @@ async fn a_write_from_an_instance_whose_partition_was_claimed_since_changes_noth
     assert_eq!((key.as_str(), newest), ("owner", Some(t0())));
 }
 
+/// The events two instances counted once their last writes landed (a write's counts are taken
+/// when the loop sees it landed, a moment after its rows are visible): each event once.
+async fn events_counted(a: &TestReconciler, b: &TestReconciler, want: u64) -> (u64, u64) {
+    let read = || {
+        (
+            a.stats.events.load(std::sync::atomic::Ordering::Relaxed),
+            b.stats.events.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read().0 + read().1 < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ea, eb) = read();
+    assert_eq!(ea + eb, want, "each event counted once ({ea} + {eb})");
+    (ea, eb)
+}
+
 #[tokio::test]
 async fn two_reconcilers_split_the_partitions_and_agree() {
     let topology = flow_topology(2).await;
@@ -861,14 +879,61 @@ async fn two_reconcilers_split_the_partitions_and_agree() {
         .await
         .unwrap();
     assert_eq!(parts, vec![0, 1]);
-    let (ea, eb) = (
-        a.stats.events.load(std::sync::atomic::Ordering::Relaxed),
-        b.stats.events.load(std::sync::atomic::Ordering::Relaxed),
-    );
+    let (ea, eb) = events_counted(&a, &b, steps.len() as u64 + 4).await;
     assert!(ea > 0 && eb > 0, "both worked: {ea} and {eb} events");
-    assert_eq!(ea + eb, steps.len() as u64 + 4, "each event counted once");
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn writes_refused_by_postgres_are_retried_with_everything_counted_since() {
+    // The results table is away for a while: each write fails and goes back in front of what
+    // was counted since; once it is back, every outcome is written once.
+    let topology = flow_topology(1).await;
+    let schema = unique_schema();
+    let rec = spawn_reconciler(&topology, &schema, HOUR).await;
+    sqlx::query("ALTER TABLE reconciliation_results RENAME TO reconciliation_results_away")
+        .execute(&rec.pool)
+        .await
+        .unwrap();
+    let (steps, expected) = stream(150);
+    let t0 = t0();
+    produce_stream(&topology, t0, &steps).await;
+    advance_past_every_deadline(&topology, t0).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rec.stats.retries.load(std::sync::atomic::Ordering::Relaxed) < 3 {
+        assert!(Instant::now() < deadline, "no write was refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query("ALTER TABLE reconciliation_results_away RENAME TO reconciliation_results")
+        .execute(&rec.pool)
+        .await
+        .unwrap();
+    wait_for_markers(&rec.pool).await;
+    assert_eq!(stream_outcomes(&rec.pool).await, expected);
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reconciliation_results WHERE flow_key LIKE 'S-%'")
+            .fetch_one(&rec.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows as usize, expected.len(), "one row per outcome");
+    // One partition: one marker and one clock order besides the stream.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rec.stats.events.load(std::sync::atomic::Ordering::Relaxed) < steps.len() as u64 + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "not every event was counted: {} of {}",
+            rec.stats.events.load(std::sync::atomic::Ordering::Relaxed),
+            steps.len() + 2
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        rec.stats.events.load(std::sync::atomic::Ordering::Relaxed),
+        steps.len() as u64 + 2,
+        "each event counted once"
+    );
+    rec.stop().await;
 }
 
 #[tokio::test]
@@ -918,12 +983,8 @@ async fn a_reconciler_joining_mid_stream_takes_its_partitions_over_without_loss_
             .await
             .unwrap();
     assert_eq!(rows as usize, expected.len(), "one row per outcome");
-    let (ea, eb) = (
-        a.stats.events.load(std::sync::atomic::Ordering::Relaxed),
-        b.stats.events.load(std::sync::atomic::Ordering::Relaxed),
-    );
+    let (_, eb) = events_counted(&a, &b, steps.len() as u64 + 4).await;
     assert!(eb > 0, "the second instance took its share");
-    assert_eq!(ea + eb, steps.len() as u64 + 4, "each event counted once");
     let generations: Vec<i64> = sqlx::query_scalar(
         "SELECT generation FROM reconcile_progress WHERE part = 1 ORDER BY topic",
     )

@@ -1,0 +1,280 @@
+//! The reconciler's write side. What was counted is written while the next batches are read:
+//! a write (outcome records sent and acknowledged, then states, results, resolutions and the
+//! event-time progress in one fenced transaction) runs as its own task, and only when it has
+//! landed are its offsets committed. One write is on its way at a time; the instances it holds
+//! are read from it (not from the store, which has their older rows until it lands). A write
+//! that fails, or is refused because another instance claimed one of its partitions, is put
+//! back into the pending work and written again (minus what was taken over).
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::engine;
+use super::pending::{add_us, Pending, Working, Writing};
+use super::run::Reconciler;
+use super::store::{Fence, ResultRow, StateRow};
+
+impl Reconciler {
+    /// Starts writing what is pending (nothing when nothing is). Call [`Self::land`] first
+    /// when a write is on its way.
+    pub(super) fn start_write(&mut self) {
+        debug_assert!(self.writing.is_none());
+        let p = &self.pending;
+        if p.work.is_empty() && p.offsets.is_empty() && p.skips.is_empty() && p.results.is_empty() {
+            self.pending.since = None;
+            return;
+        }
+        let mut rest = std::mem::replace(&mut self.pending, Pending::new(self.flows.len()));
+        let work = std::mem::take(&mut rest.work);
+        let mut states = vec![];
+        let mut due = vec![];
+        for ((f, key), w) in work.iter().filter(|(_, w)| w.changed) {
+            let flow = &self.flows[*f];
+            let next_due = engine::next_due(flow, &w.state);
+            if let Some(d) = next_due {
+                due.push((*f, key.clone(), w.part, d));
+            }
+            states.push(StateRow {
+                flow: flow.name.clone(),
+                key: key.clone(),
+                part: w.part,
+                next_due,
+                completed: w.state.complete(flow),
+                state: w.state.clone(),
+            });
+        }
+        // Every claimed partition is fenced (a write for one another instance claimed since is
+        // refused whole), with how far event time came in what was counted.
+        let fence: Vec<Fence> = self
+            .claims
+            .iter()
+            .map(|(tp, generation)| Fence {
+                topic: tp.0.clone(),
+                part: tp.1,
+                generation: *generation,
+                newest: rest.newest.get(tp).copied(),
+                next_offset: rest.offsets.get(tp).copied(),
+            })
+            .collect();
+        let save = !states.is_empty()
+            || !rest.results.is_empty()
+            || !rest.resolved.is_empty()
+            || !rest.offsets.is_empty();
+        let (results, resolved) = (rest.results.clone(), rest.resolved.clone());
+        let (producer, store, stats) = (
+            self.producer.clone(),
+            self.store.clone(),
+            self.stats.clone(),
+        );
+        let (topic, group) = (
+            self.cfg.topology.reconciliation_topic(),
+            self.cfg.group.clone(),
+        );
+        let task = tokio::spawn(async move {
+            if !results.is_empty() {
+                let t = Instant::now();
+                send_outcomes(&producer, &topic, &results).await?;
+                add_us(&stats.send_us, t);
+            }
+            if !save {
+                return Ok(vec![]);
+            }
+            let t = Instant::now();
+            let taken = store
+                .save(&states, &results, &resolved, &group, &fence)
+                .await?;
+            add_us(&stats.save_us, t);
+            Ok(taken)
+        });
+        self.writing = Some(Writing {
+            work,
+            due,
+            rest,
+            claims: self.claims.clone(),
+            task,
+        });
+    }
+
+    /// Waits for the write on its way (if any). Landed: its offsets are committed. Failed or
+    /// refused: its work is pending again (minus partitions taken over) and the error returned.
+    pub(super) async fn land(&mut self) -> anyhow::Result<()> {
+        let Some(w) = self.writing.take() else {
+            return Ok(());
+        };
+        let waited = Instant::now();
+        let outcome = match w.task.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("the write task ended: {e}")),
+        };
+        add_us(&self.stats.wait_us, waited);
+        match outcome {
+            Ok(taken) if taken.is_empty() => {
+                self.landed(w.rest)?;
+                Ok(())
+            }
+            Ok(taken) => {
+                // Claimed again by this instance since (after a rebalance that left them
+                // here): the work is still its own, written under the new claim. Else another
+                // instance owns them now.
+                let lost: Vec<(String, i32)> = taken
+                    .iter()
+                    .filter(|tp| self.claims.get(*tp).copied() <= w.claims.get(*tp).copied())
+                    .cloned()
+                    .collect();
+                self.put_back(w.work, w.rest);
+                self.taken_over(&lost);
+                anyhow::bail!(
+                    "partitions {taken:?} were claimed since this write began (by another instance of group {}: {lost:?}); written again without those",
+                    self.cfg.group
+                )
+            }
+            Err(e) => {
+                self.put_back(w.work, w.rest);
+                // A rebalance meanwhile: never write for partitions owned by another now.
+                self.refresh_assignment();
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes what is pending and waits for it (after the write on its way, if any).
+    pub(super) async fn flush(&mut self) -> anyhow::Result<()> {
+        self.land().await?;
+        self.start_write();
+        self.land().await?;
+        self.prune(Utc::now()).await;
+        Ok(())
+    }
+
+    /// A write that did not land goes back in front of what was counted since: a pending
+    /// instance is newer (it was taken from the write), but still has the write's change to
+    /// write.
+    fn put_back(&mut self, work: HashMap<(usize, String), Working>, rest: Pending) {
+        let p = &mut self.pending;
+        for (k, w) in work {
+            match p.work.entry(k) {
+                Entry::Occupied(mut e) => e.get_mut().changed |= w.changed,
+                Entry::Vacant(e) => {
+                    e.insert(w);
+                }
+            }
+        }
+        let mut results = rest.results;
+        results.append(&mut p.results);
+        p.results = results;
+        let mut resolved = rest.resolved;
+        resolved.append(&mut p.resolved);
+        p.resolved = resolved;
+        for (tp, o) in rest.offsets {
+            let e = p.offsets.entry(tp).or_insert(o);
+            *e = (*e).max(o);
+        }
+        for (tp, t) in rest.newest {
+            let e = p.newest.entry(tp).or_insert(t);
+            *e = (*e).max(t);
+        }
+        p.skips.extend(rest.skips);
+        for (c, r) in p.counted.iter_mut().zip(rest.counted) {
+            c.0 += r.0;
+            c.1 += r.1;
+        }
+        p.since = Some(rest.since.unwrap_or_else(Instant::now));
+    }
+
+    /// A write landed: its offsets are committed, its counts reported.
+    fn landed(&mut self, p: Pending) -> anyhow::Result<()> {
+        self.commit(&p.offsets)?;
+        for skip in p.skips {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("helios_reconcile_skipped_total", "reason" => skip.as_str())
+                .increment(1);
+        }
+        for (flow, (new, again)) in self.flows.iter().zip(&p.counted) {
+            self.stats.events.fetch_add(*new, Ordering::Relaxed);
+            self.stats
+                .already_counted
+                .fetch_add(*again, Ordering::Relaxed);
+            metrics::counter!("helios_reconcile_events_total", "flow" => flow.name.clone())
+                .increment(*new);
+            metrics::counter!("helios_reconcile_already_counted_total", "flow" => flow.name.clone())
+                .increment(*again);
+        }
+        for r in &p.results {
+            self.stats.outcomes.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("helios_reconcile_outcomes_total", "flow" => r.flow.clone(), "outcome" => r.outcome.as_str())
+                .increment(1);
+            tracing::info!(flow = %r.flow, key = %crate::model::text::bounded(&r.key, 128), outcome = r.outcome.as_str(), step = %r.step, "reconciliation outcome");
+        }
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Deletes instances unchanged for longer than the retention (at most once a minute).
+    pub(super) async fn prune(&mut self, now: DateTime<Utc>) {
+        if self.last_prune.elapsed() < Duration::from_secs(60) {
+            return;
+        }
+        self.last_prune = Instant::now();
+        let parts: Vec<i32> = {
+            let all: Vec<String> = self.by_topic.keys().cloned().collect();
+            self.clock.partitions(&all)
+        };
+        let before = now - chrono::Duration::from_std(self.cfg.state_retention).unwrap_or_default();
+        match self.store.prune(&parts, before).await {
+            Ok(n) if n > 0 => tracing::info!(deleted = n, "flow states past retention deleted"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "flow states not pruned"),
+        }
+    }
+}
+
+/// One record per outcome on the reconciliation topic, keyed by the flow key; returns when
+/// every one was acknowledged.
+async fn send_outcomes(
+    producer: &FutureProducer,
+    topic: &str,
+    results: &[ResultRow],
+) -> anyhow::Result<()> {
+    let detected = Utc::now();
+    let mut pending = Vec::with_capacity(results.len());
+    for r in results {
+        let value = serde_json::json!({
+            "flow": r.flow, "key": r.key, "outcome": r.outcome.as_str(), "step": r.step,
+            "event_time": r.event_time, "duration_ms": r.duration_ms, "detail": r.detail,
+            "detected_at": detected,
+        })
+        .to_string();
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: "helios-flow",
+                value: Some(r.flow.as_str()),
+            })
+            .insert(Header {
+                key: "helios-outcome",
+                value: Some(r.outcome.as_str()),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json"),
+            });
+        let rec = FutureRecord::to(topic)
+            .key(r.key.as_str())
+            .payload(value.as_str())
+            .headers(headers);
+        pending.push(producer.send_result(rec).map_err(|(e, _)| e)?);
+    }
+    for p in pending {
+        match p.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => anyhow::bail!("outcome record not acknowledged: {e}"),
+            Err(_) => anyhow::bail!("outcome record cancelled"),
+        }
+    }
+    Ok(())
+}
