@@ -828,6 +828,26 @@ async fn a_write_from_an_instance_whose_partition_was_claimed_since_changes_noth
     assert_eq!((key.as_str(), newest), ("owner", Some(t0())));
 }
 
+/// Waits until both instances are members of the group with partition p of every step topic
+/// each (3 topics × 2 partitions).
+async fn wait_split(a: &TestReconciler, b: &TestReconciler) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (x, y) = (
+            a.stats.assigned.load(std::sync::atomic::Ordering::Relaxed),
+            b.stats.assigned.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        if (x, y) == (3, 3) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never split: {x} and {y} assigned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The events two instances counted once their last writes landed (a write's counts are taken
 /// when the loop sees it landed, a moment after its rows are visible): each event once.
 async fn events_counted(a: &TestReconciler, b: &TestReconciler, want: u64) -> (u64, u64) {
@@ -852,22 +872,7 @@ async fn two_reconcilers_split_the_partitions_and_agree() {
     let schema = unique_schema();
     let a = spawn_reconciler(&topology, &schema, HOUR).await;
     let b = spawn_reconciler(&topology, &schema, HOUR).await;
-    // Both members of the group: partition p of every step topic each (3 topics × 2).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (x, y) = (
-            a.stats.assigned.load(std::sync::atomic::Ordering::Relaxed),
-            b.stats.assigned.load(std::sync::atomic::Ordering::Relaxed),
-        );
-        if (x, y) == (3, 3) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the group never split: {x} and {y} assigned"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_split(&a, &b).await;
     let (steps, expected) = stream(120);
     let t0 = t0();
     produce_stream(&topology, t0, &steps).await;
@@ -958,21 +963,7 @@ async fn a_reconciler_joining_mid_stream_takes_its_partitions_over_without_loss_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let b = spawn_reconciler(&topology, &schema, HOUR).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (x, y) = (
-            a.stats.assigned.load(std::sync::atomic::Ordering::Relaxed),
-            b.stats.assigned.load(std::sync::atomic::Ordering::Relaxed),
-        );
-        if (x, y) == (3, 3) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the group never split: {x} and {y}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_split(&a, &b).await;
     produce_stream(&topology, t0, late).await;
     advance_past_every_deadline(&topology, t0).await;
     wait_for_markers(&a.pool).await;
