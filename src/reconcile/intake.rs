@@ -282,22 +282,27 @@ impl Reconciler {
             .collect();
         let meta = self.meta.clone();
         let asked = candidates.clone();
-        let (highs, committed) = tokio::task::spawn_blocking(move || {
-            let highs = asked
+        let highs = tokio::task::spawn_blocking(move || {
+            asked
                 .iter()
                 .map(|(t, p)| meta.fetch_watermarks(t, *p, Duration::from_secs(5)).ok())
-                .collect::<Vec<_>>();
-            let mut tpl = TopicPartitionList::new();
-            for (t, p) in &asked {
-                tpl.add_partition(t, *p);
-            }
-            let committed = meta
-                .committed_offsets(tpl, Duration::from_secs(5))
-                .unwrap_or_default();
-            (highs, committed)
+                .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
+        // The group's committed offsets, from the member itself (only for partitions nothing
+        // was handed over from yet).
+        let mut tpl = TopicPartitionList::new();
+        for tp in candidates.iter().filter(|tp| !handed_over(tp)) {
+            tpl.add_partition(&tp.0, tp.1);
+        }
+        let committed = if tpl.count() == 0 {
+            TopicPartitionList::new()
+        } else {
+            self.consumer
+                .committed_offsets(tpl, Duration::from_secs(5))
+                .unwrap_or_default()
+        };
         for (i, tp) in candidates.iter().enumerate() {
             let position = positions
                 .find_partition(&tp.0, tp.1)

@@ -173,14 +173,9 @@ impl Reconciler {
             }
         }
         let producer: FutureProducer = p.create()?;
-        // The group's committed offsets are read without joining it (status does the same).
-        let meta: rdkafka::consumer::BaseConsumer = cfg
-            .kafka
-            .client_config()
-            .set("group.id", &cfg.group)
-            .set("enable.auto.commit", "false")
-            .create()?;
-        let meta = Arc::new(meta);
+        // High watermarks are asked by a client outside the group (the member itself reads
+        // the group's committed offsets).
+        let meta = Arc::new(crate::kafka::reader(&cfg.kafka, "reconcile-meta")?);
         for f in &flows {
             for k in OutcomeKind::ALL {
                 metrics::counter!("helios_reconcile_outcomes_total", "flow" => f.name.clone(), "outcome" => k.as_str())
@@ -399,6 +394,9 @@ impl Reconciler {
                     new.max(old).map(|w| (p, w))
                 })
                 .collect();
+            if batch.is_empty() {
+                tracing::debug!(flow = %flow.name, watermarks = ?w, clock = ?clock, "event time while idle");
+            }
             // Stored instances due since the last look (earlier ones were fetched then and
             // are pending or written with a later deadline).
             let list: Vec<super::store::DueWindow> = w

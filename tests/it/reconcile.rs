@@ -649,7 +649,11 @@ async fn killing_the_reconciler_mid_stream_then_restarting_writes_each_outcome_o
             .env("HELIOS_RECONCILE_BATCH_SIZE", "50")
             .env("HELIOS_RECONCILE_IDLE_AFTER", "1h")
             .env("HELIOS_RECONCILE_METRICS_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
+            // HELIOS_TEST_CHILD_LOG: the child's log filter when diagnosing this test.
+            .env(
+                "RUST_LOG",
+                std::env::var("HELIOS_TEST_CHILD_LOG").unwrap_or("warn".into()),
+            )
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("helios reconcile")
