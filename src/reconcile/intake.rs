@@ -93,13 +93,7 @@ impl Reconciler {
         self.refresh_assignment();
         // Which partitions are read to their end (as of the last statistics); this batch's
         // records then mark theirs as being read again.
-        let flags: HashMap<(String, i32), bool> = self
-            .caught_up
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), v.0))
-            .collect();
+        let flags = self.statistics_view(|(read_to_end, _)| read_to_end);
         self.clock.caught_up(&flags);
         // Nothing more waiting: time to write what is pending — when nothing came at all, or
         // the statistics see every partition read to its end (a gap in a backlog being read
@@ -107,6 +101,16 @@ impl Reconciler {
         let caught_up =
             caught_up && (out.is_empty() || self.clock.caught_up_tracks().len() == flags.len());
         (out, caught_up)
+    }
+
+    /// One of the statistics' per-partition facts (read to its end, offset read to).
+    fn statistics_view<T>(&self, f: impl Fn((bool, i64)) -> T) -> HashMap<(String, i32), T> {
+        self.caught_up
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), f(*v)))
+            .collect()
     }
 
     /// Rebalances the consumer served so far.
@@ -273,13 +277,7 @@ impl Reconciler {
         if candidates.is_empty() {
             return;
         }
-        let read_to: HashMap<(String, i32), i64> = self
-            .caught_up
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), v.1))
-            .collect();
+        let read_to = self.statistics_view(|(_, read_to)| read_to);
         let meta = self.meta.clone();
         let asked = candidates.clone();
         let highs = tokio::task::spawn_blocking(move || {
