@@ -98,6 +98,9 @@ impl KafkaArgs {
     }
 }
 
+/// The librdkafka property naming a static group member (`KAFKA_GROUP_INSTANCE_ID`).
+const GROUP_INSTANCE_ID: &str = "group.instance.id";
+
 /// How to reach Kafka: bootstrap servers plus pass-through librdkafka properties.
 #[derive(Debug, Clone, Default)]
 pub struct KafkaSettings {
@@ -126,12 +129,26 @@ impl KafkaSettings {
         Ok(())
     }
 
-    /// A librdkafka config with the bootstrap servers and every pass-through property.
+    /// A librdkafka config with the bootstrap servers and every pass-through property but the
+    /// group member's identity (`group.instance.id`: see [`Self::member_config`]).
     pub fn client_config(&self) -> rdkafka::ClientConfig {
         let mut c = rdkafka::ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap_servers);
         for (k, v) in &self.properties {
-            c.set(k, v);
+            if k != GROUP_INSTANCE_ID {
+                c.set(k, v);
+            }
+        }
+        c
+    }
+
+    /// [`Self::client_config`] for the consumer that is the service's member of its group:
+    /// with `group.instance.id` (static membership) when set. Producers, admin clients and
+    /// helper readers never carry it (one identity per member; librdkafka warns otherwise).
+    pub fn member_config(&self) -> rdkafka::ClientConfig {
+        let mut c = self.client_config();
+        if let Some(id) = self.properties.get(GROUP_INSTANCE_ID) {
+            c.set(GROUP_INSTANCE_ID, id);
         }
         c
     }

@@ -291,6 +291,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 // time at once, so the demo reports its missing step within seconds.
                 idle_after: Duration::from_secs(2),
                 state_retention: Duration::from_secs(8 * 86_400),
+                rejoin_after: crate::reconcile::DEFAULT_REJOIN_AFTER,
             },
             ReconStore::Sqlite(store.pool().clone()),
         )?;

@@ -176,6 +176,7 @@ pub async fn run_once(
             batch_size,
             idle_after: Duration::from_secs(3600),
             state_retention: Duration::from_secs(8 * 86_400),
+            rejoin_after: helios::reconcile::DEFAULT_REJOIN_AFTER,
         },
         ReconStore::Pg(pool.clone()),
     )?;

@@ -106,7 +106,7 @@ impl RawConsumer {
         limits: BatchLimits,
         rebalances: Arc<AtomicU64>,
     ) -> anyhow::Result<Self> {
-        let mut c = kafka.client_config();
+        let mut c = kafka.member_config();
         for (k, v) in [
             ("client.id", "helios-processor"),
             ("auto.offset.reset", "earliest"),

@@ -188,6 +188,8 @@ pub struct ReconContext {
     pub(super) caught_up: CaughtUp,
     /// Rebalances served (each one starts the instance's unwritten work over).
     pub(super) rebalances: std::sync::atomic::AtomicU64,
+    /// Assignments the group answered with (empty ones too).
+    pub(super) assigns: std::sync::atomic::AtomicU64,
 }
 
 impl rdkafka::ClientContext for ReconContext {
@@ -213,10 +215,14 @@ impl rdkafka::consumer::ConsumerContext for ReconContext {
     fn post_rebalance(
         &self,
         _: &rdkafka::consumer::BaseConsumer<Self>,
-        _: &rdkafka::consumer::Rebalance<'_>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
     ) {
         self.rebalances
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if matches!(rebalance, rdkafka::consumer::Rebalance::Assign(_)) {
+            self.assigns
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 

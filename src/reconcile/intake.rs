@@ -11,11 +11,35 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::clock::Clock;
+
 use super::run::Reconciler;
 use crate::shutdown::Shutdown;
 
 impl Reconciler {
-    pub(super) async fn check_partitions(&self) -> anyhow::Result<()> {
+    /// The step topics exist and have equal partition counts on the broker (an error says what
+    /// to fix); a broker that does not answer yet is waited for (warnings, backoff). False:
+    /// shutdown came first.
+    pub(super) async fn wait_partitions_checked(
+        &self,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<bool> {
+        let mut backoff = crate::pipeline::retry::Backoff::default();
+        loop {
+            match self.check_partitions().await? {
+                None => return Ok(true),
+                Some(e) => {
+                    tracing::warn!(error = %e, "the broker did not answer the step topics' metadata; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_wait()) => {}
+                        _ = shutdown.clone().wait() => return Ok(false),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Some(error) when the broker did not answer (worth retrying).
+    async fn check_partitions(&self) -> anyhow::Result<Option<rdkafka::error::KafkaError>> {
         let settings = self.cfg.kafka.clone();
         let flows: Vec<(String, Vec<String>)> = self
             .flows
@@ -23,12 +47,15 @@ impl Reconciler {
             .zip(&self.flow_topics)
             .map(|(f, t)| (f.name.clone(), t.clone()))
             .collect();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let c = crate::kafka::reader(&settings, "reconcile-check")?;
             for (flow, topics) in flows {
                 let mut counts = vec![];
                 for t in &topics {
-                    let md = c.fetch_metadata(Some(t), Duration::from_secs(10))?;
+                    let md = match c.fetch_metadata(Some(t), Duration::from_secs(10)) {
+                        Ok(md) => md,
+                        Err(e) => return Ok(Some(e)),
+                    };
                     let n = md
                         .topics()
                         .first()
@@ -53,7 +80,7 @@ impl Reconciler {
                     );
                 }
             }
-            Ok(())
+            Ok(None)
         })
         .await?
     }
@@ -154,6 +181,8 @@ impl Reconciler {
         self.stats
             .assigned
             .store(assigned.len() as u64, Ordering::Relaxed);
+        metrics::gauge!("helios_reconcile_assigned_partitions").set(assigned.len() as f64);
+        self.watch_unassigned(assigned.is_empty());
         self.clock.assigned(&assigned);
         self.claims.retain(|tp, _| assigned.contains(tp));
         let owned: Vec<Vec<i32>> = self
@@ -162,6 +191,41 @@ impl Reconciler {
             .map(|t| self.clock.partitions(t))
             .collect();
         self.drop_work(|f, part| !owned[f].contains(&part));
+    }
+
+    /// An instance that has had no partition for `cfg.rejoin_after` leaves the group and joins
+    /// it again, once per such stretch, and waits twice as long the next time (up to an hour:
+    /// two instances in excess cannot keep taking one partition from each other). On Kafka
+    /// that is one more rebalance for an instance in excess of the partitions; on Tansu 0.6.0
+    /// it is what gets a member its partitions when the broker formed the group with an empty
+    /// assignment (README, Scaling).
+    /// The stretch starts when the group answered with an assignment (none while joining).
+    fn watch_unassigned(&mut self, none: bool) {
+        let answered = self.consumer.context().assigns.load(Ordering::SeqCst) > 0;
+        match (none, self.unassigned) {
+            (false, _) => self.unassigned = (None, false),
+            (true, (None, _)) if answered => self.unassigned = (Some(Instant::now()), false),
+            (true, (Some(since), false)) if since.elapsed() >= self.rejoin_wait => {
+                self.unassigned.1 = true;
+                self.rejoin_wait = (self.rejoin_wait * 2).min(Duration::from_secs(3600));
+                tracing::warn!(
+                    group = %self.cfg.group,
+                    seconds = since.elapsed().as_secs(),
+                    "no partition assigned to this reconciler: joining the group again (once). \
+                     Either there are more instances than partitions, or the group coordinator \
+                     left this member out (seen on Tansu 0.6.0 after an instance was killed)"
+                );
+                self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("helios_reconcile_rejoins_total").increment(1);
+                let mut topics: Vec<&str> = self.by_topic.keys().map(String::as_str).collect();
+                topics.sort_unstable();
+                self.consumer.unsubscribe();
+                if let Err(e) = self.consumer.subscribe(&topics) {
+                    tracing::warn!(error = %e, "subscribing again failed");
+                }
+            }
+            _ => {}
+        }
     }
 
     /// A write found these topic-partitions claimed by another instance since: the work

@@ -26,7 +26,7 @@ use anyhow::Context;
 
 use crate::config::KafkaArgs;
 use crate::shutdown::Shutdown;
-pub use run::{ReconcileStats, Reconciler, ReconcilerConfig};
+pub use run::{ReconcileStats, Reconciler, ReconcilerConfig, DEFAULT_REJOIN_AFTER};
 pub use store::ReconStore;
 
 /// `helios reconcile [report|show]`.
@@ -153,6 +153,7 @@ impl ReconcileArgs {
                 "HELIOS_RECONCILE_STATE_RETENTION / --state-retention",
                 &self.state_retention,
             )?,
+            rejoin_after: run::DEFAULT_REJOIN_AFTER,
         })
     }
 }

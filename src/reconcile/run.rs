@@ -47,7 +47,13 @@ pub struct ReconcilerConfig {
     /// Instances unchanged for this long are deleted (keep it ≥ the raw topics' retention, so
     /// a replay always finds the events it re-emits already counted).
     pub state_retention: Duration,
+    /// An instance with no partition for this long joins its group again, once (see
+    /// `watch_unassigned`); [`DEFAULT_REJOIN_AFTER`] unless a test needs it sooner.
+    pub rejoin_after: Duration,
 }
+
+/// Three session timeouts: a member that died is expired by then.
+pub const DEFAULT_REJOIN_AFTER: Duration = Duration::from_secs(45);
 
 /// Counters the tests and `/metrics` read.
 #[derive(Debug, Default)]
@@ -61,6 +67,8 @@ pub struct ReconcileStats {
     pub retries: AtomicU64,
     /// Topic-partitions assigned now.
     pub assigned: AtomicU64,
+    /// Times this instance, left without partitions, joined its group again.
+    pub rejoins: AtomicU64,
     /// Where the time goes (µs, summed over batches): waiting for records, reading states,
     /// looking for due deadlines, sending outcomes, writing the transaction.
     pub poll_us: AtomicU64,
@@ -109,6 +117,11 @@ pub struct Reconciler {
     pub(super) rebalances_seen: u64,
     pub stats: Arc<ReconcileStats>,
     pub(super) last_prune: Instant,
+    /// Since when no partition has been assigned (None: some are), and whether the group was
+    /// joined again since (see `watch_unassigned`).
+    pub(super) unassigned: (Option<Instant>, bool),
+    /// How long the next stretch without partitions lasts before a rejoin (doubles with each).
+    pub(super) rejoin_wait: Duration,
 }
 
 impl Reconciler {
@@ -134,7 +147,7 @@ impl Reconciler {
                 by_topic.entry(t.clone()).or_default().push(i);
             }
         }
-        let mut c = cfg.kafka.client_config();
+        let mut c = cfg.kafka.member_config();
         for (k, v) in [
             ("client.id", "helios-reconciler"),
             ("auto.offset.reset", "earliest"),
@@ -160,6 +173,7 @@ impl Reconciler {
         let consumer: StreamConsumer<ReconContext> = c.create_with_context(ReconContext {
             caught_up: caught_up.clone(),
             rebalances: Default::default(),
+            assigns: Default::default(),
         })?;
         let mut p = cfg.kafka.client_config();
         for (k, v) in [
@@ -187,6 +201,7 @@ impl Reconciler {
                 .increment(0);
         }
         let n_flows = flows.len();
+        let cfg_rejoin_after = cfg.rejoin_after;
         Ok(Reconciler {
             cfg,
             flows,
@@ -207,6 +222,8 @@ impl Reconciler {
             rebalances_seen: 0,
             stats: Arc::default(),
             last_prune: Instant::now(),
+            unassigned: (None, false),
+            rejoin_wait: cfg_rejoin_after,
         })
     }
 
@@ -218,7 +235,9 @@ impl Reconciler {
             t.sort();
             t
         };
-        self.check_partitions().await?;
+        if !self.wait_partitions_checked(&shutdown).await? {
+            return Ok(());
+        }
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         self.consumer.subscribe(&names)?;
         tracing::info!(flows = self.flows.len(), topics = ?topics, group = %self.cfg.group, "reconciler started");

@@ -124,6 +124,7 @@ async fn every_metric_of_the_dashboard_and_the_rules_is_exported() {
             batch_size: 100,
             idle_after: Duration::from_secs(30),
             state_retention: Duration::from_secs(8 * 86_400),
+            rejoin_after: helios::reconcile::DEFAULT_REJOIN_AFTER,
         },
         helios::reconcile::ReconStore::Pg(proc.pool.clone()),
     )

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use helios::reconcile::{ReconStore, ReconcileStats, Reconciler, ReconcilerConfig};
+use helios::reconcile::{
+    ReconStore, ReconcileStats, Reconciler, ReconcilerConfig, DEFAULT_REJOIN_AFTER,
+};
 use helios::shutdown::{Shutdown, ShutdownTrigger};
 use helios::topology::Topology;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -59,18 +61,35 @@ async fn spawn_reconciler(
     schema: &str,
     idle_after: Duration,
 ) -> TestReconciler {
+    spawn_reconciler_with(topology, schema, idle_after, DEFAULT_REJOIN_AFTER, None).await
+}
+
+/// `client_id` orders the members: the range assignor gives partitions to the member ids that
+/// sort first, and both brokers make member ids `<client.id>-<uuid>`.
+async fn spawn_reconciler_with(
+    topology: &Topology,
+    schema: &str,
+    idle_after: Duration,
+    rejoin_after: Duration,
+    client_id: Option<&str>,
+) -> TestReconciler {
     init_logs();
     let pool = helios::db::connect(&database_url(), Some(schema))
         .await
         .unwrap();
     helios::db::migrate(&pool).await.unwrap();
+    let mut kafka = helios::config::KafkaSettings::new(kafka_bootstrap());
+    if let Some(id) = client_id {
+        kafka.properties.insert("client.id".into(), id.into());
+    }
     let cfg = ReconcilerConfig {
-        kafka: helios::config::KafkaSettings::new(kafka_bootstrap()),
+        kafka,
         topology: topology.clone(),
         group: topology.reconciler_group.clone(),
         batch_size: 500,
         idle_after,
         state_retention: Duration::from_secs(8 * 86_400),
+        rejoin_after,
     };
     let r = Reconciler::new(cfg, ReconStore::Pg(pool.clone())).expect("reconciler");
     let stats = r.stats.clone();
@@ -649,6 +668,9 @@ async fn killing_the_reconciler_mid_stream_then_restarting_writes_each_outcome_o
             .env("HELIOS_RECONCILE_BATCH_SIZE", "50")
             .env("HELIOS_RECONCILE_IDLE_AFTER", "1h")
             .env("HELIOS_RECONCILE_METRICS_ADDR", "127.0.0.1:0")
+            // Dynamic membership (the default). On Tansu 0.6.0 the restarted member is sometimes
+            // formed into the group with nothing assigned (README, Scaling); it then joins the
+            // group again after DEFAULT_REJOIN_AFTER, which this test goes through too.
             // HELIOS_TEST_CHILD_LOG: the child's log filter when diagnosing this test.
             .env(
                 "RUST_LOG",
@@ -1073,4 +1095,70 @@ async fn a_bypass_replay_changes_nothing() {
     );
     rec.stop().await;
     proc.stop().await;
+}
+
+#[tokio::test]
+async fn an_instance_left_without_partitions_joins_its_group_again_once() {
+    // One partition, two instances: the second (its member id sorts after the first's, so the
+    // range assignor never gives it the partition) has nothing to read. After its
+    // rejoin_after it leaves the group and joins again, once for as long as it stays without
+    // partitions (what gets a member its partitions when Tansu formed the group with an empty
+    // assignment); the first instance keeps the partition and the flow goes through.
+    let topology = flow_topology(1).await;
+    let schema = unique_schema();
+    let load = |r: &TestReconciler| {
+        (
+            r.stats.assigned.load(std::sync::atomic::Ordering::Relaxed),
+            r.stats.rejoins.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    let a = spawn_reconciler_with(
+        &topology,
+        &schema,
+        HOUR,
+        DEFAULT_REJOIN_AFTER,
+        Some("reconciler-a"),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while load(&a).0 != 3 {
+        assert!(Instant::now() < deadline, "the first instance got nothing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // (The first instance may have gone through a rejoin already: Tansu sometimes forms even a
+    // lone first member with nothing assigned.)
+    let a_rejoins = load(&a).1;
+    let b = spawn_reconciler_with(
+        &topology,
+        &schema,
+        HOUR,
+        Duration::from_secs(2),
+        Some("reconciler-b"),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !(load(&b).1 >= 1 && load(&a).0 == 3) {
+        assert!(
+            Instant::now() < deadline,
+            "no rejoin, or the partitions never came back: {:?} and {:?} (assigned, rejoins)",
+            load(&a),
+            load(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (steps, expected) = stream(30);
+    let t0 = t0();
+    produce_stream(&topology, t0, &steps).await;
+    advance_past_every_deadline(&topology, t0).await;
+    wait_for_markers(&a.pool).await;
+    assert_eq!(stream_outcomes(&a.pool).await, expected);
+    // Seconds later (well past its 2 s), still without partitions: no second rejoin.
+    assert_eq!(load(&b), (0, 1), "the second instance: (assigned, rejoins)");
+    assert_eq!(
+        load(&a).1,
+        a_rejoins,
+        "the instance with partitions rejoined"
+    );
+    a.stop().await;
+    b.stop().await;
 }
