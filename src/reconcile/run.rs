@@ -200,6 +200,9 @@ impl Reconciler {
             metrics::counter!("helios_reconcile_already_counted_total", "flow" => f.name.clone())
                 .increment(0);
         }
+        // Exported from start-up (alerts compare them with zero).
+        metrics::counter!("helios_reconcile_rejoins_total").increment(0);
+        metrics::gauge!("helios_reconcile_assigned_partitions").set(0.0);
         let n_flows = flows.len();
         let cfg_rejoin_after = cfg.rejoin_after;
         Ok(Reconciler {
