@@ -512,3 +512,100 @@ pub fn offsets_at_times(
         })
         .collect()
 }
+
+/// When a group member left without partitions should leave its group and join it again.
+///
+/// A stretch without partitions starts when the group has answered with an assignment (not
+/// while joining); after `wait` of it the member rejoins, once for as long as the stretch
+/// lasts, and the next stretch waits twice as long (up to an hour: two members in excess
+/// cannot keep taking one partition from each other). On Kafka that is one more rebalance for
+/// a member in excess of the partitions; on Tansu 0.6.0 it is what gets a member its
+/// partitions when the broker formed the group with an empty assignment (a dead leader
+/// expiring between a new member's JoinGroup and SyncGroup: README, Reconciliation, Scaling).
+#[derive(Debug, Clone)]
+pub struct RejoinWatch {
+    since: Option<std::time::Instant>,
+    rejoined: bool,
+    wait: Duration,
+}
+
+/// Three session timeouts (HELIOS's consumers use 15 s): a member that died is expired by then.
+pub const DEFAULT_REJOIN_AFTER: Duration = Duration::from_secs(45);
+
+impl RejoinWatch {
+    pub fn new(wait: Duration) -> Self {
+        RejoinWatch {
+            since: None,
+            rejoined: false,
+            wait,
+        }
+    }
+
+    /// Takes the member's state now (`none`: it owns no partition; `answered`: the group has
+    /// answered with an assignment at least once). Some(how long it has owned nothing) when it
+    /// is time to rejoin.
+    pub fn observe(&mut self, none: bool, answered: bool) -> Option<Duration> {
+        self.observe_at(none, answered, std::time::Instant::now())
+    }
+
+    fn observe_at(
+        &mut self,
+        none: bool,
+        answered: bool,
+        now: std::time::Instant,
+    ) -> Option<Duration> {
+        if !none {
+            self.since = None;
+            self.rejoined = false;
+            return None;
+        }
+        match self.since {
+            None if answered => {
+                self.since = Some(now);
+                self.rejoined = false;
+                None
+            }
+            Some(since) if !self.rejoined && now.duration_since(since) >= self.wait => {
+                self.rejoined = true;
+                self.wait = (self.wait * 2).min(Duration::from_secs(3600));
+                Some(now.duration_since(since))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod rejoin_tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_member_rejoins_once_per_stretch_without_partitions_and_waits_longer_each_time() {
+        let s = Duration::from_secs;
+        let t = Instant::now();
+        let mut w = RejoinWatch::new(s(45));
+        // Joining (no answer yet): no stretch.
+        assert_eq!(w.observe_at(true, false, t), None);
+        assert_eq!(w.observe_at(true, false, t + s(100)), None);
+        // Answered with nothing: the stretch starts now.
+        assert_eq!(w.observe_at(true, true, t + s(100)), None);
+        assert_eq!(w.observe_at(true, true, t + s(144)), None);
+        assert_eq!(w.observe_at(true, true, t + s(145)), Some(s(45)));
+        // Once per stretch.
+        assert_eq!(w.observe_at(true, true, t + s(500)), None);
+        // Partitions, then none again: a new stretch, twice as long.
+        assert_eq!(w.observe_at(false, true, t + s(501)), None);
+        assert_eq!(w.observe_at(true, true, t + s(502)), None);
+        assert_eq!(w.observe_at(true, true, t + s(502 + 89)), None);
+        assert_eq!(w.observe_at(true, true, t + s(502 + 90)), Some(s(90)));
+        // Capped at an hour.
+        let mut w = RejoinWatch::new(s(3000));
+        w.observe_at(true, true, t);
+        assert!(w.observe_at(true, true, t + s(3000)).is_some());
+        w.observe_at(false, true, t + s(3001));
+        w.observe_at(true, true, t + s(3002));
+        assert_eq!(w.observe_at(true, true, t + s(3002 + 3599)), None);
+        assert_eq!(w.observe_at(true, true, t + s(3002 + 3600)), Some(s(3600)));
+    }
+}

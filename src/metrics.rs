@@ -174,6 +174,7 @@ pub fn zero_processor_series() {
         "helios_processor_dlq_records_total",
         "helios_processor_rows_inserted_total",
         "helios_processor_batches_overlapped_total",
+        "helios_processor_rejoins_total",
     ] {
         metrics::counter!(name).increment(0);
     }

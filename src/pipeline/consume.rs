@@ -35,6 +35,8 @@ pub struct ProcessorContext {
     /// Partition assignments and revocations seen: the generation (shared with the processor's
     /// stats and its deliveries).
     pub rebalances: Arc<AtomicU64>,
+    /// Assignments the group answered with (empty ones too).
+    pub assigns: AtomicU64,
 }
 
 impl ClientContext for ProcessorContext {
@@ -60,6 +62,7 @@ impl ConsumerContext for ProcessorContext {
             }
             Rebalance::Assign(tpl) => {
                 self.rebalances.fetch_add(1, Ordering::Relaxed);
+                self.assigns.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(partitions = tpl.count(), "partitions assigned")
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -133,7 +136,10 @@ impl RawConsumer {
             c.set("isolation.level", "read_committed");
         }
         let consumer: StreamConsumer<ProcessorContext> =
-            c.create_with_context(ProcessorContext { rebalances })?;
+            c.create_with_context(ProcessorContext {
+                rebalances,
+                assigns: AtomicU64::new(0),
+            })?;
         Ok(RawConsumer {
             consumer: Arc::new(consumer),
             limits,
@@ -142,10 +148,38 @@ impl RawConsumer {
         })
     }
 
-    /// Joins the group on these topics.
+    /// Joins the group on these topics. While the consumer lives, a member left without
+    /// partitions joins the group again ([`crate::kafka::RejoinWatch`]; checked every second).
     pub fn subscribe(&self, topics: &[String]) -> anyhow::Result<()> {
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        Ok(self.consumer.subscribe(&refs)?)
+        self.consumer.subscribe(&refs)?;
+        let consumer = Arc::downgrade(&self.consumer);
+        let topics = topics.to_vec();
+        tokio::spawn(async move {
+            let mut watch = crate::kafka::RejoinWatch::new(crate::kafka::DEFAULT_REJOIN_AFTER);
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(c) = consumer.upgrade() else { return };
+                let none = c.assignment().map(|a| a.count() == 0).unwrap_or(false);
+                let answered = c.context().assigns.load(Ordering::Relaxed) > 0;
+                if let Some(after) = watch.observe(none, answered) {
+                    tracing::warn!(
+                        seconds = after.as_secs(),
+                        "no partition assigned to this processor: joining the group again \
+                         (once). Either there are more instances than partitions, or the group \
+                         coordinator left this member out (seen on Tansu 0.6.0 after an \
+                         instance was killed)"
+                    );
+                    metrics::counter!("helios_processor_rejoins_total").increment(1);
+                    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+                    c.unsubscribe();
+                    if let Err(e) = c.subscribe(&refs) {
+                        tracing::warn!(error = %e, "subscribing again failed");
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Reads exactly these partitions from these offsets (replays; no group membership).

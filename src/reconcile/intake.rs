@@ -193,38 +193,27 @@ impl Reconciler {
         self.drop_work(|f, part| !owned[f].contains(&part));
     }
 
-    /// An instance that has had no partition for `cfg.rejoin_after` leaves the group and joins
-    /// it again, once per such stretch, and waits twice as long the next time (up to an hour:
-    /// two instances in excess cannot keep taking one partition from each other). On Kafka
-    /// that is one more rebalance for an instance in excess of the partitions; on Tansu 0.6.0
-    /// it is what gets a member its partitions when the broker formed the group with an empty
-    /// assignment (README, Scaling).
-    /// The stretch starts when the group answered with an assignment (none while joining).
+    /// An instance left without partitions joins its group again (see
+    /// [`crate::kafka::RejoinWatch`]).
     fn watch_unassigned(&mut self, none: bool) {
         let answered = self.consumer.context().assigns.load(Ordering::SeqCst) > 0;
-        match (none, self.unassigned) {
-            (false, _) => self.unassigned = (None, false),
-            (true, (None, _)) if answered => self.unassigned = (Some(Instant::now()), false),
-            (true, (Some(since), false)) if since.elapsed() >= self.rejoin_wait => {
-                self.unassigned.1 = true;
-                self.rejoin_wait = (self.rejoin_wait * 2).min(Duration::from_secs(3600));
-                tracing::warn!(
-                    group = %self.cfg.group,
-                    seconds = since.elapsed().as_secs(),
-                    "no partition assigned to this reconciler: joining the group again (once). \
-                     Either there are more instances than partitions, or the group coordinator \
-                     left this member out (seen on Tansu 0.6.0 after an instance was killed)"
-                );
-                self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("helios_reconcile_rejoins_total").increment(1);
-                let mut topics: Vec<&str> = self.by_topic.keys().map(String::as_str).collect();
-                topics.sort_unstable();
-                self.consumer.unsubscribe();
-                if let Err(e) = self.consumer.subscribe(&topics) {
-                    tracing::warn!(error = %e, "subscribing again failed");
-                }
-            }
-            _ => {}
+        let Some(after) = self.unassigned.observe(none, answered) else {
+            return;
+        };
+        tracing::warn!(
+            group = %self.cfg.group,
+            seconds = after.as_secs(),
+            "no partition assigned to this reconciler: joining the group again (once). \
+             Either there are more instances than partitions, or the group coordinator \
+             left this member out (seen on Tansu 0.6.0 after an instance was killed)"
+        );
+        self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("helios_reconcile_rejoins_total").increment(1);
+        let mut topics: Vec<&str> = self.by_topic.keys().map(String::as_str).collect();
+        topics.sort_unstable();
+        self.consumer.unsubscribe();
+        if let Err(e) = self.consumer.subscribe(&topics) {
+            tracing::warn!(error = %e, "subscribing again failed");
         }
     }
 

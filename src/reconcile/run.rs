@@ -52,8 +52,7 @@ pub struct ReconcilerConfig {
     pub rejoin_after: Duration,
 }
 
-/// Three session timeouts: a member that died is expired by then.
-pub const DEFAULT_REJOIN_AFTER: Duration = Duration::from_secs(45);
+pub use crate::kafka::DEFAULT_REJOIN_AFTER;
 
 /// Counters the tests and `/metrics` read.
 #[derive(Debug, Default)]
@@ -117,11 +116,8 @@ pub struct Reconciler {
     pub(super) rebalances_seen: u64,
     pub stats: Arc<ReconcileStats>,
     pub(super) last_prune: Instant,
-    /// Since when no partition has been assigned (None: some are), and whether the group was
-    /// joined again since (see `watch_unassigned`).
-    pub(super) unassigned: (Option<Instant>, bool),
-    /// How long the next stretch without partitions lasts before a rejoin (doubles with each).
-    pub(super) rejoin_wait: Duration,
+    /// Stretches without partitions (see `watch_unassigned`).
+    pub(super) unassigned: crate::kafka::RejoinWatch,
 }
 
 impl Reconciler {
@@ -225,8 +221,7 @@ impl Reconciler {
             rebalances_seen: 0,
             stats: Arc::default(),
             last_prune: Instant::now(),
-            unassigned: (None, false),
-            rejoin_wait: cfg_rejoin_after,
+            unassigned: crate::kafka::RejoinWatch::new(cfg_rejoin_after),
         })
     }
 
