@@ -288,11 +288,13 @@ async fn a_write_from_an_instance_whose_partition_was_claimed_since_changes_noth
         next_due: None,
         completed: false,
     };
+    // One time for both writes and the check (t0() follows the clock).
+    let t = t0();
     let fence = |generation| Fence {
         topic: tp.0.clone(),
         part: 0,
         generation,
-        newest: Some(t0()),
+        newest: Some(t),
         next_offset: Some(10),
     };
     let taken = store
@@ -316,7 +318,7 @@ async fn a_write_from_an_instance_whose_partition_was_claimed_since_changes_noth
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((key.as_str(), newest), ("owner", Some(t0())));
+    assert_eq!((key.as_str(), newest), ("owner", Some(t)));
 }
 
 /// Waits until both instances are members of the group with partition p of every step topic
