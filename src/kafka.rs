@@ -575,6 +575,30 @@ impl RejoinWatch {
     }
 }
 
+/// Leaves the group and joins it again on `topics` (a member [`RejoinWatch`] found without
+/// partitions for `after`), saying so in a warning.
+pub fn rejoin_group<C: rdkafka::consumer::ConsumerContext + 'static>(
+    consumer: &rdkafka::consumer::StreamConsumer<C>,
+    topics: &[&str],
+    role: &str,
+    after: Duration,
+) {
+    use rdkafka::consumer::Consumer;
+    tracing::warn!(
+        role,
+        seconds = after.as_secs(),
+        "no partition assigned to this instance: joining its consumer group again (once). \
+         Either there are more instances than partitions, or the group coordinator left this \
+         member out (seen on Tansu 0.6.0 after an instance was killed)"
+    );
+    let mut topics = topics.to_vec();
+    topics.sort_unstable();
+    consumer.unsubscribe();
+    if let Err(e) = consumer.subscribe(&topics) {
+        tracing::warn!(role, error = %e, "subscribing again failed");
+    }
+}
+
 #[cfg(test)]
 mod rejoin_tests {
     use super::*;

@@ -163,19 +163,9 @@ impl RawConsumer {
                 let none = c.assignment().map(|a| a.count() == 0).unwrap_or(false);
                 let answered = c.context().assigns.load(Ordering::Relaxed) > 0;
                 if let Some(after) = watch.observe(none, answered) {
-                    tracing::warn!(
-                        seconds = after.as_secs(),
-                        "no partition assigned to this processor: joining the group again \
-                         (once). Either there are more instances than partitions, or the group \
-                         coordinator left this member out (seen on Tansu 0.6.0 after an \
-                         instance was killed)"
-                    );
                     metrics::counter!("helios_processor_rejoins_total").increment(1);
                     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-                    c.unsubscribe();
-                    if let Err(e) = c.subscribe(&refs) {
-                        tracing::warn!(error = %e, "subscribing again failed");
-                    }
+                    crate::kafka::rejoin_group(&c, &refs, "processor", after);
                 }
             }
         });

@@ -11,7 +11,6 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::clock::Clock;
-
 use super::run::Reconciler;
 use crate::shutdown::Shutdown;
 
@@ -153,10 +152,7 @@ impl Reconciler {
         if rebalances != self.rebalances_seen {
             self.rebalances_seen = rebalances;
             let dropped = self.pending.work.len();
-            self.pending = super::pending::Pending {
-                counted: vec![(0, 0); self.flows.len()],
-                ..Default::default()
-            };
+            self.pending = super::pending::Pending::new(self.flows.len());
             self.clock = Clock::default();
             self.claims.clear();
             self.watermarks.clear();
@@ -200,21 +196,10 @@ impl Reconciler {
         let Some(after) = self.unassigned.observe(none, answered) else {
             return;
         };
-        tracing::warn!(
-            group = %self.cfg.group,
-            seconds = after.as_secs(),
-            "no partition assigned to this reconciler: joining the group again (once). \
-             Either there are more instances than partitions, or the group coordinator \
-             left this member out (seen on Tansu 0.6.0 after an instance was killed)"
-        );
         self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("helios_reconcile_rejoins_total").increment(1);
-        let mut topics: Vec<&str> = self.by_topic.keys().map(String::as_str).collect();
-        topics.sort_unstable();
-        self.consumer.unsubscribe();
-        if let Err(e) = self.consumer.subscribe(&topics) {
-            tracing::warn!(error = %e, "subscribing again failed");
-        }
+        let topics: Vec<&str> = self.by_topic.keys().map(String::as_str).collect();
+        crate::kafka::rejoin_group(&self.consumer, &topics, "reconciler", after);
     }
 
     /// A write found these topic-partitions claimed by another instance since: the work

@@ -200,7 +200,7 @@ impl Reconciler {
         metrics::counter!("helios_reconcile_rejoins_total").increment(0);
         metrics::gauge!("helios_reconcile_assigned_partitions").set(0.0);
         let n_flows = flows.len();
-        let cfg_rejoin_after = cfg.rejoin_after;
+        let unassigned = crate::kafka::RejoinWatch::new(cfg.rejoin_after);
         Ok(Reconciler {
             cfg,
             flows,
@@ -221,7 +221,7 @@ impl Reconciler {
             rebalances_seen: 0,
             stats: Arc::default(),
             last_prune: Instant::now(),
-            unassigned: crate::kafka::RejoinWatch::new(cfg_rejoin_after),
+            unassigned,
         })
     }
 
@@ -470,29 +470,29 @@ impl Reconciler {
             *e = (*e).max(m.offset() + 1);
         }
         // Instances of the write on its way: its version is the newest (the stored row is older
-        // until it lands) — those seen again, and those whose deadline the watermark passed.
-        if let Some(w) = &self.writing {
-            let from_write = |k: &(usize, String)| {
-                w.work.get(k).map(|x| Working {
-                    part: x.part,
-                    state: x.state.clone(),
-                    changed: false,
-                })
-            };
-            for (f, s) in &seen {
-                let k = (*f, s.order_id.clone());
-                if let Entry::Vacant(e) = p.work.entry(k) {
-                    if let Some(x) = from_write(e.key()) {
-                        e.insert(x);
-                    }
+        // until it lands) — those seen again, those whose deadline the watermark passed, and
+        // stored ones found due.
+        let writing = self.writing.as_ref();
+        let from_write = |k: &(usize, String)| {
+            writing.and_then(|w| w.work.get(k)).map(|x| Working {
+                part: x.part,
+                state: x.state.clone(),
+                changed: false,
+            })
+        };
+        for (f, s) in &seen {
+            let k = (*f, s.order_id.clone());
+            if let Entry::Vacant(e) = p.work.entry(k) {
+                if let Some(x) = from_write(e.key()) {
+                    e.insert(x);
                 }
             }
-            for (f, key, part, due) in &w.due {
-                let k = (*f, key.clone());
-                if wms[*f].get(part).is_some_and(|wm| due <= wm) && !p.work.contains_key(&k) {
-                    if let Some(x) = from_write(&k) {
-                        p.work.insert(k, x);
-                    }
+        }
+        for (f, key, part, due) in writing.map(|w| w.due.as_slice()).unwrap_or_default() {
+            let k = (*f, key.clone());
+            if wms[*f].get(part).is_some_and(|wm| due <= wm) && !p.work.contains_key(&k) {
+                if let Some(x) = from_write(&k) {
+                    p.work.insert(k, x);
                 }
             }
         }
@@ -508,16 +508,12 @@ impl Reconciler {
         for (f, key, part, state) in due_rows {
             // A pending state, or one on its way, is newer than the stored one.
             let k = (f, key);
-            let on_its_way = self.writing.as_ref().and_then(|w| w.work.get(&k));
-            let (part, state) = match on_its_way {
-                Some(x) => (x.part, x.state.clone()),
-                None => (part, state),
-            };
-            p.work.entry(k).or_insert(Working {
+            let w = from_write(&k).unwrap_or(Working {
                 part,
                 state,
                 changed: false,
             });
+            p.work.entry(k).or_insert(w);
         }
         for (_, s) in &seen {
             let at = s.sighting.occurred_at;
