@@ -36,4 +36,5 @@ export HELIOS_TEST_MOTO_URL="http://127.0.0.1:$moto_port"
 export TANSU_BIN
 export RUST_LOG="${RUST_LOG:-warn}"
 
-cargo test --locked "$@"
+# The failpoints feature compiles the fault-injection points the chaos tests use (src/failpoint.rs).
+cargo test --locked --features failpoints "$@"

@@ -154,6 +154,56 @@ impl KafkaSettings {
     }
 }
 
+/// librdkafka's property aliases (CONFIGURATION.md, "Alias for"): the same setting under two
+/// names. rust-rdkafka applies a config map in hash order, so when both names are set either may
+/// win; a pinned setting is therefore set under its name with every alias removed.
+const ALIASES: &[(&str, &str)] = &[
+    ("acks", "request.required.acks"),
+    ("delivery.timeout.ms", "message.timeout.ms"),
+    ("linger.ms", "queue.buffering.max.ms"),
+    ("max.in.flight", "max.in.flight.requests.per.connection"),
+    ("retries", "message.send.max.retries"),
+    ("compression.type", "compression.codec"),
+    ("max.partition.fetch.bytes", "fetch.message.max.bytes"),
+    ("enable.auto.commit", "auto.commit.enable"),
+    ("bootstrap.servers", "metadata.broker.list"),
+];
+
+/// Every name of `key` (itself and its aliases).
+pub fn property_names(key: &str) -> Vec<&str> {
+    let mut names = vec![key];
+    for (a, b) in ALIASES {
+        if *a == key {
+            names.push(b);
+        } else if *b == key {
+            names.push(a);
+        }
+    }
+    names
+}
+
+/// Sets a property HELIOS's guarantees depend on: under every alias removed first, so no
+/// pass-through property can override it. A user value that differs is reported once.
+pub fn pin(cfg: &mut rdkafka::ClientConfig, key: &str, value: &str) {
+    for name in property_names(key) {
+        if let Some(v) = cfg.get(name).map(str::to_string) {
+            if v != value {
+                tracing::warn!(property = name, ignored = %v, pinned = value,
+                    "a Kafka property HELIOS pins was set: the setting is ignored (it would break a guarantee)");
+            }
+            cfg.remove(name);
+        }
+    }
+    cfg.set(key, value);
+}
+
+/// True when the user set `key` under any of its names.
+pub fn property_set(properties: &BTreeMap<String, String>, key: &str) -> bool {
+    property_names(key)
+        .iter()
+        .any(|n| properties.contains_key(*n))
+}
+
 /// `KAFKA_SASL_USERNAME=x` → `sasl.username=x`; `KAFKA_BOOTSTRAP_SERVERS` has its own option.
 pub fn kafka_properties_from_env(
     vars: impl Iterator<Item = (String, String)>,
@@ -187,5 +237,23 @@ mod tests {
         assert_eq!(m.len(), 2);
         assert_eq!(m["security.protocol"], "SASL_SSL");
         assert_eq!(m["sasl.username"], "u");
+    }
+
+    #[test]
+    fn a_pinned_property_wins_over_every_alias() {
+        let mut s = KafkaSettings::new("x:1");
+        s.properties
+            .insert("request.required.acks".into(), "0".into());
+        s.properties
+            .insert("delivery.timeout.ms".into(), "1".into());
+        let mut c = s.client_config();
+        pin(&mut c, "acks", "all");
+        pin(&mut c, "message.timeout.ms", "30000");
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("request.required.acks"), None);
+        assert_eq!(c.get("delivery.timeout.ms"), None);
+        assert_eq!(c.get("message.timeout.ms"), Some("30000"));
+        assert!(property_set(&s.properties, "acks"));
+        assert!(!property_set(&s.properties, "linger.ms"));
     }
 }

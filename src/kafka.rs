@@ -60,15 +60,23 @@ impl RawProducer {
             ("compression.type", "lz4"),
             ("enable.idempotence", "false"),
         ] {
-            if !settings.properties.contains_key(k) {
+            if !crate::config::property_set(&settings.properties, k) {
                 cfg.set(k, v);
             }
         }
-        // What "ack means durable" depends on, which they may not override.
-        cfg.set("acks", "all");
-        cfg.set("message.timeout.ms", timeout.as_millis().to_string());
+        // What "ack means durable" depends on, which they may not override, under any alias.
+        crate::config::pin(&mut cfg, "acks", "all");
+        crate::config::pin(
+            &mut cfg,
+            "message.timeout.ms",
+            &timeout.as_millis().to_string(),
+        );
         // Room for the body plus headers (see crate::limits); a larger record gets 413.
-        cfg.set("message.max.bytes", limits.raw_record_max().to_string());
+        crate::config::pin(
+            &mut cfg,
+            "message.max.bytes",
+            &limits.raw_record_max().to_string(),
+        );
         let producer: FutureProducer = cfg.create()?;
         Ok(RawProducer { producer, timeout })
     }
@@ -129,18 +137,84 @@ fn classify(e: KafkaError) -> ProduceError {
 }
 
 /// What a produce error means for a retry (see [`crate::model::fault`]): a record too large or
-/// invalid for the broker is the data's fault; everything else (timeouts, a broker or a topic
-/// unavailable, a full local queue) is transient.
+/// invalid for the broker is the data's fault; timeouts, a broker, leader, topic or the network
+/// unavailable, a full local queue, too few replicas, authorization (an operator's fix) are
+/// transient; any other code is unclassified (retried a few times, then isolated).
 pub fn produce_fault(e: &KafkaError) -> Fault {
     use RDKafkaErrorCode::*;
     match e.rdkafka_error_code() {
         Some(
             code @ (MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge | InvalidRecord
-            | InvalidMessage | InvalidTimestamp),
+            | InvalidMessage | InvalidTimestamp | BadMessage | InvalidRequiredAcks),
         ) => Fault::Data {
             code: format!("{code:?}"),
         },
-        _ => Fault::Transient,
+        Some(
+            MessageTimedOut
+            | QueueFull
+            | BrokerTransportFailure
+            | AllBrokersDown
+            | Resolve
+            | TimedOutQueue
+            | UnknownPartition
+            | UnknownTopic
+            | UnknownTopicOrPartition
+            | LeaderNotAvailable
+            | NotLeaderForPartition
+            | RequestTimedOut
+            | BrokerNotAvailable
+            | ReplicaNotAvailable
+            | NetworkException
+            | NotEnoughReplicas
+            | NotEnoughReplicasAfterAppend
+            | NotController
+            | TopicAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | KafkaStorageError
+            | OutOfOrderSequenceNumber
+            | UnknownProducerId
+            | InvalidProducerEpoch
+            | ProducerFenced
+            | Fenced
+            | BrokerDestroy
+            | PurgeQueue
+            | PurgeInflight
+            | FencedLeaderEpoch
+            | UnknownLeaderEpoch
+            | OffsetNotAvailable
+            | ThrottlingQuotaExceeded
+            | OperationTimedOut
+            | WaitCache
+            | State
+            | Fatal
+            | Retry
+            | SSL
+            | Authentication
+            | SaslAuthenticationFailed
+            | CoordinatorLoadInProgress
+            | CoordinatorNotAvailable
+            | NotCoordinator
+            | ConcurrentTransactions
+            | InvalidTransactionalState
+            | TransactionalIdAuthorizationFailed
+            | ReassignmentInProgress
+            | PreferredLeaderNotAvailable
+            | RebootstrapRequired
+            | DestroyBroker
+            | NodeUpdate
+            | ISRInsufficient
+            | CriticalSystemResource,
+        ) => Fault::Transient,
+        Some(code) => Fault::Unclassified {
+            code: format!("{code:?}"),
+        },
+        // Not a broker or client error code (e.g. the delivery future was dropped): transient.
+        None => match e {
+            KafkaError::Canceled => Fault::Transient,
+            other => Fault::Unclassified {
+                code: format!("{other:?}").chars().take(64).collect(),
+            },
+        },
     }
 }
 
@@ -597,6 +671,78 @@ pub fn rejoin_group<C: rdkafka::consumer::ConsumerContext + 'static>(
     if let Err(e) = consumer.subscribe(&topics) {
         tracing::warn!(role, error = %e, "subscribing again failed");
     }
+}
+
+/// Kafka's API key of ConsumerGroupHeartbeat (the KIP-848 consumer group protocol).
+pub const API_CONSUMER_GROUP_HEARTBEAT: i16 = 68;
+
+/// The API keys a broker serves (ApiVersions v0, asked over a plain TCP connection to the first
+/// bootstrap server that answers). `None` when it cannot be asked this way: the cluster uses TLS
+/// (`security.protocol` SSL or SASL_SSL), or no bootstrap server answered within `timeout`.
+/// ApiVersions is answered before any SASL handshake, so SASL_PLAINTEXT clusters can be asked.
+pub fn broker_api_keys(
+    settings: &KafkaSettings,
+    timeout: Duration,
+) -> Option<std::collections::HashSet<i16>> {
+    use std::io::{Read, Write};
+    let protocol = settings
+        .properties
+        .get("security.protocol")
+        .map(|p| p.to_ascii_lowercase())
+        .unwrap_or_else(|| "plaintext".into());
+    if protocol != "plaintext" && protocol != "sasl_plaintext" {
+        return None;
+    }
+    for server in settings.bootstrap_servers.split(',') {
+        let server = server.trim().trim_start_matches("PLAINTEXT://");
+        let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(server) else {
+            continue;
+        };
+        for addr in addrs {
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+                continue;
+            };
+            let _ = s.set_read_timeout(Some(timeout));
+            let _ = s.set_write_timeout(Some(timeout));
+            // Request header v1: api_key 18 (ApiVersions), version 0, correlation id, client id.
+            let client = b"helios-probe";
+            let mut req = Vec::with_capacity(32);
+            req.extend_from_slice(&18i16.to_be_bytes());
+            req.extend_from_slice(&0i16.to_be_bytes());
+            req.extend_from_slice(&7i32.to_be_bytes());
+            req.extend_from_slice(&(client.len() as i16).to_be_bytes());
+            req.extend_from_slice(client);
+            let mut frame = (req.len() as i32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&req);
+            if s.write_all(&frame).is_err() {
+                continue;
+            }
+            let mut len = [0u8; 4];
+            if s.read_exact(&mut len).is_err() {
+                continue;
+            }
+            let len = i32::from_be_bytes(len);
+            if !(10..=1 << 20).contains(&len) {
+                continue;
+            }
+            let mut body = vec![0u8; len as usize];
+            if s.read_exact(&mut body).is_err() {
+                continue;
+            }
+            // correlation id (4), error code (2), array length (4), then (key, min, max) × n.
+            let error = i16::from_be_bytes([body[4], body[5]]);
+            let n = i32::from_be_bytes([body[6], body[7], body[8], body[9]]);
+            if error != 0 || n < 0 || body.len() < 10 + 6 * n as usize {
+                continue;
+            }
+            return Some(
+                (0..n as usize)
+                    .map(|i| i16::from_be_bytes([body[10 + 6 * i], body[11 + 6 * i]]))
+                    .collect(),
+            );
+        }
+    }
+    None
 }
 
 #[cfg(test)]

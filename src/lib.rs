@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod dlq;
+pub mod failpoint;
 pub mod http;
 pub mod ingress;
 pub mod kafka;

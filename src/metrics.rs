@@ -175,9 +175,13 @@ pub fn zero_processor_series() {
         "helios_processor_rows_inserted_total",
         "helios_processor_batches_overlapped_total",
         "helios_processor_rejoins_total",
+        "helios_processor_store_duplicates_total",
+        "helios_processor_rewinds_total",
+        "helios_processor_abandoned_batches_total",
     ] {
         metrics::counter!(name).increment(0);
     }
+    metrics::gauge!("helios_processor_stalled_seconds").set(0.0);
 }
 
 /// The live status page (`GET /status` on the ingress and on `helios process`'s metrics port):

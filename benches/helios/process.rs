@@ -16,7 +16,8 @@ use helios::db::{EventStore, PgStore, PgWrite};
 use helios::model::{CanonicalEvent, Normalized, RawRecord};
 use helios::pipeline::dedup::DedupKey;
 use helios::pipeline::normalize::normalize;
-use helios::pipeline::processor::{output_producer, Processor, ProcessorConfig};
+use helios::pipeline::processor::{DeliveryMode, Processor, ProcessorConfig};
+use helios::pipeline::sinks::kafka::output_producer;
 use helios::shutdown::Shutdown;
 use helios::source::Source;
 use helios::topology::Topology;
@@ -210,7 +211,11 @@ async fn passthrough(
     let consumer: StreamConsumer = c.create()?;
     let topics: Vec<String> = Source::ALL.iter().map(|s| topology.raw_topic(*s)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let producer = output_producer(settings, &helios::limits::SizeLimits::default())?;
+    let producer = output_producer(
+        settings,
+        &DeliveryMode::AtLeastOnce,
+        &helios::limits::SizeLimits::default(),
+    )?;
     let started = Instant::now();
     let mut pending = Vec::with_capacity(2000);
     let mut seen = 0;

@@ -173,15 +173,54 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
     Ok(applied)
 }
 
+/// What a write did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Rows inserted (or, for a replay with dedup bypassed, written).
+    pub rows: u64,
+    /// Positions (in the slice written) of events whose row was already there with *another* raw
+    /// record's lineage: the store kept that first row, so the event is a duplicate (a cloud
+    /// redelivery after its dedup mark expired, a redrive sent twice). An event whose row carries
+    /// its own lineage (its raw record processed again after a crash) is not listed.
+    pub foreign: Vec<usize>,
+}
+
+/// The lineage columns of a stored row: `(source, event_id)` → `(raw_topic, raw_partition,
+/// raw_offset, raw_index)`.
+pub(crate) type Lineage = std::collections::HashMap<(String, String), (String, i32, i64, i32)>;
+
+/// The positions of `events` whose stored row has another lineage than theirs.
+pub(crate) fn foreign_positions(events: &[&CanonicalEvent], stored: &Lineage) -> Vec<usize> {
+    events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            stored
+                .get(&(e.source.as_str().to_string(), e.event_id.clone()))
+                .is_some_and(|(t, p, o, i)| {
+                    (t.as_str(), *p, *o, *i)
+                        != (
+                            e.raw.topic.as_str(),
+                            e.raw.partition,
+                            e.raw.offset,
+                            e.raw.index as i32,
+                        )
+                })
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Where canonical events are stored.
 pub trait EventStore: Send + Sync + 'static {
     /// Writes the events in one statement. Without `replay_id`, rows already present are left
-    /// alone; with it, they are replaced and marked with it. Returns rows written.
+    /// alone (and those of another lineage reported); with it, they are replaced and marked with
+    /// it.
     fn write_events(
         &self,
         events: &[&CanonicalEvent],
         replay_id: Option<&str>,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Written, StoreError>> + Send;
 
     /// Inserts the events in one statement; rows already present are left alone
     /// (idempotent on `(source, event_id)`). Returns how many rows were new.
@@ -191,7 +230,7 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send {
         async move {
             let refs: Vec<&CanonicalEvent> = events.iter().collect();
-            self.write_events(&refs, None).await
+            Ok(self.write_events(&refs, None).await?.rows)
         }
     }
 
@@ -204,7 +243,7 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send {
         async move {
             let refs: Vec<&CanonicalEvent> = events.iter().collect();
-            self.write_events(&refs, Some(replay_id)).await
+            Ok(self.write_events(&refs, Some(replay_id)).await?.rows)
         }
     }
 

@@ -11,7 +11,7 @@ use sqlx::postgres::PgPool;
 use sqlx::{Executor, Row};
 
 use super::copy;
-use super::{stored_row, EventStore, StoreError, StoredRow};
+use super::{foreign_positions, stored_row, EventStore, Lineage, StoreError, StoredRow, Written};
 use crate::model::CanonicalEvent;
 
 /// The batch insert into PostgreSQL: one row per element of the eleven arrays, plus `$12` as the
@@ -98,7 +98,7 @@ impl PgStore {
         &self,
         events: &[&CanonicalEvent],
         replay_id: Option<&str>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Written, StoreError> {
         let data = copy::encode(events);
         if replay_id.is_none() {
             match self.copy_direct(&data).await {
@@ -108,10 +108,17 @@ impl PgStore {
                         "batch partly stored already: written with ON CONFLICT"
                     );
                 }
-                other => return other.map_err(StoreError::from),
+                other => {
+                    return other
+                        .map(|rows| Written {
+                            rows,
+                            foreign: vec![],
+                        })
+                        .map_err(StoreError::from)
+                }
             }
         }
-        self.copy_staged(data, replay_id).await
+        self.copy_staged(events, data, replay_id).await
     }
 
     async fn copy_direct(&self, data: &[u8]) -> Result<u64, sqlx::Error> {
@@ -126,8 +133,14 @@ impl PgStore {
         Ok(rows)
     }
 
-    /// COPY into the staging table, then one INSERT … SELECT … ON CONFLICT, in one transaction.
-    async fn copy_staged(&self, data: Vec<u8>, replay_id: Option<&str>) -> Result<u64, StoreError> {
+    /// COPY into the staging table, then one INSERT … SELECT … ON CONFLICT, in one transaction;
+    /// when rows were there already, one more statement reads their lineage.
+    async fn copy_staged(
+        &self,
+        events: &[&CanonicalEvent],
+        data: Vec<u8>,
+        replay_id: Option<&str>,
+    ) -> Result<Written, StoreError> {
         let mut tx = self.pool.begin().await?;
         (&mut *tx).execute(copy::STAGING_DDL).await?;
         let mut copy_in = tx.copy_in_raw(copy::COPY_INTO_STAGING).await?;
@@ -140,17 +153,31 @@ impl PgStore {
             .bind(replay_id)
             .execute(&mut *tx)
             .await?;
+        let rows = r.rows_affected();
+        let mut foreign = vec![];
+        if replay_id.is_none() && rows < events.len() as u64 {
+            let stored: Lineage = sqlx::query(
+                "SELECT e.source, e.event_id, e.raw_topic, e.raw_partition, e.raw_offset, e.raw_index
+                 FROM events e JOIN helios_events_staging s USING (source, event_id)",
+            )
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4), r.get(5))))
+            .collect();
+            foreign = foreign_positions(events, &stored);
+        }
         tx.commit().await?;
-        Ok(r.rows_affected())
+        Ok(Written { rows, foreign })
     }
 
     async fn write_unnest(
         &self,
         events: &[&CanonicalEvent],
         replay_id: Option<&str>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Written, StoreError> {
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Written::default());
         }
         let n = events.len();
         let mut source = Vec::with_capacity(n);
@@ -200,7 +227,30 @@ impl PgStore {
             .bind(replay_id)
             .execute(&self.pool)
             .await?;
-        Ok(r.rows_affected())
+        let rows = r.rows_affected();
+        let foreign = if replay_id.is_none() && rows < n as u64 {
+            foreign_positions(events, &self.lineage(events).await?)
+        } else {
+            vec![]
+        };
+        Ok(Written { rows, foreign })
+    }
+
+    /// The lineage of the stored rows of `events`.
+    async fn lineage(&self, events: &[&CanonicalEvent]) -> Result<Lineage, StoreError> {
+        let source: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
+        let id: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+        Ok(sqlx::query(
+            "SELECT e.source, e.event_id, e.raw_topic, e.raw_partition, e.raw_offset, e.raw_index
+             FROM events e JOIN UNNEST($1::text[], $2::text[]) AS k(s, i) ON e.source = k.s AND e.event_id = k.i",
+        )
+        .bind(source)
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4), r.get(5))))
+        .collect())
     }
 }
 
@@ -209,9 +259,9 @@ impl EventStore for PgStore {
         &self,
         events: &[&CanonicalEvent],
         replay_id: Option<&str>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Written, StoreError> {
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Written::default());
         }
         match self.method {
             PgWrite::Copy => self.write_copy(events, replay_id).await,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::Row;
 
-use super::{stored_row, EventStore, StoreError, StoredRow};
+use super::{foreign_positions, stored_row, EventStore, Lineage, StoreError, StoredRow, Written};
 use crate::model::CanonicalEvent;
 
 /// The batch insert into SQLite (after `INSERT OR IGNORE`/`OR REPLACE`): the rows travel as one
@@ -100,9 +100,9 @@ impl EventStore for SqliteStore {
         &self,
         events: &[&CanonicalEvent],
         replay_id: Option<&str>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Written, StoreError> {
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Written::default());
         }
         // One statement per batch: the rows travel as one JSON array, unpacked by json_each.
         let rows: Vec<serde_json::Value> = events
@@ -134,7 +134,26 @@ impl EventStore for SqliteStore {
             .bind(serde_json::Value::Array(rows).to_string())
             .execute(&self.pool)
             .await?;
-        Ok(r.rows_affected())
+        let rows = r.rows_affected();
+        let mut foreign = vec![];
+        if replay_id.is_none() && rows < events.len() as u64 {
+            let keys: Vec<serde_json::Value> = events
+                .iter()
+                .map(|e| serde_json::json!([e.source.as_str(), e.event_id]))
+                .collect();
+            let stored: Lineage = sqlx::query(
+                "SELECT e.source, e.event_id, e.raw_topic, e.raw_partition, e.raw_offset, e.raw_index FROM events e JOIN json_each(?1) k
+                   ON e.source = json_extract(k.value, '$[0]') AND e.event_id = json_extract(k.value, '$[1]')",
+            )
+            .bind(serde_json::Value::Array(keys).to_string())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4), r.get(5))))
+            .collect();
+            foreign = foreign_positions(events, &stored);
+        }
+        Ok(Written { rows, foreign })
     }
 
     async fn remove_events(&self, events: &[&CanonicalEvent]) -> Result<u64, StoreError> {

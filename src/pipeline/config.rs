@@ -1,8 +1,75 @@
-//! The processor's options: PostgreSQL, Redis, batching, delivery mode.
+//! The processor's configuration, apart from its runtime: the command-line/environment options
+//! ([`ProcessArgs`]: PostgreSQL, Redis, batching, delivery mode) and the settings a processor is
+//! built from ([`ProcessorConfig`]).
+
+use std::time::Duration;
 
 use anyhow::bail;
 
-use super::processor::{DEFAULT_BATCH_BYTES, DEFAULT_BATCH_RECORDS};
+use crate::config::KafkaSettings;
+use crate::limits::SizeLimits;
+use crate::topology::Topology;
+
+/// Default most raw records per batch.
+pub const DEFAULT_BATCH_RECORDS: usize = 2000;
+/// Default most bytes per batch (`HELIOS_BATCH_MAX_BYTES`).
+pub const DEFAULT_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// How batches are cut.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most records per batch.
+    pub records: usize,
+    /// Most bytes (values, keys, headers) per batch; a single larger record is a batch alone.
+    pub bytes: usize,
+    /// How long a batch waits to fill after its first record; zero: it closes as soon as
+    /// nothing more is waiting.
+    pub linger: Duration,
+}
+
+/// How fan-out, DLQ and offsets reach Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// Records first, offsets after: a crash may fan an event out twice, never lose it.
+    AtLeastOnce,
+    /// Fan-out, DLQ and offsets in one Kafka transaction (`read_committed` consumers see each
+    /// event once). The id is unique per running instance and reused by its restart, so a
+    /// restart fences its predecessor (see [`super::txn_id`]).
+    Transactional { transactional_id: String },
+}
+
+/// Processor settings.
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    pub kafka: KafkaSettings,
+    pub topology: Topology,
+    /// How batches are cut (records, bytes, linger).
+    pub batch: BatchLimits,
+    /// At least once, or Kafka transactions around fan-out, DLQ and offsets.
+    pub mode: DeliveryMode,
+    /// Avro fan-out through this Confluent-compatible schema registry; `None`: JSON values.
+    pub schema_registry_url: Option<String>,
+    /// Record sizes (from `HELIOS_MAX_BODY_BYTES`).
+    pub limits: SizeLimits,
+}
+
+impl ProcessorConfig {
+    /// The defaults, for a broker and a topology.
+    pub fn new(kafka: KafkaSettings, topology: Topology) -> Self {
+        ProcessorConfig {
+            kafka,
+            topology,
+            batch: BatchLimits {
+                records: DEFAULT_BATCH_RECORDS,
+                bytes: DEFAULT_BATCH_BYTES,
+                linger: Duration::ZERO,
+            },
+            mode: DeliveryMode::AtLeastOnce,
+            schema_registry_url: None,
+            limits: SizeLimits::default(),
+        }
+    }
+}
 
 /// Processor options (PostgreSQL, Redis, batching).
 #[derive(Debug, Clone, clap::Args)]
@@ -42,8 +109,10 @@ pub struct ProcessArgs {
     /// Confluent-compatible schema registry: fan-out values become Avro (Confluent wire format).
     #[arg(long, env = "SCHEMA_REGISTRY_URL")]
     pub schema_registry_url: Option<String>,
-    /// Transactional id of this instance in exactly-once mode; keep it stable across restarts
-    /// (default: helios-<consumer group>-<host name>).
+    /// Transactional id of this instance in exactly-once mode (default: helios-<consumer
+    /// group>-<host name>-<slot>, the slot being the lowest one free on this host: unique per
+    /// running instance, and taken again by a restarted one, which so fences its predecessor).
+    /// Set it only when each instance gets its own stable value (e.g. a StatefulSet pod name).
     #[arg(long, env = "HELIOS_TRANSACTIONAL_ID")]
     pub transactional_id: Option<String>,
 }

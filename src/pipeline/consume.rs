@@ -1,20 +1,24 @@
 //! Consuming raw records: the consumer-group member (or a replay's assigned consumer), batches
 //! bounded by count *and* bytes, staying a healthy group member while a batch waits for a
-//! dependency, and committing a delivered batch's offsets.
+//! dependency, rewinding partitions whose batch was abandoned, and committing what the commit
+//! sequencer allows.
 //!
 //! A batch closes when it is full (records or bytes) or when nothing more is waiting (unless a
 //! linger is configured): a quiet stream is processed at once, a busy one in large batches.
 //!
-//! Rebalances are tracked as a *generation* (bumped on every assignment and revocation). Every
-//! batch carries the generation it was polled in; a batch from an older generation is stale
-//! (its partitions were revoked, and on re-assignment librdkafka fetches again from the committed
-//! offset), so it is neither delivered nor committed by this instance.
+//! Ownership is tracked per partition ([`Ownership`]): the rebalance callback gives each
+//! partition assigned a new epoch and forgets each one revoked, whether the group rebalances
+//! eagerly (everything revoked, then assigned), cooperatively or with the KIP-848 protocol (only
+//! the partitions that move). Every record is stamped with its partition's epoch when it is
+//! polled; a batch keeps only records whose epoch still holds when it closes, and describes
+//! itself as one [`Span`] per partition for the sequencer. [`RawConsumer::commit`] is the fence:
+//! it commits only offsets whose epoch still holds.
 //!
 //! While a batch waits for a dependency the consumer pauses its partitions and keeps polling:
 //! the group sees a live member (heartbeats and `max.poll.interval.ms` are served), nothing new
 //! is fetched, and librdkafka resumes each partition right after the last record handed over.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,20 +27,33 @@ use rdkafka::consumer::{
     CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::{ClientContext, Statistics, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
-use super::deliver::Delivered;
+use super::commit::{Commit, Epoch, Ownership, PartitionKey, Rewind, Span};
+pub use super::config::BatchLimits;
 use crate::config::KafkaSettings;
 use crate::model::RawRecord;
 
-/// Consumer context: logs and counts rebalances, exports consumer lag from librdkafka's
-/// statistics.
+/// Consumer context: keeps [`Ownership`] per partition, logs and counts rebalances, exports
+/// consumer lag from librdkafka's statistics.
 pub struct ProcessorContext {
-    /// Partition assignments and revocations seen: the generation (shared with the processor's
-    /// stats and its deliveries).
+    /// The partitions owned now, with their epochs.
+    pub ownership: Arc<Ownership>,
+    /// Partition assignments and revocations seen (shared with the processor's stats).
     pub rebalances: Arc<AtomicU64>,
     /// Assignments the group answered with (empty ones too).
     pub assigns: AtomicU64,
+}
+
+fn parts(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+fn refs(parts: &[(String, i32)]) -> impl Iterator<Item = (&str, i32)> {
+    parts.iter().map(|(t, p)| (t.as_str(), *p))
 }
 
 impl ClientContext for ProcessorContext {
@@ -54,50 +71,106 @@ impl ClientContext for ProcessorContext {
 }
 
 impl ConsumerContext for ProcessorContext {
-    fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance<'_>) {
+    fn pre_rebalance(&self, c: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance<'_>) {
         match r {
             Rebalance::Revoke(tpl) => {
                 self.rebalances.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                // Eager rebalancing revokes the whole assignment, cooperative and KIP-848 only
+                // what moves: either way exactly these partitions' work becomes stale.
+                self.ownership.revoke(refs(&parts(tpl)));
+                tracing::info!(
+                    partitions = tpl.count(),
+                    lost = c.assignment_lost(),
+                    "partitions revoked"
+                );
             }
             Rebalance::Assign(tpl) => {
                 self.rebalances.fetch_add(1, Ordering::Relaxed);
                 self.assigns.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(partitions = tpl.count(), "partitions assigned")
+                self.ownership.assign(refs(&parts(tpl)));
+                let protocol = match c.rebalance_protocol() {
+                    rdkafka::consumer::RebalanceProtocol::Cooperative => "cooperative",
+                    rdkafka::consumer::RebalanceProtocol::Eager => "eager",
+                    _ => "none",
+                };
+                tracing::info!(partitions = tpl.count(), protocol, "partitions assigned")
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
     }
 }
 
-/// How batches are cut.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchLimits {
-    /// Most records per batch.
-    pub records: usize,
-    /// Most bytes (values, keys, headers) per batch; a single larger record is a batch alone.
-    pub bytes: usize,
-    /// How long a batch waits to fill after its first record; zero: it closes as soon as
-    /// nothing more is waiting.
-    pub linger: Duration,
-}
-
-/// Records polled in one consumer generation.
+/// Records polled for one batch, with the range they cover on each partition.
 #[derive(Debug)]
 pub struct Batch {
     pub records: Vec<RawRecord>,
-    /// The rebalance generation the records were polled in.
-    pub generation: u64,
+    /// Per partition: the epoch the records were polled in and the offsets they cover.
+    pub spans: Vec<Span>,
 }
+
+impl Batch {
+    /// The batch of `records` (each with the epoch it was polled in) whose epoch still holds.
+    fn of(stamped: Vec<(Epoch, RawRecord)>, ownership: &Ownership) -> Batch {
+        let mut spans: BTreeMap<(String, i32), Span> = BTreeMap::new();
+        let mut records = Vec::with_capacity(stamped.len());
+        for (epoch, r) in stamped {
+            if ownership.epoch(&r.topic, r.partition) != Some(epoch) {
+                continue;
+            }
+            let s = spans
+                .entry((r.topic.clone(), r.partition))
+                .or_insert_with(|| Span {
+                    key: PartitionKey::new(r.topic.clone(), r.partition),
+                    epoch,
+                    first: r.offset,
+                    next: r.offset + 1,
+                });
+            s.first = s.first.min(r.offset);
+            s.next = s.next.max(r.offset + 1);
+            records.push(r);
+        }
+        Batch {
+            records,
+            spans: spans.into_values().collect(),
+        }
+    }
+
+    /// Drops the records of partitions whose epoch no longer holds (revoked or rewound since the
+    /// batch was polled). True when something was dropped.
+    pub fn retain_fresh(&mut self, ownership: &Ownership) -> bool {
+        let stale: HashSet<(String, i32)> = self
+            .spans
+            .iter()
+            .filter(|s| !ownership.holds(&s.key, s.epoch))
+            .map(|s| (s.key.topic.clone(), s.key.partition))
+            .collect();
+        if stale.is_empty() {
+            return false;
+        }
+        self.spans
+            .retain(|s| !stale.contains(&(s.key.topic.clone(), s.key.partition)));
+        self.records
+            .retain(|r| !stale.contains(&(r.topic.clone(), r.partition)));
+        true
+    }
+}
+
+/// The consumer reached a state it cannot leave by itself (librdkafka raised a fatal error,
+/// e.g. a group protocol the broker does not support).
+#[derive(Debug, thiserror::Error)]
+#[error("the Kafka consumer stopped for good: {0}")]
+pub struct ConsumerFatal(pub String);
 
 /// The raw-topic consumer of a processor or a replay.
 pub struct RawConsumer {
     consumer: Arc<StreamConsumer<ProcessorContext>>,
     limits: BatchLimits,
-    /// Records received while paused (or beyond a batch's budget), with their generation: the
-    /// next batch starts here.
-    stash: VecDeque<(u64, RawRecord)>,
+    /// Records received while paused (or beyond a batch's budget), with their epoch: the next
+    /// batch starts here.
+    stash: VecDeque<(Epoch, RawRecord)>,
     paused: bool,
+    /// The topics subscribed to (for a rejoin after a failed rewind).
+    topics: Vec<String>,
 }
 
 impl RawConsumer {
@@ -129,6 +202,15 @@ impl RawConsumer {
                 c.set(k, v);
             }
         }
+        // KIP-848 has no session timeout on the client (the broker sets it) and refuses one.
+        if kafka
+            .properties
+            .get("group.protocol")
+            .is_some_and(|p| p.eq_ignore_ascii_case("consumer"))
+            && !kafka.properties.contains_key("session.timeout.ms")
+        {
+            c.remove("session.timeout.ms");
+        }
         c.set("group.id", group);
         c.set("enable.auto.commit", "false");
         c.set("enable.auto.offset.store", "false");
@@ -137,6 +219,7 @@ impl RawConsumer {
         }
         let consumer: StreamConsumer<ProcessorContext> =
             c.create_with_context(ProcessorContext {
+                ownership: Arc::new(Ownership::default()),
                 rebalances,
                 assigns: AtomicU64::new(0),
             })?;
@@ -145,14 +228,21 @@ impl RawConsumer {
             limits,
             stash: VecDeque::new(),
             paused: false,
+            topics: vec![],
         })
+    }
+
+    /// The partitions owned now (shared with the commit sequencer).
+    pub fn ownership(&self) -> Arc<Ownership> {
+        self.consumer.context().ownership.clone()
     }
 
     /// Joins the group on these topics. While the consumer lives, a member left without
     /// partitions joins the group again ([`crate::kafka::RejoinWatch`]; checked every second).
-    pub fn subscribe(&self, topics: &[String]) -> anyhow::Result<()> {
+    pub fn subscribe(&mut self, topics: &[String]) -> anyhow::Result<()> {
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         self.consumer.subscribe(&refs)?;
+        self.topics = topics.to_vec();
         let consumer = Arc::downgrade(&self.consumer);
         let topics = topics.to_vec();
         tokio::spawn(async move {
@@ -174,7 +264,9 @@ impl RawConsumer {
 
     /// Reads exactly these partitions from these offsets (replays; no group membership).
     pub fn assign(&self, tpl: &TopicPartitionList) -> anyhow::Result<()> {
-        Ok(self.consumer.assign(tpl)?)
+        self.consumer.assign(tpl)?;
+        self.ownership().assign(refs(&parts(tpl)));
+        Ok(())
     }
 
     /// Stops reading one partition (a replay reached the end of its range).
@@ -182,6 +274,7 @@ impl RawConsumer {
         let mut t = TopicPartitionList::new();
         t.add_partition(topic, partition);
         let _ = self.consumer.incremental_unassign(&t);
+        self.ownership().revoke([(topic, partition)]);
     }
 
     /// The group's metadata (for the offsets of a Kafka transaction).
@@ -205,25 +298,50 @@ impl RawConsumer {
         .ok()
     }
 
-    /// The rebalance generation now.
-    pub fn generation(&self) -> u64 {
+    /// Partition assignments and revocations so far.
+    pub fn rebalances(&self) -> u64 {
         self.consumer.context().rebalances.load(Ordering::SeqCst)
     }
 
-    /// A shared handle on the generation (for deliveries running apart from the consumer).
-    pub fn generation_handle(&self) -> Arc<AtomicU64> {
-        self.consumer.context().rebalances.clone()
+    /// A fatal error librdkafka raised, if any (the consumer cannot go on).
+    pub fn fatal(&self) -> Option<ConsumerFatal> {
+        self.consumer
+            .client()
+            .fatal_error()
+            .map(|(code, why)| ConsumerFatal(format!("{code:?}: {why}")))
     }
 
-    /// The next record: from the stash, else polled (with the generation it arrived in).
-    async fn next_record(&mut self) -> anyhow::Result<(u64, RawRecord)> {
+    fn stamp(&self, m: &BorrowedMessage<'_>) -> Option<(Epoch, RawRecord)> {
+        // A rebalance runs inside the poll that returned this record, so the epoch read now is
+        // the record's. None: the partition is not owned (a record that slipped through a
+        // revocation): it is not ours to process.
+        let epoch = self
+            .consumer
+            .context()
+            .ownership
+            .epoch(m.topic(), m.partition())?;
+        Some((epoch, to_raw(m)))
+    }
+
+    /// The next record: from the stash, else polled (with the epoch it arrived in).
+    async fn next_record(&mut self) -> anyhow::Result<(Epoch, RawRecord)> {
         if let Some(r) = self.stash.pop_front() {
             return Ok(r);
         }
-        let m = self.consumer.recv().await?;
-        // A rebalance runs inside the poll that returned this record, so the generation read
-        // now is the record's.
-        Ok((self.generation(), to_raw(&m)))
+        loop {
+            let m = match self.consumer.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    if let Some(f) = self.fatal() {
+                        return Err(f.into());
+                    }
+                    return Err(e.into());
+                }
+            };
+            if let Some(r) = self.stamp(&m) {
+                return Ok(r);
+            }
+        }
     }
 
     /// Waits until a record is there to start a batch with (it stays in the stash). Cancel-safe:
@@ -236,26 +354,33 @@ impl RawConsumer {
     }
 
     /// A record that is already waiting (none: the batch closes).
-    fn waiting_record(&mut self) -> Option<(u64, RawRecord)> {
+    fn waiting_record(&mut self) -> Option<(Epoch, RawRecord)> {
         if let Some(r) = self.stash.pop_front() {
             return Some(r);
         }
         use futures::FutureExt;
-        match self.consumer.recv().now_or_never()? {
-            Ok(m) => Some((self.generation(), to_raw(&m))),
-            Err(e) => {
-                tracing::warn!(error = %e, "consumer error");
-                None
+        loop {
+            match self.consumer.recv().now_or_never()? {
+                Ok(m) => {
+                    if let Some(r) = self.stamp(&m) {
+                        return Some(r);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    return None;
+                }
             }
         }
     }
 
-    /// The next batch: up to `limits.records` records and `limits.bytes` bytes of one
-    /// generation, closed when nothing more is waiting (or after `limits.linger`).
+    /// The next batch: up to `limits.records` records and `limits.bytes` bytes, closed when
+    /// nothing more is waiting (or after `limits.linger`); only records whose partition is still
+    /// owned in the epoch they were polled in. May be empty (everything polled went stale).
     pub async fn next_batch(&mut self) -> anyhow::Result<Batch> {
         self.resume();
-        let (mut generation, first) = self.next_record().await?;
-        let mut bytes = first.size();
+        let first = self.next_record().await?;
+        let mut bytes = first.1.size();
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + self.limits.linger;
         while batch.len() < self.limits.records {
@@ -271,27 +396,17 @@ impl RawConsumer {
                     Err(_) => None,
                 }
             };
-            let Some((g, next)) = next else {
+            let Some(next) = next else {
                 break;
             };
-            if g != generation {
-                // A rebalance happened: what was collected belongs to revoked partitions (it
-                // is fetched again from the committed offsets). Start over from this record.
-                generation = g;
-                bytes = 0;
-                batch.clear();
-            }
-            if !batch.is_empty() && bytes + next.size() > self.limits.bytes {
-                self.stash.push_front((g, next));
+            if bytes + next.1.size() > self.limits.bytes {
+                self.stash.push_front(next);
                 break;
             }
-            bytes += next.size();
+            bytes += next.1.size();
             batch.push(next);
         }
-        Ok(Batch {
-            records: batch,
-            generation,
-        })
+        Ok(Batch::of(batch, &self.consumer.context().ownership))
     }
 
     /// Waits `d` while a batch is paused: partitions paused, polling on, so rebalances and
@@ -312,7 +427,9 @@ impl RawConsumer {
                     let mut t = TopicPartitionList::new();
                     t.add_partition(m.topic(), m.partition());
                     let _ = self.consumer.pause(&t);
-                    self.stash.push_back((self.generation(), to_raw(&m)));
+                    if let Some(r) = self.stamp(&m) {
+                        self.stash.push_back(r);
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "consumer error while paused");
@@ -335,18 +452,102 @@ impl RawConsumer {
         }
     }
 
-    /// Commits the offsets of a delivered batch. A failure (after a rebalance took the
-    /// partitions) only means the new owner processes those records again: duplicates on the
-    /// fan-out topics at worst, never a loss, and PostgreSQL stays exactly once.
-    pub async fn commit(&self, delivered: &Delivered) {
-        let tpl = delivered.offsets().clone();
+    /// Reads partitions again from where an abandoned batch began (the sequencer gave them new
+    /// epochs: what was polled from them before is stale and dropped). A partition whose seek
+    /// fails is given up instead: this instance leaves the group and joins it again, so it is
+    /// read from the committed offset (by this instance or another), never skipped.
+    pub async fn rewind(&mut self, rewinds: &[Rewind]) {
+        if rewinds.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for r in rewinds {
+            let _ =
+                tpl.add_partition_offset(&r.key.topic, r.key.partition, Offset::Offset(r.offset));
+            tracing::warn!(partition = %r.key, offset = r.offset, "a batch was abandoned: its partition is read again from its first record");
+        }
+        metrics::counter!("helios_processor_rewinds_total").increment(rewinds.len() as u64);
+        let stale: HashSet<(String, i32)> = rewinds
+            .iter()
+            .map(|r| (r.key.topic.clone(), r.key.partition))
+            .collect();
+        self.stash
+            .retain(|(_, r)| !stale.contains(&(r.topic.clone(), r.partition)));
+        let c = self.consumer.clone();
+        let result =
+            tokio::task::spawn_blocking(move || c.seek_partitions(tpl, Duration::from_secs(10)))
+                .await;
+        let failed: Vec<(String, i32, String)> = match result {
+            Ok(Ok(done)) => done
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    e.error()
+                        .err()
+                        .map(|err| (e.topic().to_string(), e.partition(), err.to_string()))
+                })
+                .collect(),
+            Ok(Err(e)) => rewinds
+                .iter()
+                .map(|r| (r.key.topic.clone(), r.key.partition, e.to_string()))
+                .collect(),
+            Err(e) => rewinds
+                .iter()
+                .map(|r| (r.key.topic.clone(), r.key.partition, e.to_string()))
+                .collect(),
+        };
+        if !failed.is_empty() {
+            for (t, p, e) in &failed {
+                tracing::error!(topic = %t, partition = p, error = %e, "seeking back failed: leaving the group to be read again from the committed offset");
+            }
+            let ownership = self.ownership();
+            ownership.revoke(failed.iter().map(|(t, p, _)| (t.as_str(), *p)));
+            let refs: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+            if !refs.is_empty() {
+                self.consumer.unsubscribe();
+                ownership.revoke_all();
+                if let Err(e) = self.consumer.subscribe(&refs) {
+                    tracing::error!(error = %e, "subscribing again failed");
+                }
+            }
+        }
+    }
+
+    /// Commits what the sequencer allowed, fenced: only partitions still owned in the epoch each
+    /// offset was allowed in. `Err` gives the commit back (its offsets are offered again).
+    pub async fn commit(&self, mut commit: Commit) -> Result<(), Commit> {
+        let ownership = self.ownership();
+        let stale = commit.retain(|k, e| ownership.holds(k, e));
+        if stale > 0 {
+            tracing::info!(
+                partitions = stale,
+                "partitions were revoked or rewound since their records resolved: not committed"
+            );
+        }
+        if commit.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (k, _, o) in commit.offsets() {
+            let _ = tpl.add_partition_offset(&k.topic, k.partition, Offset::Offset(o));
+        }
         let c = self.consumer.clone();
         match tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "offset commit failed; the records will be processed again")
+            Ok(Ok(())) => {
+                for (k, _, o) in commit.offsets() {
+                    metrics::gauge!("helios_processor_committed_offset", "topic" => k.topic.clone(), "partition" => k.partition.to_string())
+                        .set(o as f64);
+                }
+                Ok(())
             }
-            Err(e) => tracing::warn!(error = %e, "offset commit task failed"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "offset commit failed; offered again with the next batch");
+                Err(commit)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit task failed");
+                Err(commit)
+            }
         }
     }
 }

@@ -1,87 +1,71 @@
 //! Delivering a planned batch to its sinks, and the one truth across them: an event is in
 //! PostgreSQL if and only if it is (at least once) on its `helios.events.<Type>` topic; every
-//! other unit of the batch is in the DLQ.
+//! other unit of the batch is in the DLQ or counted a duplicate.
 //!
-//! Order, per batch: (1) PostgreSQL, (2) the fan-out of exactly the events PostgreSQL accepted,
-//! (3) one DLQ record per raw record with refused units, (4) the release of the dedup marks of
-//! events a sink refused, then the offsets. A [`Delivery`] survives retries: after a transient
-//! failure only what was not acknowledged is done again, so no batch is fanned out twice because
-//! another sink failed.
+//! Order, per batch: (1) PostgreSQL, (2) the fan-out of exactly the events PostgreSQL took (an
+//! event whose row was already there with another raw record's lineage is a duplicate, not fanned
+//! out again), in rounds so that no later record of a key overtakes an earlier one, (3) one DLQ
+//! record per raw record with refused units, (4) the release of the dedup marks of events a sink
+//! refused — and then, if a duplicate held in this same batch was waiting for one of those marks,
+//! it goes through (1)–(4) itself. A [`Delivery`] survives retries: after a transient failure only
+//! what was not acknowledged is done again, so no batch is fanned out twice because another sink
+//! failed.
 //!
-//! Errors are classified (see [`crate::model::fault`]). A *transient* one returns
-//! [`Unavailable`] and the caller retries. One *caused by the data* is never retried: PostgreSQL's
-//! refusals are isolated by splitting the batch in halves (at most O(log n) extra statements per
-//! bad event), a fan-out refusal takes the event's row back out of PostgreSQL, and the refused
-//! events join the DLQ with reason `sink_rejected` (or `too_large`), the SQLSTATE or Kafka error
-//! code in `helios-dlq-sink-code`.
+//! Errors are classified (see [`crate::model::fault`]). A *transient* one stops the delivery with
+//! [`Stop::Unavailable`]; the caller retries it. One *caused by the data* is never retried:
+//! PostgreSQL's refusals are isolated by halving, a fan-out refusal takes the event's row back
+//! out of PostgreSQL, and the refused events join the DLQ with reason `sink_rejected` (or
+//! `too_large`) and the SQLSTATE or Kafka error code in `helios-dlq-sink-code`. An
+//! *unclassified* one is retried [`UNCLASSIFIED_RETRIES`] times, then isolated the same way
+//! (when nothing of the batch gets through, it stays an outage).
 //!
-//! The only way to commit a batch's offsets is the [`Delivered`] value that a completed delivery
-//! returns.
+//! [`Delivery::run`] takes the delivery and gives back either [`Delivered`] — the only holder of
+//! the batch's [`Ticket`] once delivered, and so the only way to its offsets — or the delivery
+//! itself with why it stopped.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::avro::AvroFanOut;
-use super::dead_letter::{self, DlqItem};
-use super::dedup::{DedupKey, DedupStore, MarkOwner};
-use super::plan::{BatchPlan, DedupPolicy, ReplaySpec};
-use super::{fanout, Unavailable};
+use super::commit::{Commit, CommitSequencer, Ownership, Ticket, TicketId};
+use super::config::DeliveryMode;
+use super::dedup::{Claim, DedupKey, DedupStore, MarkOwner};
+use super::plan::{BatchPlan, DedupPolicy, PlannedEvent, ReplaySpec};
+use super::sinks::dlq::{self, DlqForm, DlqItem};
+use super::sinks::kafka::{self as ks, Sends, TxnError};
+use super::sinks::{fanout, store};
+use super::Unavailable;
 use crate::db::EventStore;
-use crate::kafka::produce_fault;
 use crate::limits::SizeLimits;
-use crate::model::{CanonicalEvent, DlqReason, DlqStage, Fault, RawRecord, Refusal, Sink};
+use crate::model::fault::UNCLASSIFIED_RETRIES;
+use crate::model::{CanonicalEvent, DlqReason, DlqStage, RawRecord, Refusal, Sink};
+use crate::shutdown::Shutdown;
 use crate::topology::Topology;
-
-/// How fan-out, DLQ and offsets reach Kafka.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeliveryMode {
-    /// Records first, offsets after: a crash may fan an event out twice, never lose it.
-    AtLeastOnce,
-    /// Fan-out, DLQ and offsets in one Kafka transaction (`read_committed` consumers see each
-    /// event once). The id is stable per instance, so a restart fences its predecessor.
-    Transactional { transactional_id: String },
-}
-
-/// The batch's claim on its partitions: the consumer generation it was polled in, against the
-/// current one. Once a rebalance bumped it, the batch's offsets must not be committed.
-#[derive(Clone)]
-pub struct Fence {
-    current: Arc<AtomicU64>,
-    batch: u64,
-}
-
-impl Fence {
-    pub fn new(current: Arc<AtomicU64>, batch: u64) -> Self {
-        Fence { current, batch }
-    }
-
-    /// True while no rebalance happened since the batch was polled.
-    pub fn holds(&self) -> bool {
-        self.current.load(Ordering::SeqCst) == self.batch
-    }
-}
 
 /// What a delivery writes to.
 pub struct Outputs<'a, S, D> {
     pub store: &'a S,
     pub dedup: &'a D,
-    pub producer: &'a FutureProducer,
+    pub producer: FutureProducer,
     pub topology: &'a Topology,
     pub avro: Option<&'a AvroFanOut>,
     pub replay: Option<&'a ReplaySpec>,
     pub limits: &'a SizeLimits,
+    pub mode: &'a DeliveryMode,
     /// The consumer group's metadata, for the offsets of a transaction.
     pub group: Option<Arc<ConsumerGroupMetadata>>,
-    /// The batch's claim on its partitions (live processing).
-    pub fence: Option<Fence>,
+    /// Who owns which partition now (live processing): the fence of a transaction.
+    pub ownership: Option<Arc<Ownership>>,
+    /// Ends a transaction commit's retries.
+    pub shutdown: Shutdown,
+    /// How long one transaction commit call waits before it is made again.
+    pub commit_timeout: Duration,
 }
 
 impl<S, D> Outputs<'_, S, D> {
@@ -89,31 +73,74 @@ impl<S, D> Outputs<'_, S, D> {
         self.replay.map(|r| r.replay_id.as_str())
     }
 
-    fn upsert(&self) -> bool {
+    fn bypass(&self) -> bool {
         self.replay.is_some_and(|r| r.policy == DedupPolicy::Bypass)
     }
 }
 
-/// A batch on its way to the sinks; keeps what was acknowledged across retries.
-pub struct Delivery {
-    records: Vec<RawRecord>,
-    plan: BatchPlan,
-    stored: bool,
-    rows_inserted: u64,
-    /// Per `plan.events`: the fan-out record was acknowledged.
-    fanned: Vec<bool>,
-    /// Raw records whose DLQ record was acknowledged.
-    dlq_sent: BTreeSet<usize>,
-    /// Raw records whose DLQ copy is too large: a reference record is written instead.
-    dlq_reference: BTreeMap<usize, String>,
-    /// Marks claimed by events a sink refused: released before the offsets are committed.
-    to_release: Vec<(DedupKey, MarkOwner)>,
-    released: bool,
+/// Why a delivery stopped before every record resolved.
+#[derive(Debug)]
+pub enum Stop {
+    /// A dependency failed: retry the same delivery later.
+    Unavailable(Unavailable),
+    /// Every partition of the batch was revoked or rewound meanwhile (or, in a transaction, any
+    /// of them): the work is left to whoever reads those records next.
+    Fenced,
+    /// The transactional producer is unusable: create a new one; the batch is read again.
+    Fatal(String),
 }
 
-/// A batch whose every write was acknowledged: the only way to its offsets.
+impl From<Unavailable> for Stop {
+    fn from(e: Unavailable) -> Self {
+        Stop::Unavailable(e)
+    }
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Unavailable(e) => write!(f, "{e}"),
+            Stop::Fenced => f.write_str("the batch's partitions were revoked or rewound"),
+            Stop::Fatal(e) => write!(f, "the transactional producer failed for good: {e}"),
+        }
+    }
+}
+
+/// What is done of one planned event.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    stored: bool,
+    fanned: bool,
+}
+
+/// A batch on its way to the sinks; keeps what was acknowledged across retries.
+pub struct Delivery {
+    /// The batch's claim on its offsets (none for replays, which commit nothing).
+    ticket: Option<Ticket>,
+    records: Vec<RawRecord>,
+    plan: BatchPlan,
+    /// Per `plan.events`.
+    progress: Vec<Progress>,
+    rows_inserted: u64,
+    /// Some fan-out record of this delivery was acknowledged (for isolating unclassified errors).
+    some_fanned: bool,
+    /// Attempts that failed with an unclassified error.
+    unclassified_attempts: u32,
+    /// Raw records whose DLQ record was acknowledged.
+    dlq_sent: BTreeSet<usize>,
+    /// Raw records whose DLQ record must be written smaller (over the limit, or refused).
+    dlq_form: BTreeMap<usize, DlqForm>,
+    /// Marks claimed by events a sink refused: released before the offsets are committed.
+    to_release: Vec<(DedupKey, MarkOwner)>,
+    /// How many of `to_release` are released.
+    released: usize,
+    /// How many of `to_release` were looked at for in-batch duplicates.
+    reclaim_checked: usize,
+}
+
+/// A batch whose every record resolved: the holder of its ticket, so the only way to its offsets.
 pub struct Delivered {
-    offsets: TopicPartitionList,
+    ticket: Option<Ticket>,
     pub records: Vec<RawRecord>,
     pub plan: BatchPlan,
     pub rows_inserted: u64,
@@ -122,46 +149,39 @@ pub struct Delivered {
 }
 
 impl Delivered {
-    /// The offsets to commit: per partition, one past the highest offset of the batch.
-    pub fn offsets(&self) -> &TopicPartitionList {
-        &self.offsets
+    /// Resolves the batch's ranges in the sequencer: what may be committed now.
+    pub fn resolve(&mut self, seq: &mut CommitSequencer) -> Commit {
+        match self.ticket.take() {
+            Some(t) => seq.resolve(t),
+            None => Commit::default(),
+        }
     }
-}
-
-/// The offsets after a batch: per partition, one past the highest offset.
-fn next_offsets(batch: &[RawRecord]) -> TopicPartitionList {
-    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for r in batch {
-        let e = next.entry((r.topic.as_str(), r.partition)).or_insert(0);
-        *e = (*e).max(r.offset + 1);
-    }
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), o) in next {
-        let _ = tpl.add_partition_offset(t, p, Offset::Offset(o));
-    }
-    tpl
 }
 
 /// A unit a sink refused, by its position in `plan.events`.
 type Refused = Vec<(usize, Refusal)>;
 
 impl Delivery {
-    pub fn new(records: Vec<RawRecord>, mut plan: BatchPlan) -> Self {
+    pub fn new(ticket: Option<Ticket>, records: Vec<RawRecord>, mut plan: BatchPlan) -> Self {
         if crate::telemetry::traces_on() {
             for p in &mut plan.events {
                 p.trace = super::plan::EventTrace::start(&p.event, records.get(p.record));
             }
         }
+        let progress = vec![Progress::default(); plan.events.len()];
         Delivery {
+            ticket,
             records,
             plan,
-            stored: false,
+            progress,
             rows_inserted: 0,
-            fanned: vec![],
+            some_fanned: false,
+            unclassified_attempts: 0,
             dlq_sent: BTreeSet::new(),
-            dlq_reference: BTreeMap::new(),
+            dlq_form: BTreeMap::new(),
             to_release: vec![],
-            released: false,
+            released: 0,
+            reclaim_checked: 0,
         }
     }
 
@@ -170,36 +190,86 @@ impl Delivery {
         &self.records
     }
 
-    /// Does (or resumes) the delivery; `Err` means a dependency failed: call again later.
+    /// Gives the delivery up: the id of its ticket, for the sequencer to rewind its partitions.
+    pub fn abandon(self) -> Option<TicketId> {
+        self.ticket.map(|t| t.id())
+    }
+
+    /// The batch's ticket id.
+    pub fn ticket_id(&self) -> Option<TicketId> {
+        self.ticket.as_ref().map(Ticket::id)
+    }
+
+    /// True when none of the batch's partitions is still owned in the epoch it was polled in.
+    pub fn fenced_whole(&self, ownership: &Ownership) -> bool {
+        self.ticket.as_ref().is_some_and(|t| {
+            !t.spans().is_empty() && t.spans().iter().all(|s| !ownership.holds(&s.key, s.epoch))
+        })
+    }
+
+    fn fenced_any(&self, ownership: &Ownership) -> bool {
+        self.ticket
+            .as_ref()
+            .is_some_and(|t| t.spans().iter().any(|s| !ownership.holds(&s.key, s.epoch)))
+    }
+
+    fn isolate(&self) -> bool {
+        self.unclassified_attempts >= UNCLASSIFIED_RETRIES
+    }
+
+    /// Does (or resumes) the delivery: every record resolved ([`Delivered`]), or the delivery
+    /// back with why it stopped.
     pub async fn run<S: EventStore, D: DedupStore>(
-        &mut self,
+        mut self,
         out: &Outputs<'_, S, D>,
-        mode: &DeliveryMode,
-    ) -> Result<(), Unavailable> {
-        self.store(out).await?;
-        match mode {
-            DeliveryMode::AtLeastOnce => {
-                let (refused, transient) = self.fanout(out).await?;
-                self.take_back(out, refused).await?;
-                if let Some(e) = transient {
-                    return Err(e);
-                }
-                self.dead_letter(out, false).await?;
-                self.release(out).await
-            }
+    ) -> Result<Delivered, (Delivery, Stop)> {
+        let r = match out.mode {
+            DeliveryMode::AtLeastOnce => self.at_least_once(out).await,
             DeliveryMode::Transactional { .. } => self.transaction(out).await,
+        };
+        match r {
+            Ok(()) => Ok(self.finish()),
+            Err(stop) => {
+                if let Stop::Unavailable(e) = &stop {
+                    if e.unclassified {
+                        self.unclassified_attempts += 1;
+                    }
+                }
+                Err((self, stop))
+            }
         }
     }
 
-    /// The finished batch (call after `run` returned `Ok`).
-    pub fn finish(self) -> Delivered {
+    async fn at_least_once<S: EventStore, D: DedupStore>(
+        &mut self,
+        out: &Outputs<'_, S, D>,
+    ) -> Result<(), Stop> {
+        loop {
+            self.store(out).await?;
+            crate::failpoint::hit("deliver.after_store");
+            let avro = self.avro_values(out).await?;
+            let (refused, transient) = self.fanout(out, &avro, true).await?;
+            self.take_back(out, refused).await?;
+            if let Some(e) = transient {
+                return Err(e.into());
+            }
+            self.dead_letter(out, false).await?;
+            self.release(out).await?;
+            if !self.reclaim_in_batch(out).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The finished batch (every record resolved).
+    fn finish(self) -> Delivered {
         for p in &self.plan.events {
             if let Some(t) = &p.trace {
                 t.span.record("helios.outcome", "stored");
             }
         }
         Delivered {
-            offsets: next_offsets(&self.records),
+            ticket: self.ticket,
             records: self.records,
             plan: self.plan,
             rows_inserted: self.rows_inserted,
@@ -207,76 +277,41 @@ impl Delivery {
         }
     }
 
-    /// (1) PostgreSQL, isolating the events it refuses.
-    async fn store<S: EventStore, D>(
-        &mut self,
-        out: &Outputs<'_, S, D>,
-    ) -> Result<(), Unavailable> {
-        if self.stored {
+    /// (1) PostgreSQL for the events not stored yet, isolating the events it refuses; events
+    /// whose row another raw record wrote become duplicates.
+    async fn store<S: EventStore, D>(&mut self, out: &Outputs<'_, S, D>) -> Result<(), Stop> {
+        let todo: Vec<usize> = (0..self.plan.events.len())
+            .filter(|i| !self.progress[*i].stored)
+            .collect();
+        if todo.is_empty() {
             return Ok(());
         }
-        let events: Vec<&CanonicalEvent> = self.plan.events.iter().map(|p| &p.event).collect();
-        let replay_id = out.upsert().then(|| out.replay_id()).flatten();
-        let (inserted, refused) = write_isolating(out.store, &events, replay_id).await?;
-        self.rows_inserted += inserted;
-        self.refuse(refused);
-        self.fanned = vec![false; self.plan.events.len()];
-        self.stored = true;
+        let events: Vec<&CanonicalEvent> =
+            todo.iter().map(|i| &self.plan.events[*i].event).collect();
+        let replay_id = out.bypass().then(|| out.replay_id()).flatten();
+        let w = store::write_isolating(out.store, &events, replay_id, self.isolate()).await?;
+        self.rows_inserted += w.rows;
+        for i in &todo {
+            self.progress[*i].stored = true;
+        }
+        let refused: Refused = w.refused.into_iter().map(|(j, r)| (todo[j], r)).collect();
+        let foreign: Vec<usize> = w.foreign.into_iter().map(|j| todo[j]).collect();
+        self.remove(refused, foreign);
         Ok(())
     }
 
-    /// (2) The fan-out of the stored events not yet acknowledged. Returns the events Kafka
-    /// refused for their data, and the first transient failure (if any).
-    async fn fanout<S, D>(
-        &mut self,
-        out: &Outputs<'_, S, D>,
-    ) -> Result<(Refused, Option<Unavailable>), Unavailable> {
-        let content_type = fanout::content_type(out.avro.is_some());
-        let avro_values = self.avro_values(out).await?;
-        let replay_id = out.replay_id();
-        let mut sends = Sends::default();
-        for (i, p) in self.plan.events.iter().enumerate() {
-            if self.fanned[i] {
-                continue;
-            }
-            let topic = out.topology.event_topic(&p.event.event_type);
-            let payload = match avro_values.get(&i) {
-                Some(v) => v.as_slice(),
-                None => p.payload.as_deref().unwrap_or_default(),
-            };
-            let rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
-                .key(p.event.partition_key().as_bytes())
-                .payload(payload)
-                .headers(fanout::headers(
-                    &p.event,
-                    content_type,
-                    replay_id,
-                    p.trace.as_ref().map(|t| t.traceparent.as_str()),
-                ));
-            sends.send(out.producer, i, rec).await;
-        }
-        let (acked, refused, transient) = sends.settle().await;
-        for i in acked {
-            self.fanned[i] = true;
-        }
-        let refused = refused
-            .into_iter()
-            .map(|(i, e, code)| (i, kafka_refusal(&e, code)))
-            .collect();
-        Ok((refused, transient))
-    }
-
-    /// Avro mode: the encoded values of the events not yet fanned out, by position.
+    /// Avro mode: the encoded values of the events not yet fanned out, by position (asked
+    /// before any transaction opens: no registry call inside one).
     async fn avro_values<S, D>(
         &self,
         out: &Outputs<'_, S, D>,
-    ) -> Result<BTreeMap<usize, Vec<u8>>, Unavailable> {
+    ) -> Result<BTreeMap<usize, Vec<u8>>, Stop> {
         let mut values = BTreeMap::new();
         let Some(avro) = out.avro else {
             return Ok(values);
         };
         for (i, p) in self.plan.events.iter().enumerate() {
-            if !self.fanned[i] {
+            if !self.progress[i].fanned {
                 let topic = out.topology.event_topic(&p.event.event_type);
                 let v = avro
                     .encode(&topic, &p.event)
@@ -288,13 +323,97 @@ impl Delivery {
         Ok(values)
     }
 
+    /// (2) The fan-out of the stored events not yet acknowledged, in rounds (`ordered`; a
+    /// transaction sends everything at once: it commits whole or not at all). Returns the events
+    /// Kafka refused for their data, and the first transient failure (later rounds unsent).
+    async fn fanout<S, D>(
+        &mut self,
+        out: &Outputs<'_, S, D>,
+        avro: &BTreeMap<usize, Vec<u8>>,
+        ordered: bool,
+    ) -> Result<(Refused, Option<Unavailable>), Stop> {
+        let content_type = fanout::content_type(out.avro.is_some());
+        let replay_id = out.replay_id();
+        let topics: Vec<String> = self
+            .plan
+            .events
+            .iter()
+            .map(|p| out.topology.event_topic(&p.event.event_type))
+            .collect();
+        let todo = (0..self.plan.events.len()).filter(|i| !self.progress[*i].fanned);
+        let rounds = if ordered {
+            fanout::rounds(todo.map(|i| {
+                (
+                    i,
+                    (
+                        topics[i].as_str(),
+                        self.plan.events[i].event.partition_key(),
+                    ),
+                )
+            }))
+        } else {
+            vec![todo.collect()]
+        };
+        let mut refused: Refused = vec![];
+        for round in rounds {
+            let mut sends = Sends::default();
+            for i in round {
+                let p = &self.plan.events[i];
+                let payload = match avro.get(&i) {
+                    Some(v) => v.as_slice(),
+                    None => p.payload.as_deref().unwrap_or_default(),
+                };
+                let rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topics[i])
+                    .key(p.event.partition_key().as_bytes())
+                    .payload(payload)
+                    .headers(fanout::headers(
+                        &p.event,
+                        content_type,
+                        replay_id,
+                        p.trace.as_ref().map(|t| t.traceparent.as_str()),
+                    ));
+                sends.send(&out.producer, i, rec).await;
+            }
+            let settled = sends.settle().await;
+            self.some_fanned |= !settled.acked.is_empty();
+            for i in settled.acked {
+                self.progress[i].fanned = true;
+            }
+            refused.extend(
+                settled
+                    .refused
+                    .into_iter()
+                    .map(|(i, e, code)| (i, kafka_refusal(&e, code))),
+            );
+            if let Some(e) = settled.transient {
+                return Ok((refused, Some(e)));
+            }
+            if let Some((_, e, _)) = settled.unclassified.first() {
+                if !self.isolate() || !self.some_fanned {
+                    let e = Unavailable::unclassified(
+                        Sink::Kafka,
+                        format!("the fan-out failed with an unclassified error: {e}"),
+                    );
+                    return Ok((refused, Some(e)));
+                }
+                refused.extend(
+                    settled
+                        .unclassified
+                        .into_iter()
+                        .map(|(i, e, code)| (i, kafka_refusal(&e, code))),
+                );
+            }
+        }
+        Ok((refused, None))
+    }
+
     /// Takes the rows of events Kafka refused back out of PostgreSQL, then moves those events
     /// to the DLQ (in PostgreSQL if and only if on the topic).
     async fn take_back<S: EventStore, D>(
         &mut self,
         out: &Outputs<'_, S, D>,
         refused: Refused,
-    ) -> Result<(), Unavailable> {
+    ) -> Result<(), Stop> {
         if refused.is_empty() {
             return Ok(());
         }
@@ -302,27 +421,31 @@ impl Delivery {
             .iter()
             .map(|(i, _)| &self.plan.events[*i].event)
             .collect();
-        out.store
-            .remove_events(&events)
-            .await
-            .map_err(|e| Unavailable::new(Sink::Postgres, e.message))?;
+        store::take_back(out.store, &events).await?;
         self.refuse(refused);
         Ok(())
     }
 
     /// Moves refused events (by position in `plan.events`) into the DLQ items, remembering
     /// their marks for release.
-    fn refuse(&mut self, mut refused: Refused) {
-        if refused.is_empty() {
+    fn refuse(&mut self, refused: Refused) {
+        self.remove(refused, vec![]);
+    }
+
+    /// Takes events out of the batch's events (by position in `plan.events`): `refused` ones
+    /// into the DLQ items (their marks are released later); `foreign` ones — the store had them
+    /// from another raw record — into the duplicates, not fanned out (their marks stay: this
+    /// record claimed them after the first one's had expired).
+    fn remove(&mut self, refused: Refused, foreign: Vec<usize>) {
+        if refused.is_empty() && foreign.is_empty() {
             return;
         }
-        refused.sort_by_key(|(i, _)| *i);
-        let mut refused = refused.into_iter().peekable();
+        let mut refused: BTreeMap<usize, Refusal> = refused.into_iter().collect();
+        let foreign: HashSet<usize> = foreign.into_iter().collect();
         let events = std::mem::take(&mut self.plan.events);
-        let fanned = std::mem::take(&mut self.fanned);
-        for (i, p) in events.into_iter().enumerate() {
-            if refused.peek().is_some_and(|(j, _)| *j == i) {
-                let (_, refusal) = refused.next().expect("peeked");
+        let progress = std::mem::take(&mut self.progress);
+        for (i, (p, pr)) in events.into_iter().zip(progress).enumerate() {
+            if let Some(refusal) = refused.remove(&i) {
                 tracing::warn!(event_id = %crate::model::text::bounded(&p.event.event_id, 128), reason = refusal.reason.as_str(),
                     stage = refusal.stage.as_str(), detail = %crate::model::text::bounded(&refusal.detail, 256), "a sink refused an event; it goes to the DLQ");
                 if let Some(t) = &p.trace {
@@ -336,288 +459,282 @@ impl Delivery {
                     index: Some(p.event.raw.index),
                     refusal,
                 });
-            } else {
-                if let Some(f) = fanned.get(i) {
-                    self.fanned.push(*f);
+            } else if foreign.contains(&i) {
+                if let Some(t) = &p.trace {
+                    t.span.record("helios.outcome", "duplicate");
                 }
+                tracing::debug!(event_id = %crate::model::text::bounded(&p.event.event_id, 128),
+                    "the store has this event from another raw record: a duplicate, not fanned out again");
+                self.plan.duplicates.push(p.event.source);
+                self.plan.store_duplicates += 1;
+            } else {
                 self.plan.events.push(p);
+                self.progress.push(pr);
             }
         }
     }
 
-    /// (3) One DLQ record per raw record with refused units, not yet acknowledged. A DLQ copy
-    /// too large to write is replaced by a reference record. In a transaction (`in_txn`) a
-    /// refusal cannot be followed by another send: how many were refused is returned instead.
+    /// (3) One DLQ record per raw record with refused units, not yet acknowledged; one refused for
+    /// its data is written smaller (a reference record, then a minimal one). In a transaction
+    /// (`in_txn`) a refusal cannot be followed by another send: how many were refused is returned
+    /// instead.
     async fn dead_letter<S, D>(
         &mut self,
         out: &Outputs<'_, S, D>,
         in_txn: bool,
-    ) -> Result<Option<usize>, Unavailable> {
+    ) -> Result<Option<usize>, Stop> {
         let topic = out.topology.dlq_topic();
-        let mut by_record: BTreeMap<usize, Vec<&DlqItem>> = BTreeMap::new();
-        for d in &self.plan.dlq {
-            if !self.dlq_sent.contains(&d.record) {
-                by_record.entry(d.record).or_default().push(d);
+        loop {
+            let mut by_record: BTreeMap<usize, Vec<&DlqItem>> = BTreeMap::new();
+            for d in &self.plan.dlq {
+                if !self.dlq_sent.contains(&d.record) {
+                    by_record.entry(d.record).or_default().push(d);
+                }
             }
-        }
-        let mut sends = Sends::default();
-        for (record, items) in &mut by_record {
-            items.sort_by_key(|d| d.index);
-            let reference = self.dlq_reference.get(record).map(String::as_str);
-            let rec = dlq_record(&topic, &self.records[*record], items, reference, out.limits);
-            sends.send(out.producer, *record, rec).await;
-        }
-        let (acked, refused, transient) = sends.settle().await;
-        self.dlq_sent.extend(acked);
-        let mut newly = 0;
-        for (record, e, _) in refused {
-            // A reference record refused for its data cannot be made smaller: retry it.
-            if self.dlq_reference.insert(record, e.to_string()).is_some() {
-                return Err(Unavailable::new(Sink::Kafka, e.to_string()));
+            if by_record.is_empty() {
+                return Ok(None);
             }
-            newly += 1;
-        }
-        if let Some(e) = transient {
-            return Err(e);
-        }
-        match (newly, in_txn) {
-            (0, _) => Ok(None),
-            (n, true) => Ok(Some(n)),
-            // Outside a transaction the reference records can follow at once.
-            (_, false) => Box::pin(self.dead_letter(out, false)).await,
+            let mut sends = Sends::default();
+            for (record, items) in &mut by_record {
+                items.sort_by_key(|d| d.index);
+                let form = self.dlq_form.get(record).cloned().unwrap_or(DlqForm::Full);
+                let rec = dlq::record(&topic, &self.records[*record], items, &form, out.limits);
+                sends.send(&out.producer, *record, rec).await;
+            }
+            let settled = sends.settle().await;
+            self.dlq_sent.extend(settled.acked);
+            if let Some(e) = settled.transient {
+                return Err(e.into());
+            }
+            let mut refused: Vec<(usize, KafkaError)> = settled
+                .refused
+                .into_iter()
+                .map(|(i, e, _)| (i, e))
+                .collect();
+            if !settled.unclassified.is_empty() {
+                if !self.isolate() {
+                    return Err(Unavailable::unclassified(
+                        Sink::Kafka,
+                        "the DLQ refused a record with an unclassified error",
+                    )
+                    .into());
+                }
+                refused.extend(settled.unclassified.into_iter().map(|(i, e, _)| (i, e)));
+            }
+            if refused.is_empty() {
+                return Ok(None);
+            }
+            for (record, e) in &refused {
+                let current = self.dlq_form.get(record).cloned().unwrap_or(DlqForm::Full);
+                match current.smaller(e.to_string()) {
+                    Some(f) => {
+                        self.dlq_form.insert(*record, f);
+                    }
+                    None => {
+                        // Nothing left to make smaller: the DLQ itself is at fault.
+                        return Err(Unavailable::new(
+                            Sink::Kafka,
+                            format!("the DLQ refused even a minimal record: {e}"),
+                        )
+                        .into());
+                    }
+                }
+            }
+            if in_txn {
+                return Ok(Some(refused.len()));
+            }
         }
     }
 
     /// (4) Releases the marks of events a sink refused.
-    async fn release<S, D: DedupStore>(
-        &mut self,
-        out: &Outputs<'_, S, D>,
-    ) -> Result<(), Unavailable> {
-        if self.released || self.to_release.is_empty() {
+    async fn release<S, D: DedupStore>(&mut self, out: &Outputs<'_, S, D>) -> Result<(), Stop> {
+        if self.released >= self.to_release.len() {
             return Ok(());
         }
         out.dedup
-            .release(&self.to_release)
+            .release(&self.to_release[self.released..])
             .await
             .map_err(|e| Unavailable::new(Sink::Redis, e.to_string()))?;
-        self.released = true;
+        self.released = self.to_release.len();
         Ok(())
     }
 
-    /// Exactly-once: fan-out, DLQ and offsets in one transaction. A refusal aborts the
-    /// transaction, isolates the refused units, and the transaction is done again without them
-    /// (each round removes at least one unit, so this ends).
+    /// Duplicates held in this batch whose first occurrence a sink refused (its mark was just
+    /// released) claim the mark now; those that get it become events of this delivery. True when
+    /// some did (the delivery goes round again for them).
+    async fn reclaim_in_batch<S, D: DedupStore>(
+        &mut self,
+        out: &Outputs<'_, S, D>,
+    ) -> Result<bool, Stop> {
+        let released: HashSet<&DedupKey> = self.to_release[self.reclaim_checked..]
+            .iter()
+            .map(|(k, _)| k)
+            .collect();
+        if released.is_empty() || self.plan.held_in_batch.is_empty() {
+            self.reclaim_checked = self.to_release.len();
+            return Ok(false);
+        }
+        let (again, keep): (Vec<PlannedEvent>, Vec<PlannedEvent>) =
+            std::mem::take(&mut self.plan.held_in_batch)
+                .into_iter()
+                .partition(|p| released.contains(&DedupKey::of(&p.event)));
+        self.plan.held_in_batch = keep;
+        if again.is_empty() {
+            self.reclaim_checked = self.to_release.len();
+            return Ok(false);
+        }
+        let answers: Vec<bool> = if out.bypass() {
+            vec![true; again.len()]
+        } else {
+            let claims: Vec<(DedupKey, MarkOwner)> = again
+                .iter()
+                .map(|p| (DedupKey::of(&p.event), MarkOwner::of(&p.event)))
+                .collect();
+            match out.dedup.claim(&claims).await {
+                Ok(a) => a
+                    .into_iter()
+                    .map(|c| !matches!(c, Claim::Duplicate { .. }))
+                    .collect(),
+                Err(e) => {
+                    self.plan.held_in_batch.extend(again);
+                    return Err(Unavailable::new(Sink::Redis, e.to_string()).into());
+                }
+            }
+        };
+        self.reclaim_checked = self.to_release.len();
+        let mut any = false;
+        for (p, won) in again.into_iter().zip(answers) {
+            if won {
+                if let Some(i) = self
+                    .plan
+                    .duplicates
+                    .iter()
+                    .position(|s| *s == p.event.source)
+                {
+                    self.plan.duplicates.remove(i);
+                }
+                tracing::info!(event_id = %crate::model::text::bounded(&p.event.event_id, 128),
+                    "a sink refused an event; its next copy in the same batch goes through instead");
+                self.plan.events.push(p);
+                self.progress.push(Progress::default());
+                any = true;
+            } else {
+                self.plan.held_in_batch.push(p);
+            }
+        }
+        Ok(any)
+    }
+
+    /// Exactly-once: fan-out, DLQ and offsets in one transaction (PostgreSQL first, idempotent,
+    /// outside it). A refusal aborts the transaction, isolates the refused units, and the
+    /// transaction is done again without them (each round removes at least one unit, so this
+    /// ends). librdkafka's error classes decide what follows a failed call: retriable → the same
+    /// call again, abortable → abort and redo, fatal → [`Stop::Fatal`].
     async fn transaction<S: EventStore, D: DedupStore>(
         &mut self,
         out: &Outputs<'_, S, D>,
-    ) -> Result<(), Unavailable> {
+    ) -> Result<(), Stop> {
         loop {
-            let p = out.producer.clone();
-            blocking(move || p.begin_transaction()).await?;
-            self.fanned = vec![false; self.plan.events.len()];
-            self.dlq_sent.clear();
-            let attempt = async {
-                let (refused, transient) = self.fanout(out).await?;
-                if let Some(e) = transient {
-                    return Err(e);
-                }
-                if !refused.is_empty() {
-                    return Ok(Some(refused));
-                }
-                if self.dead_letter(out, true).await?.is_some() {
-                    return Ok(Some(vec![]));
-                }
-                Ok(None)
+            self.store(out).await?;
+            let avro = self.avro_values(out).await?;
+            ks::begin(&out.producer).await.map_err(txn_stop)?;
+            for p in &mut self.progress {
+                p.fanned = false;
             }
-            .await;
+            self.dlq_sent.clear();
+            let attempt = self.transaction_body(out, &avro).await;
             match attempt {
-                Ok(None) => {
-                    // Marks are released inside the transaction's window: if it then fails,
-                    // reprocessing simply claims them again.
-                    if let Err(e) = self.release(out).await {
-                        abort(out.producer).await;
-                        return Err(e);
+                Ok(TxnStep::Commit) => match self.end_transaction(out).await {
+                    Ok(()) => return Ok(()),
+                    Err(TxnError::Abortable(e)) => {
+                        tracing::warn!(error = %e, "the transaction failed; aborting and doing the batch again");
+                        metrics::counter!("helios_processor_transaction_retries_total", "step" => "abort").increment(1);
+                        abort_or_fatal(out).await?;
                     }
-                    if out.fence.as_ref().is_some_and(|f| !f.holds()) {
-                        abort(out.producer).await;
-                        return Err(Unavailable::new(
-                            Sink::Kafka,
-                            "partitions were revoked during the transaction",
-                        ));
+                    Err(e @ TxnError::Retriable(_)) => {
+                        // Only when shutting down: the commit's outcome is the broker's now.
+                        return Err(Stop::Unavailable(e.unavailable()));
                     }
-                    let offsets = next_offsets(&self.records);
-                    let group = out.group.clone().ok_or_else(|| {
-                        Unavailable::new(Sink::Kafka, "the consumer has no group metadata")
-                    })?;
-                    let p = out.producer.clone();
-                    let done = blocking(move || {
-                        p.send_offsets_to_transaction(&offsets, &group, Duration::from_secs(30))?;
-                        p.commit_transaction(Duration::from_secs(30))
-                    })
-                    .await;
-                    if done.is_err() {
-                        abort(out.producer).await;
-                    }
-                    return done;
-                }
-                Ok(Some(refused)) => {
-                    abort(out.producer).await;
+                    Err(TxnError::Fatal(e)) => return Err(Stop::Fatal(e)),
+                },
+                Ok(TxnStep::Redo(refused)) => {
+                    abort_or_fatal(out).await?;
                     self.take_back(out, refused).await?;
                 }
-                Err(e) => {
-                    abort(out.producer).await;
-                    return Err(e);
+                Err(stop) => {
+                    abort_or_fatal(out).await?;
+                    return Err(stop);
                 }
             }
         }
     }
-}
 
-/// Writes `events` to the store; a refusal caused by the data is isolated by writing halves
-/// (each bad event costs at most ~2·log2(n) extra statements). Returns rows written and the
-/// refused events (by position) with why.
-async fn write_isolating<S: EventStore>(
-    store: &S,
-    events: &[&CanonicalEvent],
-    replay_id: Option<&str>,
-) -> Result<(u64, Refused), Unavailable> {
-    let mut refused = vec![];
-    let mut written = 0;
-    let mut todo = vec![(0, events.len())];
-    while let Some((lo, hi)) = todo.pop() {
-        if lo == hi {
-            continue;
-        }
-        match store.write_events(&events[lo..hi], replay_id).await {
-            Ok(n) => written += n,
-            Err(e) => match e.fault {
-                Fault::Transient => return Err(Unavailable::new(Sink::Postgres, e.message)),
-                Fault::Data { code } if hi - lo == 1 => refused.push((
-                    lo,
-                    Refusal::new(DlqReason::SinkRejected, DlqStage::Store, e.message)
-                        .sink_code(code),
-                )),
-                Fault::Data { .. } => {
-                    let mid = lo + (hi - lo) / 2;
-                    todo.push((mid, hi));
-                    todo.push((lo, mid));
-                }
-            },
-        }
-    }
-    Ok((written, refused))
-}
-
-/// The DLQ record of `raw` for its refused `items`: the raw record with DLQ headers, or (when
-/// that copy is over the output limit, or was refused before: `reference`) a reference record.
-fn dlq_record<'a>(
-    topic: &'a str,
-    raw: &'a RawRecord,
-    items: &[&DlqItem],
-    reference: Option<&str>,
-    limits: &SizeLimits,
-) -> FutureRecord<'a, [u8], [u8]> {
-    let full = dead_letter::record_headers(raw, items);
-    let size = dead_letter::record_size(raw, &full);
-    let limit = limits.output_record_max();
-    let over = format!("{size} bytes is over the {limit}-byte limit");
-    let why = reference.or((size > limit).then_some(over.as_str()));
-    match why {
-        Some(why) => FutureRecord::to(topic)
-            .payload(&[][..])
-            .headers(dead_letter::reference_headers(raw, items, size, why)),
-        None => {
-            let r = FutureRecord::to(topic)
-                .payload(raw.value.as_slice())
-                .headers(full);
-            match &raw.key {
-                Some(k) => r.key(k.as_slice()),
-                None => r,
-            }
-        }
-    }
-}
-
-/// Records in flight to Kafka, each tagged with what it stands for.
-#[derive(Default)]
-struct Sends {
-    pending: Vec<(usize, DeliveryFuture)>,
-    failed: Vec<(usize, KafkaError)>,
-}
-
-/// What came back: the acknowledged tags, the tags refused for their data (with the error and
-/// its code), and the first transient failure.
-type Settled = (
-    Vec<usize>,
-    Vec<(usize, KafkaError, String)>,
-    Option<Unavailable>,
-);
-
-impl Sends {
-    async fn send(
+    /// Everything sent inside an open transaction; no `?` here leaves it open (the caller
+    /// aborts on every outcome but `Commit`).
+    async fn transaction_body<S: EventStore, D: DedupStore>(
         &mut self,
-        producer: &FutureProducer,
-        tag: usize,
-        rec: FutureRecord<'_, [u8], [u8]>,
-    ) {
-        if let Err(e) = enqueue(producer, rec, tag, &mut self.pending).await {
-            self.failed.push((tag, e));
+        out: &Outputs<'_, S, D>,
+        avro: &BTreeMap<usize, Vec<u8>>,
+    ) -> Result<TxnStep, Stop> {
+        let (refused, transient) = self.fanout(out, avro, false).await?;
+        if let Some(e) = transient {
+            return Err(e.into());
         }
+        if !refused.is_empty() {
+            return Ok(TxnStep::Redo(refused));
+        }
+        if self.dead_letter(out, true).await?.is_some() {
+            return Ok(TxnStep::Redo(vec![]));
+        }
+        // Marks are released inside the transaction's window: if it then fails, reprocessing
+        // simply claims them again.
+        self.release(out).await?;
+        if self.reclaim_in_batch(out).await? {
+            return Ok(TxnStep::Redo(vec![]));
+        }
+        if out.ownership.as_ref().is_some_and(|o| self.fenced_any(o)) {
+            return Err(Stop::Fenced);
+        }
+        Ok(TxnStep::Commit)
     }
 
-    async fn settle(self) -> Settled {
-        let mut failed = self.failed;
-        let mut acked = vec![];
-        let results = join_all(
-            self.pending
-                .into_iter()
-                .map(|(i, f)| async move { (i, f.await) }),
-        )
-        .await;
-        for (i, r) in results {
-            match r {
-                Ok(Ok(_)) => acked.push(i),
-                Ok(Err((e, _))) => failed.push((i, e)),
-                Err(_) => failed.push((i, KafkaError::Canceled)),
-            }
+    /// The batch's offsets into the transaction, then the commit.
+    async fn end_transaction<S, D>(&self, out: &Outputs<'_, S, D>) -> Result<(), TxnError> {
+        let mut offsets = TopicPartitionList::new();
+        for s in self.ticket.iter().flat_map(|t| t.spans()) {
+            let _ =
+                offsets.add_partition_offset(&s.key.topic, s.key.partition, Offset::Offset(s.next));
         }
-        let mut refused = vec![];
-        let mut transient = None;
-        for (i, e) in failed {
-            match produce_fault(&e) {
-                Fault::Data { code } => refused.push((i, e, code)),
-                Fault::Transient => {
-                    transient.get_or_insert(Unavailable::new(Sink::Kafka, e.to_string()));
-                }
-            }
+        if offsets.count() > 0 {
+            let group = out
+                .group
+                .clone()
+                .ok_or_else(|| TxnError::Fatal("the consumer has no group metadata".into()))?;
+            ks::send_offsets(&out.producer, &offsets, &group).await?;
         }
-        (acked, refused, transient)
+        ks::commit(&out.producer, out.commit_timeout, &out.shutdown).await
     }
 }
 
-/// Enqueues a record; when librdkafka's queue is full, waits for what is in flight first.
-async fn enqueue(
-    producer: &FutureProducer,
-    rec: FutureRecord<'_, [u8], [u8]>,
-    tag: usize,
-    pending: &mut Vec<(usize, DeliveryFuture)>,
-) -> Result<(), KafkaError> {
-    let mut rec = rec;
-    for _ in 0..50 {
-        match producer.send_result(rec) {
-            Ok(f) => {
-                pending.push((tag, f));
-                return Ok(());
-            }
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                rec = back;
-                producer.poll(Duration::from_millis(100));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err((e, _)) => return Err(e),
-        }
+/// What a transaction attempt ended with.
+enum TxnStep {
+    Commit,
+    /// Abort; take these events' rows back (they move to the DLQ); do it again.
+    Redo(Refused),
+}
+
+fn txn_stop(e: TxnError) -> Stop {
+    match e {
+        TxnError::Fatal(e) => Stop::Fatal(e),
+        other => Stop::Unavailable(other.unavailable()),
     }
-    Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
+}
+
+/// Aborts the open transaction; a refused abort means the producer is unusable.
+async fn abort_or_fatal<S, D>(out: &Outputs<'_, S, D>) -> Result<(), Stop> {
+    ks::abort(&out.producer)
+        .await
+        .map_err(|e| Stop::Fatal(format!("abort_transaction was refused: {e}")))
 }
 
 fn kafka_refusal(e: &KafkaError, code: String) -> Refusal {
@@ -638,20 +755,4 @@ fn kafka_refusal(e: &KafkaError, code: String) -> Refusal {
         format!("the fan-out topic refused the record: {e}"),
     )
     .sink_code(code)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
-) -> Result<T, Unavailable> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Unavailable::new(Sink::Kafka, e.to_string()))?
-        .map_err(|e| Unavailable::new(Sink::Kafka, format!("transaction: {e}")))
-}
-
-async fn abort(producer: &FutureProducer) {
-    let p = producer.clone();
-    if let Err(e) = blocking(move || p.abort_transaction(Duration::from_secs(30))).await {
-        tracing::warn!(error = %e, "abort_transaction failed");
-    }
 }

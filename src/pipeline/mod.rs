@@ -1,26 +1,29 @@
 //! The processor's pipeline, one module per stage: raw records are consumed in batches
 //! ([`consume`]), planned ([`plan`]: [`normalize`], [`validate`], [`guard`], [`dedup`]),
-//! delivered to PostgreSQL, the fan-out topics ([`fanout`]) and the DLQ ([`dead_letter`]) by
-//! [`deliver`], and committed; [`processor`] runs the loop, [`retry`] is its one retry loop,
-//! [`stats`] counts what happened.
+//! delivered by [`deliver`] to its [`sinks`] (PostgreSQL, the fan-out topics, the DLQ), and
+//! committed as the [`commit`] sequencer allows; [`processor`] builds the processor and runs
+//! its loop, [`retry`] is its one retry loop, [`stats`] counts what happened, [`config`] holds
+//! its settings.
 
 pub mod avro;
+pub mod commit;
 pub mod config;
 pub mod consume;
-pub mod dead_letter;
 pub mod dedup;
 pub mod deliver;
-pub mod fanout;
 pub mod guard;
 pub mod normalize;
 pub mod plan;
 pub mod processor;
 pub mod retry;
 pub mod schema;
+pub mod sinks;
 pub mod stats;
+pub mod txn_id;
 pub mod validate;
 
 pub use retry::Unavailable;
+pub use sinks::fanout;
 
 use std::time::Duration;
 
@@ -58,20 +61,28 @@ pub async fn run_processor(
         ],
     )
     .await?;
+    // Held for the life of the process: the lock on this instance's transactional-id slot.
+    let mut _slot = None;
     let mode = if args.exactly_once {
-        deliver::DeliveryMode::Transactional {
-            transactional_id: args.transactional_id.clone().unwrap_or_else(|| {
-                let host = std::fs::read_to_string("/etc/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| "local".into());
-                format!("helios-{}-{host}", topology.consumer_group)
-            }),
-        }
+        let transactional_id = match args
+            .transactional_id
+            .clone()
+            .filter(|t| !t.trim().is_empty())
+        {
+            Some(id) => id,
+            None => {
+                let slot = txn_id::claim(&topology.consumer_group)?;
+                let id = slot.id.clone();
+                _slot = Some(slot);
+                id
+            }
+        };
+        config::DeliveryMode::Transactional { transactional_id }
     } else {
-        deliver::DeliveryMode::AtLeastOnce
+        config::DeliveryMode::AtLeastOnce
     };
-    let mut cfg = processor::ProcessorConfig::new(settings, topology);
-    cfg.batch = consume::BatchLimits {
+    let mut cfg = config::ProcessorConfig::new(settings, topology);
+    cfg.batch = config::BatchLimits {
         records: args.batch_size,
         bytes: args.batch_max_bytes,
         linger: Duration::from_millis(args.batch_linger_ms),

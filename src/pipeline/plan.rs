@@ -2,17 +2,20 @@
 //!
 //! Two phases. [`prepare`] is pure: normalize each record, validate each event (rules, schemas,
 //! the unknown-type policy), apply the sink guards, encode the fan-out value and check its size,
-//! and drop duplicates inside the batch (the first valid occurrence wins). Only then does
+//! and hold duplicates inside the batch (the first valid occurrence goes ahead; a later copy is
+//! counted a duplicate and kept aside, so it still goes through if a sink refuses the first:
+//! see the delivery). Only then does
 //! [`claim`] ask the dedup store, for the events that will really be written: an event refused
 //! before the store never claims a mark, so a corrected resend of its id is processed.
 
 use std::collections::HashSet;
 
-use super::dead_letter::DlqItem;
 use super::dedup::{Claim, DedupKey, DedupStore, MarkOwner};
 use super::normalize::normalize;
+use super::sinks::dlq::DlqItem;
+use super::sinks::fanout;
 use super::validate::Validator;
-use super::{fanout, guard, Unavailable};
+use super::{guard, Unavailable};
 use crate::db::EventStore;
 use crate::limits::SizeLimits;
 use crate::model::headers::raw as rh;
@@ -94,6 +97,12 @@ pub struct BatchPlan {
     /// Duplicates of an event another raw record claimed: kept aside in case that record's
     /// delivery (still running) dead-letters it and releases the mark (see [`reclaim`]).
     pub held: Vec<PlannedEvent>,
+    /// Later copies of an event whose first copy is in this same batch: counted duplicates,
+    /// kept aside in case a sink refuses the first (the delivery then claims for them).
+    pub held_in_batch: Vec<PlannedEvent>,
+    /// Of `duplicates`: events the store already had from another raw record (their dedup mark
+    /// had expired or was lost), found at delivery.
+    pub store_duplicates: u64,
     pub handshakes: Vec<Source>,
     /// Units that entered the pipeline per source: events parsed + unreadable records.
     pub units_in: Vec<Source>,
@@ -166,15 +175,18 @@ pub fn prepare(records: &[RawRecord], ctx: &PlanContext<'_>) -> BatchPlan {
                         check(ev, ctx).map_err(|r| (index, r))
                     }) {
                         Ok((ev, payload)) => {
-                            if seen.insert(DedupKey::of(&ev)) {
-                                plan.events.push(PlannedEvent {
-                                    event: ev,
-                                    record: i,
-                                    payload,
-                                    trace: None,
-                                });
+                            let first = seen.insert(DedupKey::of(&ev));
+                            let p = PlannedEvent {
+                                event: ev,
+                                record: i,
+                                payload,
+                                trace: None,
+                            };
+                            if first {
+                                plan.events.push(p);
                             } else {
                                 plan.duplicates.push(source);
+                                plan.held_in_batch.push(p);
                             }
                         }
                         Err((index, refusal)) => plan.dlq.push(DlqItem {

@@ -16,6 +16,9 @@ use crate::shutdown::Shutdown;
 pub struct Unavailable {
     pub sink: Sink,
     pub message: String,
+    /// The failure carried a code nobody classified: after a few retries the delivery isolates
+    /// it like a data error (see [`crate::model::fault`]).
+    pub unclassified: bool,
 }
 
 impl Unavailable {
@@ -23,6 +26,15 @@ impl Unavailable {
         Unavailable {
             sink,
             message: message.into(),
+            unclassified: false,
+        }
+    }
+
+    /// A failure with an unclassified code.
+    pub fn unclassified(sink: Sink, message: impl Into<String>) -> Self {
+        Unavailable {
+            unclassified: true,
+            ..Unavailable::new(sink, message)
         }
     }
 }
@@ -56,6 +68,8 @@ impl Backoff {
 pub struct Retry {
     what: &'static str,
     backoff: Backoff,
+    /// When the first attempt failed (the stall began).
+    since: Option<std::time::Instant>,
 }
 
 impl Retry {
@@ -63,11 +77,20 @@ impl Retry {
         Retry {
             what,
             backoff: Backoff::default(),
+            since: None,
         }
     }
 
-    /// Counts and logs a retry after `e`; the wait before the next attempt.
+    /// How long this work has been failing (zero before its first failure).
+    pub fn stalled(&self) -> Duration {
+        self.since.map(|s| s.elapsed()).unwrap_or_default()
+    }
+
+    /// Counts and logs a retry after `e`; the wait before the next attempt. The stall gauge
+    /// (`helios_processor_stalled_seconds`) says how long the work has been failing.
     fn note(&mut self, e: &Unavailable) -> Duration {
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        metrics::gauge!("helios_processor_stalled_seconds").set(since.elapsed().as_secs_f64());
         let pause = self.backoff.next_wait();
         metrics::counter!("helios_processor_retries_total", "stage" => e.sink.as_str())
             .increment(1);
@@ -98,6 +121,15 @@ impl Retry {
         tokio::select! {
             _ = tokio::time::sleep(pause) => true,
             _ = shutdown.clone().wait() => false,
+        }
+    }
+}
+
+impl Drop for Retry {
+    /// The work succeeded or was given up: it no longer stalls anything.
+    fn drop(&mut self) {
+        if self.since.is_some() {
+            metrics::gauge!("helios_processor_stalled_seconds").set(0.0);
         }
     }
 }

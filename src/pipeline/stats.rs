@@ -121,4 +121,8 @@ pub fn record_metrics(batch: &[RawRecord], plan: &BatchPlan, rows_inserted: u64)
         metrics::counter!("helios_processor_handshakes_total", "source" => s.as_str()).increment(n);
     }
     metrics::counter!("helios_processor_rows_inserted_total").increment(rows_inserted);
+    if plan.store_duplicates > 0 {
+        metrics::counter!("helios_processor_store_duplicates_total")
+            .increment(plan.store_duplicates);
+    }
 }

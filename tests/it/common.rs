@@ -199,9 +199,15 @@ pub async fn read_until(
         // on the topic): ask again rather than read nothing.
         let mut tpl = TopicPartitionList::new();
         loop {
-            let md = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .expect("metadata");
+            // A broker busy with the rest of the suite may not answer in time: ask again.
+            let md = match consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)) {
+                Ok(md) => md,
+                Err(e) if Instant::now() < deadline + Duration::from_secs(30) => {
+                    eprintln!("read_records({topic}): metadata: {e}; asking again");
+                    continue;
+                }
+                Err(e) => panic!("read_records({topic}): metadata: {e}"),
+            };
             for t in md.topics() {
                 if let Some(e) = t.error() {
                     eprintln!("read_records({topic}): metadata error {e:?}");
@@ -211,7 +217,7 @@ pub async fn read_until(
                         .expect("partition");
                 }
             }
-            if tpl.count() > 0 || Instant::now() > deadline {
+            if tpl.count() > 0 || Instant::now() > deadline + Duration::from_secs(30) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -349,6 +355,10 @@ pub struct ProcOpts {
     pub redis_url: String,
     /// librdkafka properties for the processor's clients.
     pub kafka_properties: Vec<(String, String)>,
+    /// How long a dedup mark lives.
+    pub dedup_ttl: Duration,
+    /// Most raw records per batch.
+    pub batch_records: usize,
 }
 
 impl Default for ProcOpts {
@@ -360,6 +370,8 @@ impl Default for ProcOpts {
             database_url: database_url(),
             redis_url: redis_url(),
             kafka_properties: vec![],
+            dedup_ttl: Duration::from_secs(3600),
+            batch_records: 200,
         }
     }
 }
@@ -375,17 +387,14 @@ pub async fn spawn_processor_with(topology: &Topology, o: ProcOpts) -> TestProce
         .await
         .expect("postgres");
     helios::db::migrate(&pool).await.expect("migrate");
-    let dedup = helios::pipeline::dedup::RedisDedup::connect(
-        &o.redis_url,
-        &o.dedup_prefix,
-        Duration::from_secs(3600),
-    )
-    .await
-    .expect("redis");
+    let dedup =
+        helios::pipeline::dedup::RedisDedup::connect(&o.redis_url, &o.dedup_prefix, o.dedup_ttl)
+            .await
+            .expect("redis");
     let mut kafka = KafkaSettings::new(kafka_bootstrap());
     kafka.properties.extend(o.kafka_properties.iter().cloned());
     let mut cfg = helios::pipeline::processor::ProcessorConfig::new(kafka, topology.clone());
-    cfg.batch.records = 200;
+    cfg.batch.records = o.batch_records;
     cfg.schema_registry_url = o.schema_registry_url.clone();
     let p = helios::pipeline::processor::Processor::new(
         cfg,
@@ -629,4 +638,156 @@ pub fn ingress_binary(
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
     (child, url)
+}
+
+/// Reads one series of a process's `/metrics`, summed over its labels when `name` is a bare
+/// metric name (0 while unreachable or not yet counted).
+pub async fn metric_value(addr: &str, name: &str) -> f64 {
+    let Ok(resp) = reqwest::get(format!("http://{addr}/metrics")).await else {
+        return 0.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            // `name` must be the whole metric name (or the name with some labels).
+            let rest = &l[name.len()..];
+            rest.starts_with(' ')
+                || rest.starts_with('{')
+                || name.ends_with('}')
+                || name.ends_with(',')
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until `metric_value(addr, name) >= at_least` (or `timeout`); returns the last value.
+pub async fn wait_metric(addr: &str, name: &str, at_least: f64, timeout: Duration) -> f64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = metric_value(addr, name).await;
+        if v >= at_least || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A free loopback address for a child's metrics endpoint.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Asks a child process to stop (SIGTERM) and waits up to `timeout` for it to exit; kills it if
+/// it did not. Returns whether it exited by itself, and its status.
+pub fn terminate(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> (bool, Option<std::process::ExitStatus>) {
+    // SAFETY: kill(2) on the child's pid; no memory is involved.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return (true, Some(status));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    (false, child.wait().ok())
+}
+
+/// A private Tansu broker (sqlite engine) in its own directory, on its own port: a test can
+/// stop it and start it again on the same data.
+pub struct Broker {
+    child: Option<std::process::Child>,
+    pub dir: std::path::PathBuf,
+    pub port: u16,
+}
+
+impl Broker {
+    pub fn start(dir: std::path::PathBuf, port: u16) -> Broker {
+        let bin = std::env::var("TANSU_BIN").expect(
+            "TANSU_BIN is not set: run the tests with scripts/test.sh, which installs Tansu",
+        );
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(bin)
+            .current_dir(&dir)
+            .env_remove("STORAGE_ENGINE")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://broker.db", "--silent"])
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("broker.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("start tansu");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Broker {
+            child: Some(child),
+            dir,
+            port,
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again on the same data and port (after [`Broker::stop`]).
+    pub fn restart(&mut self) {
+        self.stop();
+        let again = Broker::start(self.dir.clone(), self.port);
+        self.child = again.into_child();
+    }
+
+    fn into_child(mut self) -> Option<std::process::Child> {
+        let c = self.child.take();
+        // The data directory stays: it is the caller's broker's.
+        self.dir = std::path::PathBuf::new();
+        c
+    }
+
+    /// The bootstrap address.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -5,27 +5,49 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use serde_json::json;
 
 use crate::common::*;
 
-/// Runs a mock cluster on its own thread (it is not Send) until the returned sender is dropped.
-fn mock_cluster(topics: Vec<(String, i32)>) -> (String, mpsc::Sender<()>) {
+/// What a test asks of its mock cluster.
+pub enum MockCmd {
+    /// The next requests of this kind fail with these errors, in order.
+    RequestErrors(RDKafkaApiKey, Vec<RDKafkaRespErr>),
+}
+
+/// Runs a mock cluster on its own thread (it is not Send) until the returned sender is dropped;
+/// the sender also carries error injections.
+pub fn mock_cluster(topics: Vec<(String, i32)>) -> (String, mpsc::Sender<MockCmd>) {
     let (tx_addr, rx_addr) = mpsc::channel();
-    let (tx_stop, rx_stop) = mpsc::channel::<()>();
+    let (tx_cmd, rx_cmd) = mpsc::channel::<MockCmd>();
     std::thread::spawn(move || {
         let cluster = MockCluster::new(1).expect("mock cluster");
         for (t, p) in &topics {
             cluster.create_topic(t, *p, 1).expect("mock topic");
         }
         tx_addr.send(cluster.bootstrap_servers()).unwrap();
-        let _ = rx_stop.recv(); // until the test drops the sender
+        // Until the test drops the sender.
+        while let Ok(cmd) = rx_cmd.recv() {
+            match cmd {
+                MockCmd::RequestErrors(key, errors) => cluster.request_errors(key, &errors),
+            }
+        }
         drop(cluster);
     });
-    (rx_addr.recv().unwrap(), tx_stop)
+    (rx_addr.recv().unwrap(), tx_cmd)
+}
+
+/// The topology's topics on a mock cluster, `partitions` each.
+pub fn mock_topics(topology: &helios::topology::Topology, partitions: i32) -> Vec<(String, i32)> {
+    topology
+        .planned_topics()
+        .into_iter()
+        .map(|t| (t.name, partitions))
+        .collect()
 }
 
 fn spawn_eos(
@@ -34,17 +56,238 @@ fn spawn_eos(
     schema: &str,
     prefix: &str,
 ) -> std::process::Child {
-    helios_process_command(bootstrap, topology, schema, prefix)
-        .env("HELIOS_EXACTLY_ONCE", "true")
-        // The mock cluster does not abort a fenced predecessor's open transaction at once (a real
-        // cluster does, in init_transactions): a short timeout bounds how long it blocks readers.
-        .env("KAFKA_TRANSACTION_TIMEOUT_MS", "10000")
+    eos_command(bootstrap, topology, schema, prefix)
         .env(
             "HELIOS_TRANSACTIONAL_ID",
             format!("{}eos-test", topology.topic_prefix),
         )
         .spawn()
         .expect("start helios process --exactly-once")
+}
+
+/// `helios process` in exactly-once mode (default transactional id unless the caller sets one).
+fn eos_command(
+    bootstrap: &str,
+    topology: &helios::topology::Topology,
+    schema: &str,
+    prefix: &str,
+) -> std::process::Command {
+    let mut c = helios_process_command(bootstrap, topology, schema, prefix);
+    c.env("HELIOS_EXACTLY_ONCE", "true")
+        // The mock cluster does not abort a fenced predecessor's open transaction at once (a real
+        // cluster does, in init_transactions): a short timeout bounds how long it blocks readers.
+        // A commit waits at most half of it before it is tried again.
+        .env("KAFKA_TRANSACTION_TIMEOUT_MS", "10000");
+    c
+}
+
+fn orders(tag: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| json!({"event_type": "OrderPlaced", "event_id": format!("{tag}-{i}"), "data": {"order_id": format!("O-{i}"), "customer_id": "C"}}).to_string().into_bytes())
+        .collect()
+}
+
+/// Every event of `tag` on the OrderPlaced topic (read_committed, at least once here: the mock
+/// shows aborted transactions), within `timeout`.
+async fn wait_fanned_out(
+    bootstrap: &str,
+    topology: &helios::topology::Topology,
+    tag: &str,
+    n: usize,
+    timeout: Duration,
+) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = read_records(
+            bootstrap,
+            &topology.event_topic("OrderPlaced"),
+            4 * n,
+            Duration::from_secs(3),
+        )
+        .await;
+        let ids: HashSet<&str> = out
+            .iter()
+            .filter_map(|r| r.header("ce_id"))
+            .filter(|id| id.starts_with(tag))
+            .collect();
+        if ids.len() >= n || Instant::now() > deadline {
+            return ids.len();
+        }
+    }
+}
+
+/// Runs one exactly-once processor on a mock cluster, injects `errors` into the next `api`
+/// requests once the processor made progress, and checks that it recovers by itself: every
+/// event stored once, on its topic, and the group's offset at the end. Returns the processor's
+/// metrics address (still running) and the child.
+async fn recovers_from(api: RDKafkaApiKey, errors: Vec<RDKafkaRespErr>, metric: &str) -> f64 {
+    let topology = test_topology();
+    let (bootstrap, mock) = mock_cluster(mock_topics(&topology, 1));
+    let n = 600;
+    produce_direct_to(&bootstrap, &topology, &orders("r", n / 2)).await;
+    let (schema, prefix, pool) = scratch_store().await;
+    let metrics = free_addr();
+    let mut child = eos_command(&bootstrap, &topology, &schema, &prefix)
+        .env("HELIOS_METRICS_ADDR", &metrics)
+        .spawn()
+        .unwrap();
+    let first = wait_count(
+        &pool,
+        "SELECT count(*) FROM events",
+        50,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert!(first >= 50, "no progress before the fault ({first})");
+    mock.send(MockCmd::RequestErrors(api, errors)).unwrap();
+    let tail: Vec<Vec<u8>> = (n / 2..n)
+        .map(|i| json!({"event_type": "OrderPlaced", "event_id": format!("r-{i}"), "data": {"order_id": format!("O-{i}"), "customer_id": "C"}}).to_string().into_bytes())
+        .collect();
+    produce_direct_to(&bootstrap, &topology, &tail).await;
+    let seen = wait_metric(&metrics, metric, 1.0, Duration::from_secs(90)).await;
+    let rows = wait_count(
+        &pool,
+        "SELECT count(*) FROM events",
+        n as i64,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(rows, n as i64, "PostgreSQL: every event exactly once");
+    let fanned = wait_fanned_out(&bootstrap, &topology, "r-", n, Duration::from_secs(60)).await;
+    assert_eq!(fanned, n, "every event on its topic");
+    let committed = wait_metric(
+        &metrics,
+        "helios_processor_committed_offset",
+        n as f64,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(committed, n as f64, "the group's offset reaches the end");
+    terminate(&mut child, Duration::from_secs(30));
+    drop(mock);
+    seen
+}
+
+#[tokio::test]
+async fn exactly_once_a_commit_that_times_out_is_committed_again() {
+    // CONCURRENT_TRANSACTIONS is retried inside librdkafka; 40 of them outlast the commit's
+    // 5 s wait, which then answers a retriable timeout: the commit is called again (an abort
+    // would be refused at that point).
+    let retried = recovers_from(
+        RDKafkaApiKey::EndTxn,
+        vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS; 40],
+        "helios_processor_transaction_retries_total{step=\"commit\"}",
+    )
+    .await;
+    assert!(
+        retried >= 1.0,
+        "the commit never timed out: the test proves nothing"
+    );
+}
+
+#[tokio::test]
+async fn exactly_once_an_abortable_error_aborts_and_redoes_the_batch() {
+    let aborted = recovers_from(
+        RDKafkaApiKey::EndTxn,
+        vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED],
+        "helios_processor_transaction_retries_total{step=\"abort\"}",
+    )
+    .await;
+    assert!(aborted >= 1.0);
+}
+
+#[tokio::test]
+async fn exactly_once_a_fenced_producer_is_created_again_and_resumes() {
+    let renewed = recovers_from(
+        RDKafkaApiKey::EndTxn,
+        vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+        "helios_processor_producer_renewals_total",
+    )
+    .await;
+    assert!(renewed >= 1.0);
+}
+
+#[tokio::test]
+async fn exactly_once_two_instances_on_one_host_with_default_settings_both_make_progress() {
+    let topology = test_topology();
+    let (bootstrap, mock) = mock_cluster(mock_topics(&topology, 2));
+    let n = 800;
+    produce_direct_to(&bootstrap, &topology, &orders("two", n)).await;
+    let (schema, prefix, pool) = scratch_store().await;
+    let (ma, mb) = (free_addr(), free_addr());
+    let mut a = eos_command(&bootstrap, &topology, &schema, &prefix)
+        .env("HELIOS_METRICS_ADDR", &ma)
+        .spawn()
+        .unwrap();
+    let mut b = eos_command(&bootstrap, &topology, &schema, &prefix)
+        .env("HELIOS_METRICS_ADDR", &mb)
+        .spawn()
+        .unwrap();
+    let rows = wait_count(
+        &pool,
+        "SELECT count(*) FROM events",
+        n as i64,
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(rows, n as i64);
+    let out_a = metric_value(&ma, "helios_processor_events_out_total").await;
+    let out_b = metric_value(&mb, "helios_processor_events_out_total").await;
+    assert!(
+        out_a > 0.0 && out_b > 0.0,
+        "both instances made progress: {out_a} / {out_b}"
+    );
+    for m in [&ma, &mb] {
+        assert_eq!(
+            metric_value(m, "helios_processor_producer_renewals_total").await,
+            0.0,
+            "an instance was fenced by the other"
+        );
+    }
+    terminate(&mut a, Duration::from_secs(30));
+    terminate(&mut b, Duration::from_secs(30));
+    drop(mock);
+}
+
+#[tokio::test]
+async fn two_instances_under_the_kip848_protocol_split_the_partitions_and_process_everything_once()
+{
+    let topology = test_topology();
+    let (bootstrap, mock) = mock_cluster(mock_topics(&topology, 2));
+    let n = 600;
+    produce_direct_to(&bootstrap, &topology, &orders("k", n)).await;
+    let (schema, prefix, pool) = scratch_store().await;
+    let (ma, mb) = (free_addr(), free_addr());
+    let spawn = |m: &str| {
+        helios_process_command(&bootstrap, &topology, &schema, &prefix)
+            .env("KAFKA_GROUP_PROTOCOL", "consumer")
+            .env("HELIOS_METRICS_ADDR", m)
+            .spawn()
+            .unwrap()
+    };
+    let mut a = spawn(&ma);
+    let first = wait_count(
+        &pool,
+        "SELECT count(*) FROM events",
+        50,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert!(first >= 50, "no progress under the KIP-848 protocol");
+    let mut b = spawn(&mb);
+    let rows = wait_count(
+        &pool,
+        "SELECT count(*) FROM events",
+        n as i64,
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(rows, n as i64, "every event exactly once in PostgreSQL");
+    let fanned = wait_fanned_out(&bootstrap, &topology, "k-", n, Duration::from_secs(60)).await;
+    assert_eq!(fanned, n);
+    terminate(&mut a, Duration::from_secs(30));
+    terminate(&mut b, Duration::from_secs(30));
+    drop(mock);
 }
 
 #[tokio::test]
@@ -55,7 +298,7 @@ async fn exactly_once_across_a_crash_on_the_mock_cluster() {
         .into_iter()
         .map(|t| (t.name, 2))
         .collect();
-    let (bootstrap, _stop) = mock_cluster(topics);
+    let (bootstrap, _mock) = mock_cluster(topics);
     let n = 1500;
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| json!({"event_type": "OrderPlaced", "event_id": format!("x-{i}"), "data": {"order_id": format!("O-{i}"), "customer_id": "C"}}).to_string().into_bytes())
@@ -192,7 +435,7 @@ async fn exactly_once_across_a_crash_on_the_mock_cluster() {
 #[tokio::test]
 async fn the_mock_cluster_shows_aborted_transactions_to_read_committed_consumers() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let (bootstrap, _stop) = mock_cluster(vec![("t".into(), 1)]);
+    let (bootstrap, _mock) = mock_cluster(vec![("t".into(), 1)]);
     let b = bootstrap.clone();
     tokio::task::spawn_blocking(move || {
         let p: BaseProducer = rdkafka::ClientConfig::new()

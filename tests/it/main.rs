@@ -7,6 +7,8 @@ mod avro;
 mod aws_eventbridge;
 mod aws_sns;
 mod azure_eventgrid;
+mod chaos;
+mod commit_path;
 mod demo;
 mod deploy;
 mod direct;

@@ -2,82 +2,12 @@
 //! EventBridge's 5 s deadline; when it is back, 2xx again without restarting HELIOS.
 //! Runs its own Tansu so stopping it does not disturb the other tests.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use helios::config::KafkaSettings;
 use helios::source::Source;
 
 use crate::common::*;
-
-struct Broker {
-    child: Option<Child>,
-    dir: std::path::PathBuf,
-    port: u16,
-}
-
-impl Broker {
-    fn start(dir: std::path::PathBuf, port: u16) -> Broker {
-        let bin = std::env::var("TANSU_BIN").expect(
-            "TANSU_BIN is not set: run the tests with scripts/test.sh, which installs Tansu",
-        );
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(bin)
-            .current_dir(&dir)
-            .env_remove("STORAGE_ENGINE")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://broker.db", "--silent"])
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(dir.join("broker.log"))
-                    .unwrap(),
-            )
-            .spawn()
-            .expect("start tansu");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Broker {
-            child: Some(child),
-            dir,
-            port,
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test]
 async fn broker_down_gives_503_and_recovery_gives_2xx_without_restart() {

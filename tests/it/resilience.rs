@@ -89,18 +89,6 @@ async fn killing_the_processor_mid_stream_loses_and_doubles_nothing() {
     second.wait().unwrap();
 }
 
-/// Reads one counter of a processor's `/metrics` (0 while unreachable or not yet counted).
-async fn metric_value(addr: &str, name: &str) -> f64 {
-    let Ok(resp) = reqwest::get(format!("http://{addr}/metrics")).await else {
-        return 0.0;
-    };
-    let text = resp.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn killing_the_processor_with_two_batches_in_flight_loses_and_doubles_nothing() {
     let topology = applied_topology(|t| t.raw_topics.direct.partitions = 2).await;
@@ -117,10 +105,7 @@ async fn killing_the_processor_with_two_batches_in_flight_loses_and_doubles_noth
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }
-    let metrics_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let metrics_addr = free_addr();
     let mut first = spawn_binary_with(
         &topology,
         &schema,
@@ -348,6 +333,22 @@ async fn redis_and_postgres_outages_pause_processing_and_lose_nothing() {
     }
     read_exactly(&kafka_bootstrap(), &topology.dlq_topic(), 0).await;
     let (_, units, outs, dups, dlq) = proc.stats.snapshot();
-    assert_eq!((units, outs, dups, dlq), (60, 60, 0, 0));
+    expect_count(&direct_pool, "SELECT count(*) FROM events", 60).await;
+    // Each raw record processed once — unless the group took the partition away meanwhile (a
+    // session timeout while the broker is slow under the rest of the suite): then the batch in
+    // flight is read again from the committed offset and counted again (at least once; the
+    // table still holds each event once).
+    let rebalances = proc
+        .stats
+        .rebalances
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if rebalances <= 1 {
+        assert_eq!((units, outs, dups, dlq), (60, 60, 0, 0));
+    } else {
+        assert!(
+            units >= 60 && units == outs && (dups, dlq) == (0, 0),
+            "{rebalances} rebalances: {units} in, {outs} out, {dups} duplicates, {dlq} DLQ"
+        );
+    }
     proc.stop().await;
 }

@@ -7,10 +7,14 @@
 //! A DLQ record that still cannot be written (its raw record was larger than HELIOS may write)
 //! becomes a *reference record*: no value, only the headers, with reason `too_large` and the raw
 //! record's coordinates, so nothing stalls and nothing is lost (the raw topic keeps the value).
+//! A reference record refused for its data in turn becomes a *minimal record*: the reason, the
+//! stage and the coordinates, nothing echoed from the request.
 
 use chrono::SecondsFormat;
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
 
+use crate::limits::SizeLimits;
 use crate::model::headers::dlq as h;
 use crate::model::text::bounded;
 use crate::model::{DlqReason, DlqStage, RawRecord, Refusal};
@@ -75,6 +79,91 @@ pub fn reference_headers(
         pairs.push((h::FAILED_COUNT, items.len().to_string()));
         pairs.push((h::FAILURES, failures_json(items)));
     }
+    append(OwnedHeaders::new_with_capacity(pairs.len()), &pairs)
+}
+
+/// How a raw record's DLQ record is written: whole, as a reference record (the whole one was over
+/// the limit or refused; `why`), or as a minimal record (the reference record was refused too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DlqForm {
+    Full,
+    Reference(String),
+    Minimal(String),
+}
+
+impl DlqForm {
+    /// The next smaller form after a refusal for its data (`None`: there is none).
+    pub fn smaller(&self, why: String) -> Option<DlqForm> {
+        match self {
+            DlqForm::Full => Some(DlqForm::Reference(why)),
+            DlqForm::Reference(_) => Some(DlqForm::Minimal(why)),
+            DlqForm::Minimal(_) => None,
+        }
+    }
+}
+
+/// The DLQ record of `raw` for its refused `items`, in `form`; a whole copy over the output limit
+/// is written as a reference record instead.
+pub fn record<'a>(
+    topic: &'a str,
+    raw: &'a RawRecord,
+    items: &[&DlqItem],
+    form: &DlqForm,
+    limits: &SizeLimits,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let reference = |why: &str, size: usize| {
+        FutureRecord::to(topic)
+            .payload(&[][..])
+            .headers(reference_headers(raw, items, size, why))
+    };
+    match form {
+        DlqForm::Full => {
+            let full = record_headers(raw, items);
+            let size = record_size(raw, &full);
+            let limit = limits.output_record_max();
+            if size > limit {
+                return reference(
+                    &format!("{size} bytes is over the {limit}-byte limit"),
+                    size,
+                );
+            }
+            let r = FutureRecord::to(topic)
+                .payload(raw.value.as_slice())
+                .headers(full);
+            match &raw.key {
+                Some(k) => r.key(k.as_slice()),
+                None => r,
+            }
+        }
+        DlqForm::Reference(why) => {
+            let size = record_size(raw, &record_headers(raw, items));
+            reference(why, size)
+        }
+        DlqForm::Minimal(why) => FutureRecord::to(topic)
+            .payload(&[][..])
+            .headers(minimal_headers(raw, items, why)),
+    }
+}
+
+/// The headers of a minimal record: the first unit's reason and stage, the raw record's
+/// coordinates, and why the reference record could not be written (bounded), nothing else.
+pub fn minimal_headers(raw: &RawRecord, items: &[&DlqItem], why: &str) -> OwnedHeaders {
+    let first = &items[0].refusal;
+    let pairs: Vec<(&str, String)> = vec![
+        (h::REASON, first.reason.as_str().to_string()),
+        (h::STAGE, first.stage.as_str().to_string()),
+        (
+            h::DETAIL,
+            format!(
+                "minimal record: the DLQ and reference records of this raw record were refused ({})",
+                bounded(why, 256)
+            ),
+        ),
+        (h::RAW_TOPIC, raw.topic.clone()),
+        (h::RAW_PARTITION, raw.partition.to_string()),
+        (h::RAW_OFFSET, raw.offset.to_string()),
+        (h::FAILED_COUNT, items.len().to_string()),
+    ];
     append(OwnedHeaders::new_with_capacity(pairs.len()), &pairs)
 }
 

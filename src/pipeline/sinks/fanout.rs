@@ -88,3 +88,41 @@ pub fn json_payload(e: &CanonicalEvent) -> Vec<u8> {
     // Serializing a CanonicalEvent cannot fail: string keys, no non-finite floats.
     serde_json::to_vec(e).unwrap_or_default()
 }
+
+/// The order to send events in so that no later record of a key overtakes an earlier one on its
+/// topic: `keys[i]` is event i's (topic, key); round r holds the r-th event of every (topic,
+/// key), in batch order. Each round is sent only once the one before was acknowledged, so a
+/// failure surfaced in round r leaves every later record of its key unsent (and the retry
+/// resumes there). A batch without repeated keys is one round.
+pub fn rounds<'a>(keys: impl IntoIterator<Item = (usize, (&'a str, &'a str))>) -> Vec<Vec<usize>> {
+    let mut seen: std::collections::HashMap<(&str, &str), usize> = Default::default();
+    let mut rounds: Vec<Vec<usize>> = vec![];
+    for (i, k) in keys {
+        let r = seen.entry(k).or_insert(0);
+        if rounds.len() <= *r {
+            rounds.push(vec![]);
+        }
+        rounds[*r].push(i);
+        *r += 1;
+    }
+    rounds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rounds;
+
+    #[test]
+    fn each_round_holds_one_event_per_topic_and_key_in_batch_order() {
+        let keys = [
+            ("t.OrderPlaced", "O-1"),
+            ("t.OrderPlaced", "O-2"),
+            ("t.OrderUpdated", "O-1"),
+            ("t.OrderPlaced", "O-1"),
+            ("t.OrderPlaced", "O-1"),
+        ];
+        let r = rounds(keys.iter().copied().enumerate());
+        assert_eq!(r, vec![vec![0, 1, 2], vec![3], vec![4]]);
+        assert!(rounds(std::iter::empty()).is_empty());
+    }
+}

@@ -1,0 +1,59 @@
+//! Failpoints for the fault-injection harness, compiled only with the `failpoints` feature (the
+//! test script turns it on; release builds have none). `HELIOS_FAILPOINTS` names them:
+//! `deliver.after_store=2*panic` panics the first 2 times the point is reached, `=panic` every
+//! time. Points: `deliver.after_store` (a delivery that has written PostgreSQL and nothing else).
+
+#[cfg(feature = "failpoints")]
+mod imp {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    struct Point {
+        times: Option<u64>,
+        hits: AtomicU64,
+    }
+
+    fn points() -> &'static HashMap<String, Point> {
+        static P: OnceLock<HashMap<String, Point>> = OnceLock::new();
+        P.get_or_init(|| {
+            let spec = std::env::var("HELIOS_FAILPOINTS").unwrap_or_default();
+            spec.split(';')
+                .filter_map(|p| {
+                    let (name, action) = p.trim().split_once('=')?;
+                    let (times, what) = match action.split_once('*') {
+                        Some((n, w)) => (n.trim().parse().ok(), w.trim()),
+                        None => (None, action.trim()),
+                    };
+                    (what == "panic").then(|| {
+                        (
+                            name.trim().to_string(),
+                            Point {
+                                times,
+                                hits: AtomicU64::new(0),
+                            },
+                        )
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Panics when `name` is configured to and its count is not used up.
+    pub fn hit(name: &str) {
+        if let Some(p) = points().get(name) {
+            let n = p.hits.fetch_add(1, Ordering::SeqCst);
+            if p.times.is_none_or(|t| n < t) {
+                tracing::warn!(failpoint = name, hit = n + 1, "failpoint: panicking");
+                panic!("failpoint {name} (hit {})", n + 1);
+            }
+        }
+    }
+}
+
+/// Reaches the failpoint `name` (nothing without the `failpoints` feature).
+#[inline]
+pub fn hit(_name: &str) {
+    #[cfg(feature = "failpoints")]
+    imp::hit(_name);
+}
