@@ -64,6 +64,31 @@ impl<D, S> Sinks<D, S> {
             .clone()
     }
 
+    /// Replaces an at-least-once producer that seems stuck (a fatal error, or Kafka failing
+    /// for [`PRODUCER_RENEW_AFTER`]) with a new one, unless another delivery did already;
+    /// returns the producer to use now.
+    fn renew_output_producer(&self, stuck: &FutureProducer, why: &str) -> FutureProducer {
+        use rdkafka::producer::Producer;
+        let mut current = self.producer.write().unwrap_or_else(|p| p.into_inner());
+        if current.client().native_ptr() != stuck.client().native_ptr() {
+            return current.clone();
+        }
+        match output_producer(&self.kafka, &self.mode, &self.limits) {
+            Ok(p) => {
+                tracing::warn!(why, "the fan-out producer was created again (its unacknowledged records are sent by the new one, in order)");
+                metrics::counter!("helios_processor_producer_renewals_total").increment(1);
+                let old = std::mem::replace(&mut *current, p);
+                // Destroying a producer waits for its threads: not on the runtime's.
+                tokio::task::spawn_blocking(move || drop(old));
+                current.clone()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "creating the fan-out producer again failed");
+                current.clone()
+            }
+        }
+    }
+
     /// Replaces a transactional producer that failed for good with a new one (which fences the
     /// old one's transactional id); retried while the broker does not answer.
     async fn renew_producer(&self, shutdown: &Shutdown) -> bool {
@@ -87,6 +112,9 @@ impl<D, S> Sinks<D, S> {
         }
     }
 }
+
+/// How long the fan-out may keep failing on Kafka before its producer is created again.
+const PRODUCER_RENEW_AFTER: Duration = Duration::from_secs(20);
 
 /// How a delivery task ended.
 enum Outcome {
@@ -353,7 +381,7 @@ async fn deliver_task<D: DedupStore, S: EventStore>(
     ownership: Option<Arc<Ownership>>,
     shutdown: Shutdown,
 ) -> Outcome {
-    let out = Outputs {
+    let mut out = Outputs {
         store: &sinks.store,
         dedup: &sinks.dedup,
         producer: sinks.producer(),
@@ -370,6 +398,7 @@ async fn deliver_task<D: DedupStore, S: EventStore>(
     // The batch's ticket stays with the delivery: a given-up batch is abandoned by the loop,
     // which knows its ticket id (a panicked task could not hand anything back).
     let mut retry = Retry::new("deliver");
+    let mut kafka_failing: Option<Instant> = None;
     loop {
         let stop = match delivery.run(&out).await {
             Ok(d) => return Outcome::Delivered(Box::new(d)),
@@ -394,6 +423,23 @@ async fn deliver_task<D: DedupStore, S: EventStore>(
                 };
             }
         };
+        if e.sink == crate::model::Sink::Kafka && sinks.mode == DeliveryMode::AtLeastOnce {
+            // An idempotent producer can fail for good (a fatal error), or get stuck with a
+            // broker that lost its state (Tansu 0.6.0 after a restart): a new one gets a new
+            // producer id. Kafka being down for a while costs a new producer every 20 s.
+            use rdkafka::producer::Producer;
+            let since = *kafka_failing.get_or_insert_with(Instant::now);
+            let fatal = out.producer.client().fatal_error().map(|(_, why)| why);
+            if fatal.is_some() || since.elapsed() >= PRODUCER_RENEW_AFTER {
+                let why = fatal.unwrap_or_else(|| {
+                    format!("Kafka writes failed for {}s", since.elapsed().as_secs())
+                });
+                out.producer = sinks.renew_output_producer(&out.producer, &why);
+                kafka_failing = None;
+            }
+        } else {
+            kafka_failing = None;
+        }
         if ownership.as_ref().is_some_and(|o| delivery.fenced_whole(o)) {
             return Outcome::Abandoned {
                 why: "its partitions were revoked while it was retried (the new owner reads it)"

@@ -266,6 +266,39 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_record_gets_smaller_until_it_is_minimal() {
+        let raw = RawRecord {
+            topic: "raw".into(),
+            partition: 3,
+            offset: 7,
+            value: b"{}".to_vec(),
+            headers: vec![("x-echoed".into(), b"v".to_vec())],
+            ..Default::default()
+        };
+        let items = [item(0, "no type")];
+        let refs: Vec<&DlqItem> = items.iter().collect();
+        let limits = SizeLimits::default();
+        let full = DlqForm::Full;
+        let reference = full.smaller("refused".into()).unwrap();
+        let minimal = reference.smaller("refused again".into()).unwrap();
+        assert!(matches!(reference, DlqForm::Reference(_)));
+        assert!(matches!(minimal, DlqForm::Minimal(_)));
+        assert_eq!(minimal.smaller("and again".into()), None);
+        let r = record("dlq", &raw, &refs, &minimal, &limits);
+        assert_eq!(r.payload.map(<[u8]>::len), Some(0));
+        let h = r.headers.unwrap();
+        let get = |k: &str| {
+            h.iter()
+                .find(|x| x.key == k)
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).to_string())
+        };
+        assert_eq!(get(h::REASON).as_deref(), Some("missing_event_type"));
+        assert_eq!(get(h::RAW_OFFSET).as_deref(), Some("7"));
+        assert_eq!(get("x-echoed"), None, "nothing of the request is echoed");
+    }
+
+    #[test]
     fn headers_stay_bounded_whatever_the_failures() {
         let raw = RawRecord {
             topic: "t".into(),

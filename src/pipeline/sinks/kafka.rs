@@ -18,8 +18,9 @@ use crate::pipeline::config::DeliveryMode;
 use crate::pipeline::Unavailable;
 
 /// Creates the fan-out/DLQ producer for `mode`. Pinned (no pass-through property or alias
-/// overrides them): `acks=all` and idempotence, on which per-key order and "ack means durable"
-/// rest; the largest record (the output limit); in exactly-once mode the transactional id.
+/// overrides them): `acks=all`, on which "ack means durable" rests; idempotence, or without it
+/// one request in flight, on which per-key order rests; the largest record (the output limit);
+/// in exactly-once mode the transactional id.
 pub fn output_producer(
     kafka: &KafkaSettings,
     mode: &DeliveryMode,
@@ -45,10 +46,20 @@ pub fn output_producer(
             cfg.set("message.timeout.ms", txn_timeout.min(30_000).to_string());
         }
     }
-    // Idempotence: librdkafka's own retries keep each partition's order and never write a record
-    // twice; together with the fan-out's rounds (one record per key in flight at a time) no later
-    // record of a key overtakes an earlier one.
-    pin(&mut cfg, "enable.idempotence", "true");
+    // Per-key order rests on two things: the fan-out's rounds (one record per key in flight at
+    // a time, so a failure that surfaces leaves every later record of the key unsent) and a
+    // producer whose own retries keep each partition's order. That is idempotence (the
+    // default); a user who turns it off (`KAFKA_ENABLE_IDEMPOTENCE=false`, for a broker that
+    // mishandles it, e.g. Tansu 0.6.0 across a restart) gets one request in flight per
+    // connection instead, which keeps the order too, at some throughput.
+    let idempotence_off =
+        idempotence_disabled(kafka) && !matches!(mode, DeliveryMode::Transactional { .. });
+    if idempotence_off {
+        pin(&mut cfg, "enable.idempotence", "false");
+        pin(&mut cfg, "max.in.flight.requests.per.connection", "1");
+    } else {
+        pin(&mut cfg, "enable.idempotence", "true");
+    }
     // Every DLQ copy of a raw record fits; fan-out records are checked against the same limit
     // before they are sent (see crate::limits).
     pin(
@@ -58,6 +69,14 @@ pub fn output_producer(
     );
     pin(&mut cfg, "acks", "all");
     cfg.create()
+}
+
+/// True when the user turned the fan-out producer's idempotence off.
+fn idempotence_disabled(kafka: &KafkaSettings) -> bool {
+    kafka
+        .properties
+        .get("enable.idempotence")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
 }
 
 /// `transaction.timeout.ms` (default 60 s): how long the broker lets a transaction stay open.
