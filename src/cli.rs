@@ -159,7 +159,11 @@ async fn check_raw_topic_sizes(cfg: &IngressConfig, kafka: &KafkaArgs) -> anyhow
         &kafka.limits()?,
         &[crate::limits::TopicKind::Raw],
     )
-    .await
+    .await?;
+    if cfg.mode == crate::config::DeploymentMode::Production {
+        crate::kafka::warn_min_insync(&cfg.kafka, &cfg.topology).await;
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

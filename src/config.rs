@@ -49,7 +49,7 @@ pub struct KafkaArgs {
     /// Largest request body the ingress accepts (larger ones get 413). Every other record size
     /// derives from it: raw records, the processor's fan-out and DLQ records, and the
     /// `max.message.bytes` each topic must allow (checked at start-up).
-    #[arg(long, env = "HELIOS_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "HELIOS_MAX_BODY_BYTES", default_value_t = crate::limits::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
 }
 
@@ -183,18 +183,72 @@ pub fn property_names(key: &str) -> Vec<&str> {
 }
 
 /// Sets a property HELIOS's guarantees depend on: under every alias removed first, so no
-/// pass-through property can override it. A user value that differs is reported once.
+/// pass-through property can override it (start-up refuses a conflicting one before this runs:
+/// [`refuse_overrides`]).
 pub fn pin(cfg: &mut rdkafka::ClientConfig, key: &str, value: &str) {
     for name in property_names(key) {
-        if let Some(v) = cfg.get(name).map(str::to_string) {
-            if v != value {
-                tracing::warn!(property = name, ignored = %v, pinned = value,
-                    "a Kafka property HELIOS pins was set: the setting is ignored (it would break a guarantee)");
-            }
-            cfg.remove(name);
-        }
+        cfg.remove(name);
     }
     cfg.set(key, value);
+}
+
+/// A setting HELIOS pins: the property, its value, and what depends on it (for the error).
+pub struct Pinned<'a> {
+    pub key: &'a str,
+    pub value: &'a str,
+    pub why: &'a str,
+}
+
+/// Refuses to start when a pass-through property (under its name or any alias) would change a
+/// pinned setting, naming the property, where it can come from, and what it would break.
+pub fn refuse_overrides(
+    properties: &BTreeMap<String, String>,
+    pinned: &[Pinned<'_>],
+) -> anyhow::Result<()> {
+    let mut problems = vec![];
+    for p in pinned {
+        for name in property_names(p.key) {
+            if let Some(v) = properties.get(name) {
+                if !v.trim().eq_ignore_ascii_case(p.value) {
+                    let env = format!("KAFKA_{}", name.to_ascii_uppercase().replace('.', "_"));
+                    let alias = if name == p.key {
+                        String::new()
+                    } else {
+                        format!(", an alias of `{}`", p.key)
+                    };
+                    problems.push(format!(
+                        "`{name}={v}` ({env}, --kafka-property or topology.yaml `kafka:`{alias}) would change a setting HELIOS pins: `{}={}` — {}",
+                        p.key, p.value, p.why
+                    ));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "Kafka properties refused (remove them):\n  - {}",
+            problems.join("\n  - ")
+        )
+    }
+}
+
+/// `acks=all`, which every HELIOS producer pins.
+pub const ACKS_ALL: Pinned<'static> = Pinned {
+    key: "acks",
+    value: "all",
+    why: "a record counts as written only once every in-sync replica has it",
+};
+
+impl KafkaSettings {
+    /// A producer config with `acks=all` pinned (refused at start-up when overridden).
+    pub fn durable_producer_config(&self) -> anyhow::Result<rdkafka::ClientConfig> {
+        refuse_overrides(&self.properties, &[ACKS_ALL])?;
+        let mut c = self.client_config();
+        pin(&mut c, "acks", "all");
+        Ok(c)
+    }
 }
 
 /// True when the user set `key` under any of its names.
@@ -237,6 +291,25 @@ mod tests {
         assert_eq!(m.len(), 2);
         assert_eq!(m["security.protocol"], "SASL_SSL");
         assert_eq!(m["sasl.username"], "u");
+    }
+
+    #[test]
+    fn an_override_of_a_pinned_setting_under_any_name_is_refused() {
+        let pinned = [Pinned {
+            key: "acks",
+            value: "all",
+            why: "a 2xx means durable",
+        }];
+        for name in ["acks", "request.required.acks"] {
+            let mut props = BTreeMap::new();
+            props.insert(name.to_string(), "0".to_string());
+            let e = refuse_overrides(&props, &pinned).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains("acks=all"), "{e}");
+        }
+        let mut same = BTreeMap::new();
+        same.insert("acks".to_string(), "ALL".to_string());
+        assert!(refuse_overrides(&same, &pinned).is_ok());
+        assert!(refuse_overrides(&BTreeMap::new(), &pinned).is_ok());
     }
 
     #[test]

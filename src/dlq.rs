@@ -289,7 +289,7 @@ pub async fn run(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
             let (topology, settings, recs) = load(&kafka, &filter).await?;
             let pool = crate::db::connect(&database_url, db_schema.as_deref()).await?;
             let dlq_topic = topology.dlq_topic();
-            let producer: FutureProducer = settings.client_config().set("acks", "all").create()?;
+            let producer: FutureProducer = settings.durable_producer_config()?.create()?;
             let (mut sent, mut refused, mut already) = (0, 0, 0);
             for r in &recs {
                 let done: Option<i64> = sqlx::query_scalar(

@@ -230,8 +230,13 @@ pub struct KafkaHealth {
 }
 
 impl KafkaHealth {
-    /// Starts probing the cluster behind `producer` every `every`; stops with the runtime.
-    pub fn start(producer: FutureProducer, every: Duration) -> KafkaHealth {
+    /// Starts probing the cluster behind `producer` every `every`; stops at `shutdown` (or with
+    /// the runtime), letting the producer go.
+    pub fn start(
+        producer: FutureProducer,
+        every: Duration,
+        shutdown: crate::shutdown::Shutdown,
+    ) -> KafkaHealth {
         let h = KafkaHealth {
             reachable: Arc::new(AtomicBool::new(false)),
             failures: Arc::new(std::sync::atomic::AtomicU32::new(0)),
@@ -260,7 +265,10 @@ impl KafkaHealth {
                 } else {
                     0.0
                 });
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = shutdown.clone().wait() => return,
+                }
             }
         });
         h
@@ -509,6 +517,43 @@ pub async fn check_topic_sizes(
         );
     }
     Ok(())
+}
+
+/// Warns for each raw topic whose `min.insync.replicas` is below 2: with `acks=all` a 2xx then
+/// means one broker has the record, and losing that broker loses acknowledged events.
+pub async fn warn_min_insync(settings: &KafkaSettings, topology: &Topology) {
+    use rdkafka::admin::ResourceSpecifier;
+    let Ok(admin) = settings
+        .client_config()
+        .create::<AdminClient<DefaultClientContext>>()
+    else {
+        return;
+    };
+    let topics: Vec<String> = crate::source::Source::ALL
+        .iter()
+        .map(|s| topology.raw_topic(*s))
+        .collect();
+    let specs: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let Ok(Ok(described)) = tokio::time::timeout(
+        Duration::from_secs(12),
+        admin.describe_configs(&specs, &opts),
+    )
+    .await
+    else {
+        tracing::warn!("cannot read the raw topics' min.insync.replicas from the broker");
+        return;
+    };
+    for (t, r) in topics.iter().zip(described) {
+        let value = r
+            .ok()
+            .and_then(|c| c.get("min.insync.replicas").and_then(|e| e.value.clone()))
+            .and_then(|v| v.parse::<i64>().ok());
+        if value.is_some_and(|v| v < 2) {
+            tracing::warn!(topic = %t, min_insync_replicas = value, "min.insync.replicas is below 2: an acknowledged event may live on one broker only (set it to 2 with 3 replicas)");
+        }
+    }
 }
 
 /// A consumer for reading topics directly (assigned partitions, a throw-away group id that is

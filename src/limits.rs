@@ -6,8 +6,17 @@
 //! the settings when they disagree.
 
 /// Room for a raw record's headers on top of its body (the ingress copies the cloud's delivery
-/// headers; HTTP servers cap a request's headers well below this).
-pub const RAW_HEADER_ALLOWANCE: usize = 64 * 1024;
+/// headers: a Pub/Sub unwrapped push carries each of up to 100 attributes, 256-byte key and
+/// 1,024-byte value, as a header; the HTTP server reads at most [`MAX_HEAD_BYTES`] of them).
+pub const RAW_HEADER_ALLOWANCE: usize = 192 * 1024;
+/// The most bytes of request line and headers the ingress reads per request (hyper's read
+/// buffer): the Pub/Sub attributes above, with room to spare.
+pub const MAX_HEAD_BYTES: usize = 176 * 1024;
+/// The most header fields per request (Pub/Sub's 100 attributes plus the HTTP ones).
+pub const MAX_HEADERS: usize = 192;
+/// Default largest request body: a maximal Event Grid event (1 MB) in its array and envelope,
+/// with room to spare (1 MiB exactly would refuse it with a 413 Event Grid never retries).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024 + 128 * 1024;
 /// Room for the headers the processor adds to a DLQ record (each bounded, see `pipeline::dlq`).
 pub const DLQ_HEADER_ALLOWANCE: usize = 16 * 1024;
 /// Kafka's framing of a one-record batch (batch header, record header, varints), rounded up.
@@ -25,7 +34,7 @@ pub struct SizeLimits {
 impl Default for SizeLimits {
     fn default() -> Self {
         SizeLimits {
-            max_body_bytes: 1024 * 1024,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
     }
 }
@@ -100,7 +109,9 @@ mod tests {
     #[test]
     fn everything_derives_from_the_body_limit() {
         let l = SizeLimits::default();
-        assert_eq!(l.raw_record_max(), 1024 * 1024 + 64 * 1024);
+        assert_eq!(l.raw_record_max(), 1_179_648 + 192 * 1024);
+        // A maximal Event Grid event with its envelope fits; every record fits a 2 MiB topic.
+        assert!(l.max_body_bytes > 1_048_576 + 4096);
         assert!(l.output_record_max() > l.raw_record_max());
         assert!(l.check_topic("t", TopicKind::Raw, 2_097_152, "x").is_ok());
         let err = l
@@ -111,7 +122,7 @@ mod tests {
                 "broker default",
             )
             .unwrap_err();
-        assert!(err.contains("HELIOS_MAX_BODY_BYTES=1048576"), "{err}");
+        assert!(err.contains("HELIOS_MAX_BODY_BYTES=1179648"), "{err}");
         assert!(err.contains("helios.raw.aws"), "{err}");
     }
 }

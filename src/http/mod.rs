@@ -7,6 +7,7 @@
 pub mod error;
 pub mod landing;
 pub mod overload;
+pub mod shape;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -105,6 +106,16 @@ impl Front {
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
+                // 408 is final for SNS and EventBridge (every 4xx but 429 is): a body that came
+                // too slowly may come faster next time, so they hear 503.
+                let e = match e {
+                    IngressError::BodyTimeout(d) if source == Source::Aws => {
+                        IngressError::Unavailable(format!(
+                            "the request body did not arrive within {d:?} (HELIOS_BODY_READ_TIMEOUT_MS); retry"
+                        ))
+                    }
+                    e => e,
+                };
                 let status = e.status();
                 let msg = e.to_string();
                 let msg = echo(&msg);
@@ -155,13 +166,18 @@ impl Incoming {
 
     /// A query-string parameter (percent-decoded).
     pub fn query_param(&self, name: &str) -> Option<String> {
-        let q = self.query.as_deref()?;
-        reqwest::Url::parse(&format!("http://x/?{q}"))
-            .ok()?
-            .query_pairs()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
+        query_param(self.query.as_deref(), name)
     }
+}
+
+/// A parameter of a query string (percent-decoded).
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    let q = query?;
+    reqwest::Url::parse(&format!("http://x/?{q}"))
+        .ok()?
+        .query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// A handler state that carries the [`Front`] (each cloud's state does).

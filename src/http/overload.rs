@@ -1,20 +1,28 @@
-//! Overload behaviour a cloud understands. Before a request's body is even read, the guard
-//! refuses it when HELIOS cannot take it now, with the status that cloud retries and a
-//! `Retry-After`:
-//! - the source's rate limit (topology.yaml `rate_limits`, a token bucket per source) is spent;
-//! - too many requests are in flight (`HELIOS_MAX_IN_FLIGHT`);
-//! - the broker health probe says Kafka is unreachable — answered at once instead of after the
-//!   whole produce timeout, so connections do not pile up during an outage.
+//! The front door of every delivery endpoint, in the order that spends nothing shared on a
+//! caller before it is authenticated:
+//! 1. **protected mode** — an endpoint with no credentials configured serves loopback clients
+//!    only (Redis's protected mode) and tells anyone else which variable to set;
+//! 2. **credentials** carried by the request head (API key, Basic, a query token, an OIDC bearer
+//!    token), checked by the endpoint before this guard is entered: a caller without them is
+//!    refused here, holding no token, no permit and no body memory;
+//! 3. **Kafka down** (the broker probe) → 503 at once, instead of after the whole produce timeout;
+//! 4. the **rate limit** of the endpoint's lane (topology.yaml `rate_limits`, per source; SNS and
+//!    EventBridge each have a bucket of their own);
+//! 5. an **in-flight permit** of the lane (`HELIOS_MAX_IN_FLIGHT` per endpoint: SNS, whose
+//!    signature is in the body, cannot starve EventBridge, nor the other way round);
+//! 6. **body memory** of the lane (`HELIOS_MAX_BODY_MEMORY` bytes per endpoint), reserved by the
+//!    request's `Content-Length` (the body limit when it has none).
 //!
-//! 429 where the cloud retries it (EventBridge, Pub/Sub, Event Grid, direct callers); 503 for SNS,
-//! which treats every 4xx as a permanent failure and would drop the message (see
-//! `shared/docs/cloud-push-contracts.md`).
+//! Refusals carry the status the cloud retries and a `Retry-After`: 429 where the cloud retries
+//! it (EventBridge, Pub/Sub, Event Grid, direct callers); 503 for SNS, which treats every 4xx as
+//! a permanent failure and would drop the message (see `shared/docs/cloud-push-contracts.md`).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -42,49 +50,137 @@ impl Backpressure {
     }
 }
 
+/// An endpoint's own share of the front door: its rate bucket, permits and body memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Lane {
+    EventBridge,
+    Sns,
+    PubSub,
+    EventGrid,
+    Direct,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 5] = [
+        Lane::EventBridge,
+        Lane::Sns,
+        Lane::PubSub,
+        Lane::EventGrid,
+        Lane::Direct,
+    ];
+
+    /// The source whose rate limit (topology.yaml) the lane applies.
+    pub fn source(self) -> Source {
+        match self {
+            Lane::EventBridge | Lane::Sns => Source::Aws,
+            Lane::PubSub => Source::Gcp,
+            Lane::EventGrid => Source::Azure,
+            Lane::Direct => Source::Direct,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::EventBridge => "eventbridge",
+            Lane::Sns => "sns",
+            Lane::PubSub => "pubsub",
+            Lane::EventGrid => "eventgrid",
+            Lane::Direct => "ingest",
+        }
+    }
+}
+
+/// What one request is let in by: decided by the endpoint from the request head.
+pub struct Gate<'a> {
+    pub lane: Lane,
+    pub endpoint: &'static str,
+    pub backpressure: Backpressure,
+    /// `Some(what to set)` when the endpoint has no credentials configured: protected mode.
+    pub unconfigured: Option<&'a str>,
+    /// The verdict on the credentials the request head carries.
+    pub credentials: Result<(), IngressError>,
+}
+
 struct Bucket {
     limit: RateLimit,
     tokens: f64,
     last: Instant,
 }
 
-/// Per-source token buckets and the in-flight cap.
+/// Per-lane token buckets, in-flight permits and body memory.
 pub struct Overload {
-    buckets: BTreeMap<Source, Mutex<Bucket>>,
-    in_flight: Arc<Semaphore>,
+    buckets: BTreeMap<Lane, Mutex<Bucket>>,
+    in_flight: BTreeMap<Lane, Arc<Semaphore>>,
+    /// Body memory, in KiB, per lane.
+    memory: BTreeMap<Lane, Arc<Semaphore>>,
+    memory_kib: u32,
+    max_body_bytes: usize,
+    /// Protected mode is on (the default).
+    protected: bool,
+}
+
+/// The limits of the door.
+#[derive(Debug, Clone, Copy)]
+pub struct DoorLimits {
+    /// Requests at once per endpoint.
+    pub max_in_flight: usize,
+    /// Body bytes in flight per endpoint.
+    pub max_body_memory: usize,
+    /// The largest body (reserved for a request without `Content-Length`).
+    pub max_body_bytes: usize,
+    /// Endpoints without credentials serve loopback clients only.
+    pub protected: bool,
 }
 
 impl Overload {
-    /// `limits`: per-source rates (absent: unlimited); `max_in_flight`: requests at once.
-    pub fn new(limits: &BTreeMap<Source, RateLimit>, max_in_flight: usize) -> Self {
+    /// `limits`: per-source rates (absent: unlimited).
+    pub fn new(limits: &BTreeMap<Source, RateLimit>, door: DoorLimits) -> Self {
+        let memory_kib = (door.max_body_memory.div_ceil(1024)).clamp(1, u32::MAX as usize) as u32;
         Overload {
-            buckets: limits
+            buckets: Lane::ALL
                 .iter()
-                .map(|(s, l)| {
-                    (
-                        *s,
-                        Mutex::new(Bucket {
-                            limit: *l,
-                            tokens: l.burst as f64,
-                            last: Instant::now(),
-                        }),
-                    )
+                .filter_map(|lane| {
+                    limits.get(&lane.source()).map(|l| {
+                        (
+                            *lane,
+                            Mutex::new(Bucket {
+                                limit: *l,
+                                tokens: l.burst as f64,
+                                last: Instant::now(),
+                            }),
+                        )
+                    })
                 })
                 .collect(),
-            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            in_flight: Lane::ALL
+                .iter()
+                .map(|l| (*l, Arc::new(Semaphore::new(door.max_in_flight.max(1)))))
+                .collect(),
+            memory: Lane::ALL
+                .iter()
+                .map(|l| (*l, Arc::new(Semaphore::new(memory_kib as usize))))
+                .collect(),
+            memory_kib,
+            max_body_bytes: door.max_body_bytes,
+            protected: door.protected,
         }
     }
 
-    /// The rate limit of a source, if any.
-    pub fn rate(&self, source: Source) -> Option<RateLimit> {
+    /// The rate limit of a lane, if any.
+    pub fn rate(&self, lane: Lane) -> Option<RateLimit> {
         self.buckets
-            .get(&source)
+            .get(&lane)
             .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).limit)
     }
 
-    /// Takes one token of `source`'s bucket; `Err(wait)` when it is empty.
-    fn take(&self, source: Source) -> Result<(), Duration> {
-        let Some(b) = self.buckets.get(&source) else {
+    /// Whether endpoints without credentials serve loopback clients only.
+    pub fn protected(&self) -> bool {
+        self.protected
+    }
+
+    /// Takes one token of the lane's bucket; `Err(wait)` when it is empty.
+    fn take(&self, lane: Lane) -> Result<(), Duration> {
+        let Some(b) = self.buckets.get(&lane) else {
             return Ok(());
         };
         let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,6 +198,18 @@ impl Overload {
             ))
         }
     }
+
+    /// The body memory a request reserves, in KiB.
+    fn reserve_kib(&self, req: &Request) -> u32 {
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(self.max_body_bytes)
+            .min(self.max_body_bytes);
+        (declared.div_ceil(1024).max(1) as u32).min(self.memory_kib)
+    }
 }
 
 fn refuse(
@@ -114,27 +222,65 @@ fn refuse(
 ) -> Response {
     metrics::counter!("helios_ingress_overload_total", "source" => source.as_str(), "reason" => reason)
         .increment(1);
-    metrics::counter!("helios_ingress_requests_total", "source" => source.as_str(), "endpoint" => endpoint, "status" => status.as_u16().to_string())
-        .increment(1);
-    IngressError::Overloaded {
-        status,
-        retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
-        message,
-    }
-    .into_response_with_id(&uuid::Uuid::now_v7().to_string())
+    refused(
+        source,
+        endpoint,
+        IngressError::Overloaded {
+            status,
+            retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            message,
+        },
+    )
 }
 
-/// The guard in front of one endpoint of `source`; `backpressure` picks the status per request
-/// (the EventBridge endpoint answers SNS envelopes like SNS).
-pub async fn guard(
-    front: Arc<Front>,
-    source: Source,
-    endpoint: &'static str,
-    backpressure: fn(&Request) -> Backpressure,
-    req: Request,
-    next: Next,
-) -> Response {
-    let status = backpressure(&req).status();
+/// The response to a request refused at the door (counted like any answer).
+pub fn refused(source: Source, endpoint: &'static str, e: IngressError) -> Response {
+    metrics::counter!("helios_ingress_requests_total", "source" => source.as_str(), "endpoint" => endpoint, "status" => e.status().as_u16().to_string())
+        .increment(1);
+    e.into_response_with_id(&uuid::Uuid::now_v7().to_string())
+}
+
+/// The peer of a request, when the server recorded it.
+pub fn peer(req: &Request) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
+/// True for a loopback peer (127.0.0.0/8, ::1, an IPv4-mapped loopback).
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// The door in front of one endpoint (see the module docs for the order).
+pub async fn guard(front: Arc<Front>, gate: Gate<'_>, req: Request, next: Next) -> Response {
+    let source = gate.lane.source();
+    let endpoint = gate.endpoint;
+    if let Some(hint) = gate.unconfigured {
+        let overload = &front.overload;
+        let local = peer(&req).is_some_and(|p| is_loopback(&p));
+        if overload.protected && !local {
+            metrics::counter!("helios_ingress_auth_failures_total", "source" => source.as_str(), "reason" => "protected_mode")
+                .increment(1);
+            return refused(
+                source,
+                endpoint,
+                IngressError::Forbidden(format!(
+                    "this endpoint has no credentials configured, so it serves loopback clients only (protected mode): {hint}; \
+                     or set HELIOS_PROTECTED_MODE=false to accept anyone (not for production)"
+                )),
+            );
+        }
+    }
+    if let Err(e) = gate.credentials {
+        return refused(source, endpoint, e);
+    }
+    let status = gate.backpressure.status();
     if front.kafka_health.known_down() {
         return refuse(
             source,
@@ -145,7 +291,8 @@ pub async fn guard(
             "Kafka is unreachable; the event was not stored, retry later".into(),
         );
     }
-    if let Err(wait) = front.overload.take(source) {
+    let overload = &front.overload;
+    if let Err(wait) = overload.take(gate.lane) {
         return refuse(
             source,
             endpoint,
@@ -157,7 +304,7 @@ pub async fn guard(
             ),
         );
     }
-    let Ok(_permit) = front.overload.in_flight.clone().try_acquire_owned() else {
+    let Ok(_permit) = overload.in_flight[&gate.lane].clone().try_acquire_owned() else {
         return refuse(
             source,
             endpoint,
@@ -167,15 +314,43 @@ pub async fn guard(
             "too many requests in flight (HELIOS_MAX_IN_FLIGHT); retry later".into(),
         );
     };
+    let Ok(_memory) = overload.memory[&gate.lane]
+        .clone()
+        .try_acquire_many_owned(overload.reserve_kib(&req))
+    else {
+        return refuse(
+            source,
+            endpoint,
+            "body_memory",
+            status,
+            Duration::from_secs(1),
+            "too many request bytes in flight (HELIOS_MAX_BODY_MEMORY); retry later".into(),
+        );
+    };
     next.run(req).await
 }
 
-/// 429 for everything (EventBridge, Pub/Sub, Event Grid, direct).
-pub fn too_many_requests(_: &Request) -> Backpressure {
-    Backpressure::TooManyRequests
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// 503 for everything (SNS).
-pub fn unavailable(_: &Request) -> Backpressure {
-    Backpressure::Unavailable
+    #[test]
+    fn loopback_peers_are_told_apart() {
+        for a in [
+            "127.0.0.1:1",
+            "127.3.4.5:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_loopback(&a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "192.0.2.2:1",
+            "10.0.0.1:1",
+            "[fd00::2]:1",
+            "[::ffff:10.0.0.1]:1",
+        ] {
+            assert!(!is_loopback(&a.parse().unwrap()), "{a}");
+        }
+    }
 }

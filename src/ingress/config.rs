@@ -34,12 +34,30 @@ pub struct IngressArgs {
     /// How long a client may take to send a request's body (then 408 and the connection closes).
     #[arg(long, env = "HELIOS_BODY_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub body_read_timeout_ms: u64,
-    /// Most requests handled at once; more are answered 429/503 with Retry-After.
+    /// Most requests handled at once per endpoint; more are answered 429/503 with Retry-After.
     #[arg(long, env = "HELIOS_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// Most request-body bytes in flight per endpoint (reserved by Content-Length); more are
+    /// answered 429/503 with Retry-After.
+    #[arg(long, env = "HELIOS_MAX_BODY_MEMORY", default_value_t = 64 * 1024 * 1024)]
+    pub max_body_memory: usize,
     /// Most open client connections; more wait in the listen backlog until one closes.
-    #[arg(long, env = "HELIOS_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "HELIOS_MAX_CONNECTIONS", default_value_t = 2048)]
     pub max_connections: usize,
+    /// Requests served on one connection before it is closed (the client opens another).
+    #[arg(
+        long,
+        env = "HELIOS_MAX_REQUESTS_PER_CONNECTION",
+        default_value_t = 1000
+    )]
+    pub max_requests_per_connection: u64,
+    /// Age after which a connection is closed once its current request is answered.
+    #[arg(long, env = "HELIOS_MAX_CONNECTION_AGE_SECS", default_value_t = 600)]
+    pub max_connection_age_secs: u64,
+    /// Endpoints without credentials serve loopback clients only (Redis's protected mode);
+    /// `false` lets anyone in (development only; production refuses open endpoints anyway).
+    #[arg(long, env = "HELIOS_PROTECTED_MODE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub protected_mode: bool,
     #[command(flatten)]
     pub aws: AwsArgs,
     #[command(flatten)]
@@ -61,7 +79,11 @@ pub struct IngressConfig {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_in_flight: usize,
+    pub max_body_memory: usize,
     pub max_connections: usize,
+    pub max_requests_per_connection: u64,
+    pub max_connection_age: Duration,
+    pub protected_mode: bool,
     pub kafka: KafkaSettings,
     pub topology: Topology,
     pub eventbridge: EventBridgeAuth,
@@ -78,12 +100,16 @@ impl IngressConfig {
             host: "127.0.0.1".into(),
             port: 0,
             mode: DeploymentMode::Development,
-            max_body_bytes: 1024 * 1024,
+            max_body_bytes: crate::limits::DEFAULT_MAX_BODY_BYTES,
             produce_timeout: Duration::from_millis(4000),
             header_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
             max_in_flight: 1024,
-            max_connections: 4096,
+            max_body_memory: 64 * 1024 * 1024,
+            max_connections: 2048,
+            max_requests_per_connection: 1000,
+            max_connection_age: Duration::from_secs(600),
+            protected_mode: true,
             kafka,
             topology,
             eventbridge: EventBridgeAuth {
@@ -123,17 +149,56 @@ impl IngressConfig {
             a.body_read_timeout_ms,
             "HELIOS_BODY_READ_TIMEOUT_MS / --body-read-timeout-ms",
         )?;
-        if a.max_in_flight == 0 || a.max_connections == 0 {
-            bail!("HELIOS_MAX_IN_FLIGHT and HELIOS_MAX_CONNECTIONS must be greater than 0");
+        if a.max_in_flight == 0
+            || a.max_connections == 0
+            || a.max_requests_per_connection == 0
+            || a.max_connection_age_secs == 0
+        {
+            bail!("HELIOS_MAX_IN_FLIGHT, HELIOS_MAX_CONNECTIONS, HELIOS_MAX_REQUESTS_PER_CONNECTION and HELIOS_MAX_CONNECTION_AGE_SECS must be greater than 0");
+        }
+        if a.max_body_memory < c.max_body_bytes {
+            bail!(
+                "HELIOS_MAX_BODY_MEMORY ({}) must hold at least one body of HELIOS_MAX_BODY_BYTES ({})",
+                a.max_body_memory,
+                c.max_body_bytes
+            );
         }
         c.max_in_flight = a.max_in_flight;
+        c.max_body_memory = a.max_body_memory;
         c.max_connections = a.max_connections;
+        c.max_requests_per_connection = a.max_requests_per_connection;
+        c.max_connection_age = Duration::from_secs(a.max_connection_age_secs);
+        c.protected_mode = a.protected_mode;
         (c.eventbridge, c.sns) = a.aws.resolve()?;
         c.pubsub = a.gcp.resolve()?;
         c.eventgrid = a.azure.resolve();
         c.ingest = a.direct.resolve();
         c.check_auth()?;
+        c.check_pinned()?;
         Ok(c)
+    }
+
+    /// Refuses pass-through Kafka properties that would change what the ingress pins.
+    pub fn check_pinned(&self) -> anyhow::Result<()> {
+        let limits = crate::limits::SizeLimits {
+            max_body_bytes: self.max_body_bytes,
+        };
+        crate::config::refuse_overrides(
+            &self.kafka.properties,
+            &[
+                crate::config::ACKS_ALL,
+                crate::config::Pinned {
+                    key: "message.timeout.ms",
+                    value: &self.produce_timeout.as_millis().to_string(),
+                    why: "it is how long a request waits for Kafka: set HELIOS_PRODUCE_TIMEOUT_MS instead",
+                },
+                crate::config::Pinned {
+                    key: "message.max.bytes",
+                    value: &limits.raw_record_max().to_string(),
+                    why: "it derives from HELIOS_MAX_BODY_BYTES: set that instead",
+                },
+            ],
+        )
     }
 
     /// Which endpoints accept unauthenticated requests (a list of human-readable warnings).
@@ -162,6 +227,18 @@ impl IngressConfig {
             bail!(
                 "DEPLOYMENT_MODE=production refuses unauthenticated endpoints:\n  - {}",
                 open.join("\n  - ")
+            );
+        }
+        if self.mode == DeploymentMode::Production && !self.protected_mode {
+            bail!("DEPLOYMENT_MODE=production refuses HELIOS_PROTECTED_MODE=false");
+        }
+        if self.mode == DeploymentMode::Production
+            && (0..2).contains(&self.topology.replication_factor)
+        {
+            bail!(
+                "DEPLOYMENT_MODE=production refuses replication_factor {} in topology.yaml: \
+                 an acknowledged event would live on one broker only (use 3, or -1 for the broker default)",
+                self.topology.replication_factor
             );
         }
         Ok(())

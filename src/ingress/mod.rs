@@ -28,17 +28,30 @@ use crate::shutdown::Shutdown;
 pub use config::{IngressArgs, IngressConfig};
 
 /// The state every endpoint shares: the producer, the broker health probe, the overload guard.
-pub fn front(cfg: &IngressConfig) -> anyhow::Result<Arc<Front>> {
+pub fn front(cfg: &IngressConfig, shutdown: &Shutdown) -> anyhow::Result<Arc<Front>> {
     let limits = SizeLimits {
         max_body_bytes: cfg.max_body_bytes,
     };
+    cfg.check_pinned()?;
     let producer = RawProducer::new(&cfg.kafka, cfg.produce_timeout, &limits)?;
-    let kafka_health = KafkaHealth::start(producer.producer().clone(), Duration::from_secs(2));
+    let kafka_health = KafkaHealth::start(
+        producer.producer().clone(),
+        Duration::from_secs(2),
+        shutdown.clone(),
+    );
     Ok(Arc::new(Front {
         landing: Landing::new(producer, &cfg.topology, cfg.secret_headers())
             .with_health(kafka_health.clone()),
         kafka_health,
-        overload: Overload::new(&cfg.topology.source_rate_limits(), cfg.max_in_flight),
+        overload: Overload::new(
+            &cfg.topology.source_rate_limits(),
+            crate::http::overload::DoorLimits {
+                max_in_flight: cfg.max_in_flight,
+                max_body_memory: cfg.max_body_memory,
+                max_body_bytes: cfg.max_body_bytes,
+                protected: cfg.protected_mode,
+            },
+        ),
         max_body_bytes: cfg.max_body_bytes,
         body_timeout: cfg.body_timeout,
     }))
@@ -54,16 +67,10 @@ pub fn router(cfg: &IngressConfig, front: &Arc<Front>) -> anyhow::Result<Router>
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let f1 = front.clone();
-    Ok(Router::new()
-        .merge(aws::ingress::routes(
-            front,
-            cfg.eventbridge.clone(),
-            cfg.sns.clone(),
-            http.clone(),
-        )?)
-        .merge(gcp::ingress::routes(front, cfg.pubsub.clone(), http)?)
-        .merge(azure::ingress::routes(front, cfg.eventgrid.clone()))
-        .merge(direct::ingress::routes(front, cfg.ingest.clone()))
+    let side_permits = Arc::new(tokio::sync::Semaphore::new(SIDE_REQUESTS));
+    // Health, metrics and docs answer without authentication: a small pool of their own, so
+    // polling them costs nothing the deliveries need.
+    let side = Router::new()
         .route(
             "/api/v1/health",
             get(move || async move { f1.readiness(serde_json::json!({})) }),
@@ -76,7 +83,42 @@ pub fn router(cfg: &IngressConfig, front: &Arc<Front>) -> anyhow::Result<Router>
         .route("/status", get(crate::metrics::status_page))
         .route("/openapi.json", get(docs::openapi))
         .route("/docs", get(docs::page))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                side_limit(side_permits.clone(), req, next)
+            },
+        ));
+    Ok(Router::new()
+        .merge(aws::ingress::routes(
+            front,
+            cfg.eventbridge.clone(),
+            cfg.sns.clone(),
+            http.clone(),
+        )?)
+        .merge(gcp::ingress::routes(front, cfg.pubsub.clone(), http)?)
+        .merge(azure::ingress::routes(front, cfg.eventgrid.clone()))
+        .merge(direct::ingress::routes(front, cfg.ingest.clone()))
+        .merge(side)
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes)))
+}
+
+/// Requests at once to health, metrics and docs (cloud health checks, Prometheus, a browser).
+const SIDE_REQUESTS: usize = 32;
+
+async fn side_limit(
+    permits: Arc<tokio::sync::Semaphore>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match permits.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            "too many health/metrics requests at once",
+        )
+            .into_response(),
+    }
 }
 
 async fn live() -> Response {
@@ -113,10 +155,15 @@ impl RunningIngress {
 /// drains in-flight requests, then flushes the producer.
 pub async fn start(cfg: IngressConfig, shutdown: Shutdown) -> anyhow::Result<RunningIngress> {
     let bind = format!("{}:{}", cfg.host, cfg.port);
-    for warning in cfg.open_endpoints() {
-        tracing::warn!(%warning, "endpoint accepts unauthenticated requests");
+    for open in cfg.open_endpoints() {
+        if cfg.protected_mode {
+            // Safe as it is: only this host can reach it (the demo, a sidecar, a test).
+            tracing::info!(%open, "endpoint without credentials: it serves loopback clients only (protected mode)");
+        } else {
+            tracing::warn!(%open, "endpoint accepts unauthenticated requests from anyone (HELIOS_PROTECTED_MODE=false)");
+        }
     }
-    let front = front(&cfg)?;
+    let front = front(&cfg, &shutdown)?;
     let router = router(&cfg, &front)?;
     let listener = tokio::net::TcpListener::bind(&bind)
         .await
@@ -126,6 +173,8 @@ pub async fn start(cfg: IngressConfig, shutdown: Shutdown) -> anyhow::Result<Run
     let limits = serve::ServeLimits {
         header_timeout: cfg.header_timeout,
         max_connections: cfg.max_connections,
+        max_requests_per_connection: cfg.max_requests_per_connection,
+        max_connection_age: cfg.max_connection_age,
     };
     let landing = front.landing.clone();
     let task = tokio::spawn(async move {

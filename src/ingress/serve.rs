@@ -1,8 +1,11 @@
 //! Serving connections, with the limits a front door needs: HTTP/1.1 with a header read timeout
-//! (a client that trickles its headers is disconnected), at most `max_connections` open at once
-//! (more wait in the listen backlog until one closes), and a graceful stop that lets the
-//! requests in flight finish. (`axum::serve` offers none of these settings.) The body read
-//! timeout is the request extractor's (`crate::http::Incoming`).
+//! (a client that trickles its headers is disconnected), a bound on each request's head (bytes
+//! and fields: `crate::limits`), at most `max_connections` open at once (more wait in the listen
+//! backlog until one closes), a connection closed after `max_requests_per_connection` requests
+//! or `max_connection_age` (so no caller holds a share of the connection cap for free), the
+//! peer's address on every request (protected mode), and a graceful stop that lets the requests
+//! in flight finish. (`axum::serve` offers none of these settings.) The body read timeout is the
+//! request extractor's (`crate::http::Incoming`).
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -21,6 +24,8 @@ use crate::shutdown::Shutdown;
 pub struct ServeLimits {
     pub header_timeout: Duration,
     pub max_connections: usize,
+    pub max_requests_per_connection: u64,
+    pub max_connection_age: Duration,
 }
 
 /// Serves `router` on `listener` until `shutdown`, then waits for open connections to finish.
@@ -48,7 +53,33 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ServeLimits, s
             _ = shutdown.clone().wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let peer = stream.peer_addr().ok();
+        let opened = std::time::Instant::now();
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let app = router.clone();
+        let service = TowerToHyperService::new(tower::service_fn(
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                let app = app.clone();
+                let served = served.clone();
+                async move {
+                    if let Some(p) = peer {
+                        req.extensions_mut().insert(axum::extract::ConnectInfo(p));
+                    }
+                    let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    let mut resp = tower::ServiceExt::oneshot(app, req).await?;
+                    if n >= limits.max_requests_per_connection
+                        || opened.elapsed() >= limits.max_connection_age
+                    {
+                        // Answered, then closed: the client opens a new connection.
+                        resp.headers_mut().insert(
+                            axum::http::header::CONNECTION,
+                            axum::http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            },
+        ));
         let stop = shutdown.clone();
         let open = open_rx.clone();
         tokio::spawn(async move {
@@ -56,6 +87,8 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ServeLimits, s
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
+                .max_buf_size(crate::limits::MAX_HEAD_BYTES)
+                .max_headers(crate::limits::MAX_HEADERS)
                 .keep_alive(true);
             let mut conn = pin!(builder.serve_connection(TokioIo::new(stream), service));
             tokio::select! {

@@ -117,10 +117,45 @@ mod tests {
     }
 
     #[test]
-    fn sns_plain_message_takes_type_from_attributes_and_id_from_message_id() {
-        let body = serde_json::json!({"Type": "Notification", "MessageId": "sns-2", "TopicArn": "t",
+    fn sns_type_comes_from_signed_content_never_from_message_attributes() {
+        // A genuine envelope re-posted with another (unsigned) attribute keeps its signed type.
+        let body = serde_json::json!({"Type": "Notification", "MessageId": "sns-4", "TopicArn": "t",
+            "Subject": "OrderPlaced", "Message": "{\"order_id\":\"O-9\"}", "Timestamp": "2026-11-22T09:15:03.000Z",
+            "MessageAttributes": {"eventType": {"Type": "String", "Value": "RefundIssued"}}});
+        let e = events(normalize(&raw(
+            "aws",
+            "sns",
+            body.to_string().as_bytes(),
+            &[],
+        )));
+        assert_eq!(e[0].event_type, "OrderPlaced");
+        // The Message's own type wins over the Subject; an attribute alone types nothing.
+        let own = serde_json::json!({"Type": "Notification", "MessageId": "sns-5", "TopicArn": "t",
+            "Subject": "OrderPlaced", "Message": "{\"event_type\":\"PaymentProcessed\",\"order_id\":\"O-9\"}",
+            "Timestamp": "2026-11-22T09:15:03.000Z"});
+        let e = events(normalize(&raw(
+            "aws",
+            "sns",
+            own.to_string().as_bytes(),
+            &[],
+        )));
+        assert_eq!(e[0].event_type, "PaymentProcessed");
+        let attr_only = serde_json::json!({"Type": "Notification", "MessageId": "sns-6", "TopicArn": "t",
             "Message": "{\"order_id\":\"O-9\"}", "Timestamp": "2026-11-22T09:15:03.000Z",
             "MessageAttributes": {"eventType": {"Type": "String", "Value": "InventoryReserved"}}});
+        match normalize(&raw("aws", "sns", attr_only.to_string().as_bytes(), &[])) {
+            Normalized::Events { events: v, .. } => assert_eq!(
+                v[0].as_ref().unwrap_err().reason,
+                DlqReason::MissingEventType
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sns_plain_message_takes_type_from_the_subject_and_id_from_message_id() {
+        let body = serde_json::json!({"Type": "Notification", "MessageId": "sns-2", "TopicArn": "t",
+            "Subject": "InventoryReserved", "Message": "{\"order_id\":\"O-9\"}", "Timestamp": "2026-11-22T09:15:03.000Z"});
         let e = events(normalize(&raw(
             "aws",
             "sns",

@@ -171,14 +171,13 @@ impl Reconciler {
             rebalances: Default::default(),
             assigns: Default::default(),
         })?;
-        let mut p = cfg.kafka.client_config();
+        let mut p = cfg.kafka.durable_producer_config()?;
         for (k, v) in [
             ("client.id", "helios-reconciler"),
-            ("acks", "all"),
             ("enable.idempotence", "true"),
             ("linger.ms", "5"),
         ] {
-            if !cfg.kafka.properties.contains_key(k) {
+            if !crate::config::property_set(&cfg.kafka.properties, k) {
                 p.set(k, v);
             }
         }

@@ -27,6 +27,8 @@ struct FakeSns {
     key: PKey<Private>,
     cert_hits: Arc<AtomicUsize>,
     confirm_hits: Arc<AtomicUsize>,
+    /// Requests for anything else (made-up certificate URLs): answered 404.
+    other_hits: Arc<AtomicUsize>,
 }
 
 async fn fake_sns() -> FakeSns {
@@ -49,7 +51,8 @@ async fn fake_sns() -> FakeSns {
     let pem = b.build().to_pem().unwrap();
     let cert_hits = Arc::new(AtomicUsize::new(0));
     let confirm_hits = Arc::new(AtomicUsize::new(0));
-    let (ch, fh) = (cert_hits.clone(), confirm_hits.clone());
+    let other_hits = Arc::new(AtomicUsize::new(0));
+    let (ch, fh, oh) = (cert_hits.clone(), confirm_hits.clone(), other_hits.clone());
     let router = axum::Router::new()
         .route(
             "/SimpleNotificationService-test.pem",
@@ -65,7 +68,11 @@ async fn fake_sns() -> FakeSns {
                 fh.fetch_add(1, Ordering::SeqCst);
                 async { "<ConfirmSubscriptionResponse/>" }
             }),
-        );
+        )
+        .fallback(move || {
+            oh.fetch_add(1, Ordering::SeqCst);
+            async { axum::http::StatusCode::NOT_FOUND }
+        });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await });
@@ -74,6 +81,7 @@ async fn fake_sns() -> FakeSns {
         key,
         cert_hits,
         confirm_hits,
+        other_hits,
     }
 }
 
@@ -272,9 +280,12 @@ async fn subscription_confirmation_is_verified_confirmed_and_landed_as_handshake
             .lines()
             .any(|l| l.starts_with("helios_ingress_handshakes_total")
                 && l.contains("kind=\"sns_subscription_confirmation\"")
+                && l.contains("subscription=\"MyTopic\"")
                 && l.contains("outcome=\"confirmed\"")),
         "{metrics}"
     );
+    // The allow-listed ARN (what a forged envelope would need) is not published.
+    assert!(!metrics.contains(TOPIC), "the topic ARN is on /metrics");
 }
 
 #[tokio::test]
@@ -493,4 +504,118 @@ async fn certificate_urls_differing_only_in_query_or_fragment_are_fetched_once()
         assert_eq!(post_sns(&app, &n).await.status(), 200);
     }
     assert_eq!(fake.cert_hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_flood_of_made_up_certificate_urls_costs_a_bounded_number_of_fetches() {
+    let fake = fake_sns().await;
+    let app = sns_app(&fake).await;
+    // 60 messages, each naming another certificate on the SNS host (the host pattern allows it),
+    // then the same unknown one 20 times.
+    let mut statuses = vec![];
+    for i in 0..80 {
+        let mut v = fake.signed(notification("flood"), "2");
+        let name = if i < 60 {
+            format!("made-up-{i}")
+        } else {
+            "made-up-again".into()
+        };
+        v["SigningCertURL"] = json!(format!("{}/{name}.pem", fake.origin));
+        statuses.push(post_sns(&app, &v).await.status().as_u16());
+    }
+    // Never a 4xx (SNS would drop the message): 503, SNS retries.
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    let fetched = fake.other_hits.load(Ordering::SeqCst);
+    assert!(
+        fetched <= 10,
+        "{fetched} certificate fetches for 80 made-up URLs"
+    );
+    // Nothing was landed.
+    read_exactly(&app.kafka.bootstrap_servers, &app.raw_topic(Source::Aws), 0).await;
+}
+
+/// Holds unauthenticated uploads against `path` open, a byte now and then, reconnecting when
+/// the ingress closes one, until `stop`.
+async fn slow_uploader(
+    addr: std::net::SocketAddr,
+    path: &'static str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut attempts = 0;
+    while !stop.load(Ordering::Relaxed) {
+        attempts += 1;
+        let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            continue;
+        };
+        let head = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n{{");
+        if s.write_all(head.as_bytes()).await.is_err() {
+            continue;
+        }
+        let mut buf = [0u8; 512];
+        loop {
+            tokio::select! {
+                _ = s.read(&mut buf) => break, // answered (or closed): start over
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
+                    if stop.load(Ordering::Relaxed) || s.write_all(b"0").await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    attempts
+}
+
+#[tokio::test]
+async fn unauthenticated_slow_uploads_starve_neither_eventbridge_nor_sns() {
+    let fake = fake_sns().await;
+    let pattern = fake.host_pattern();
+    let app = spawn_app(move |c| {
+        c.sns.host_pattern = pattern;
+        c.sns.topic_arns = vec![TOPIC.into()];
+        c.eventbridge.api_key = Some("eb-secret".into());
+    })
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attackers: Vec<_> = (0..1100)
+        .map(|_| {
+            tokio::spawn(slow_uploader(
+                app.addr,
+                "/api/v1/webhooks/aws/eventbridge",
+                stop.clone(),
+            ))
+        })
+        .collect();
+    // Let them take hold.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (mut eb_ok, mut sns_ok) = (0, 0);
+    let n = 100;
+    for i in 0..n {
+        let r = app
+            .client
+            .post(app.url("/api/v1/webhooks/aws/eventbridge"))
+            .header("x-helios-key", "eb-secret")
+            .json(&json!({"version": "0", "id": format!("slow-eb-{i}"), "detail-type": "OrderPlaced", "source": "s", "detail": {}}))
+            .timeout(std::time::Duration::from_secs(5))
+            .send()
+            .await;
+        eb_ok += r.is_ok_and(|r| r.status() == 200) as usize;
+        let v = fake.signed(notification("slow"), "2");
+        sns_ok += (post_sns(&app, &v).await.status() == 200) as usize;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut attempts = 0;
+    for a in attackers {
+        attempts += a.await.unwrap();
+    }
+    eprintln!("{attempts} unauthenticated uploads; EventBridge {eb_ok}/{n}, SNS {sns_ok}/{n} acknowledged");
+    assert!(attempts >= 1100);
+    assert!(
+        eb_ok * 100 >= n * 99,
+        "EventBridge: {eb_ok} of {n} acknowledged"
+    );
+    assert!(sns_ok * 100 >= n * 99, "SNS: {sns_ok} of {n} acknowledged");
 }

@@ -41,6 +41,13 @@ fn demo_sends_samples_and_reports_what_happened_twice_on_one_store() {
             );
         }
         assert!(stdout.contains("librdkafka mock cluster"), "{stdout}");
+        // What the demo configured itself is not a warning, and its shutdown is quiet.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let loud: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        assert!(loud.is_empty(), "run {run} logged:\n{}", loud.join("\n"));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -308,7 +308,17 @@ async fn a_mixed_event_grid_delivery_is_validated_and_keeps_its_events() {
         {"id": "ok-mixed", "eventType": "Contoso.Orders.OrderPlaced", "subject": "s",
          "eventTime": "2026-11-22T09:18:00Z", "data": {"orderId": "O-m", "customerId": "C"}, "dataVersion": "1", "metadataVersion": "1"}
     ]);
-    let r = rig.push(EG, mixed.to_string()).await;
+    // A validation delivery (Event Grid says so in aeg-event-type) that also carries an event.
+    let r = rig
+        .app
+        .client
+        .post(rig.app.url(EG))
+        .header("content-type", "application/json")
+        .header("aeg-event-type", "SubscriptionValidation")
+        .body(mixed.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["validationResponse"], "CODE-42");

@@ -50,10 +50,10 @@ async fn every_cloud_end_to_end_into_postgres_and_fan_out() {
         .await,
         200
     );
-    // AWS SNS carrying a plain JSON message typed by a message attribute.
+    // AWS SNS carrying a plain JSON message typed by its (signed) Subject.
     let sns = json!({"Type": "Notification", "MessageId": "sns-1", "TopicArn": "arn:aws:sns:eu-west-1:1:orders",
-        "Message": "{\"order_id\":\"O-2\",\"sku\":\"SKU-9\"}", "Timestamp": "2026-11-22T09:16:00.000Z",
-        "MessageAttributes": {"eventType": {"Type": "String", "Value": "InventoryReserved"}}});
+        "Subject": "InventoryReserved",
+        "Message": "{\"order_id\":\"O-2\",\"sku\":\"SKU-9\"}", "Timestamp": "2026-11-22T09:16:00.000Z"});
     assert_eq!(
         post(
             &app,

@@ -48,7 +48,7 @@ async fn sizes_that_disagree_are_refused_at_start_up_naming_the_settings() {
         err.contains(&small.raw_topic(helios::source::Source::Aws)),
         "{err}"
     );
-    assert!(err.contains("HELIOS_MAX_BODY_BYTES=1048576"), "{err}");
+    assert!(err.contains("HELIOS_MAX_BODY_BYTES=1179648"), "{err}");
     assert!(err.contains("max.message.bytes=500000"), "{err}");
     // The same topics described by a topology that declares enough: the broker's own value
     // decides when the broker can say it.

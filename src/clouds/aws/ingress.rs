@@ -20,8 +20,8 @@ use base64::Engine;
 use super::config::{EventBridgeAuth, SnsConfig};
 use super::signature::{SnsEnvelope, SnsMessageType, SnsVerifier};
 use crate::http::landing::RecordKind;
-use crate::http::overload::{self, Backpressure};
-use crate::http::{accepted, check_json, secret_matches, Front, HasFront, Incoming, IngressError};
+use crate::http::overload::{self, Backpressure, Gate, Lane};
+use crate::http::{accepted, secret_matches, Front, HasFront, Incoming, IngressError};
 use crate::model::text::{echo, label};
 use crate::source::Source;
 
@@ -55,20 +55,40 @@ pub fn routes(
         eventbridge,
         sns,
     });
-    let (f1, f2) = (front.clone(), front.clone());
+    let (s1, s2) = (st.clone(), st.clone());
     Ok(Router::new()
         .route(
             "/api/v1/webhooks/aws/eventbridge",
             post(handle_eventbridge).route_layer(axum::middleware::from_fn(
                 move |req: Request, next: Next| {
-                    overload::guard(
-                        f1.clone(),
-                        Source::Aws,
-                        EVENTBRIDGE,
-                        eventbridge_backpressure,
-                        req,
-                        next,
-                    )
+                    let st = s1.clone();
+                    async move {
+                        // An SNS envelope at the EventBridge endpoint is SNS's: its lane, its
+                        // status (503), its checks (in the body: the handler's).
+                        let gate = if is_sns(
+                            req.headers()
+                                .get("x-amz-sns-message-type")
+                                .and_then(|v| v.to_str().ok()),
+                        ) {
+                            Gate {
+                                lane: Lane::Sns,
+                                endpoint: EVENTBRIDGE,
+                                backpressure: Backpressure::Unavailable,
+                                unconfigured: sns_open_hint(&st.sns, &st.eventbridge),
+                                credentials: Ok(()),
+                            }
+                        } else {
+                            Gate {
+                                lane: Lane::EventBridge,
+                                endpoint: EVENTBRIDGE,
+                                backpressure: Backpressure::TooManyRequests,
+                                unconfigured: (!st.eventbridge.configured())
+                                    .then_some(EVENTBRIDGE_OPEN_HINT),
+                                credentials: check_auth(&st.eventbridge, req.headers()),
+                            }
+                        };
+                        overload::guard(st.front.clone(), gate, req, next).await
+                    }
                 },
             )),
         )
@@ -76,14 +96,17 @@ pub fn routes(
             "/api/v1/webhooks/aws/sns",
             post(handle_sns).route_layer(axum::middleware::from_fn(
                 move |req: Request, next: Next| {
-                    overload::guard(
-                        f2.clone(),
-                        Source::Aws,
-                        SNS,
-                        overload::unavailable,
-                        req,
-                        next,
-                    )
+                    let st = s2.clone();
+                    async move {
+                        let gate = Gate {
+                            lane: Lane::Sns,
+                            endpoint: SNS,
+                            backpressure: Backpressure::Unavailable,
+                            unconfigured: sns_open_hint(&st.sns, &EventBridgeAuth::default()),
+                            credentials: Ok(()),
+                        };
+                        overload::guard(st.front.clone(), gate, req, next).await
+                    }
                 },
             )),
         )
@@ -91,12 +114,18 @@ pub fn routes(
         .with_state(st))
 }
 
-/// EventBridge retries a 429; an SNS envelope at the same endpoint must get a 503.
-fn eventbridge_backpressure(req: &Request) -> Backpressure {
-    if req.headers().contains_key("x-amz-sns-message-type") {
-        Backpressure::Unavailable
+const EVENTBRIDGE_OPEN_HINT: &str =
+    "set HELIOS_EVENTBRIDGE_API_KEY or HELIOS_EVENTBRIDGE_BASIC_USER/PASSWORD";
+
+/// What SNS deliveries still need before anyone may send them: a topic allow-list with
+/// signature verification (or, at the EventBridge endpoint, the EventBridge credentials).
+fn sns_open_hint(sns: &SnsConfig, eventbridge: &EventBridgeAuth) -> Option<&'static str> {
+    if !sns.verify_signatures {
+        Some("SNS signature verification is off: set HELIOS_SNS_VERIFY_SIGNATURES=true and HELIOS_SNS_TOPIC_ARNS")
+    } else if sns.topic_arns.is_empty() && !eventbridge.configured() {
+        Some("set HELIOS_SNS_TOPIC_ARNS (the topics allowed to deliver)")
     } else {
-        Backpressure::TooManyRequests
+        None
     }
 }
 
@@ -116,9 +145,9 @@ async fn handle_eventbridge(State(st): State<Arc<AwsState>>, inc: Incoming) -> R
         sns_on_eventbridge(&st, &inc).await
     } else {
         async {
-            check_auth(&st.eventbridge, &inc)?;
+            // Credentials were checked at the door. Whatever an input transformer made of the event (EventBridge never retries a
+            // 400): landed untouched, judged by the processor.
             let body = inc.body()?;
-            check_json(body)?;
             st.front
                 .land(
                     Source::Aws,
@@ -143,7 +172,8 @@ fn is_sns(message_type: Option<&str>) -> bool {
 /// An SNS delivery at the EventBridge endpoint needs the EventBridge credentials or the SNS
 /// topic allow-list: otherwise any AWS account's topic could subscribe here and inject events.
 async fn sns_on_eventbridge(st: &AwsState, inc: &Incoming) -> Result<Response, IngressError> {
-    let credentials = st.eventbridge.configured() && check_auth(&st.eventbridge, inc).is_ok();
+    let credentials =
+        st.eventbridge.configured() && check_auth(&st.eventbridge, &inc.headers).is_ok();
     if !credentials && st.sns.topic_arns.is_empty() {
         metrics::counter!("helios_ingress_auth_failures_total", "source" => "aws", "reason" => "sns_on_eventbridge")
             .increment(1);
@@ -158,19 +188,24 @@ async fn sns_on_eventbridge(st: &AwsState, inc: &Incoming) -> Result<Response, I
 
 /// Accepts the request when no secret is configured, or when the API key header or the Basic
 /// credentials match (compared in constant time).
-pub fn check_auth(auth: &EventBridgeAuth, inc: &Incoming) -> Result<(), IngressError> {
+pub fn check_auth(
+    auth: &EventBridgeAuth,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), IngressError> {
     if auth.api_key.is_none() && auth.basic.is_none() {
         return Ok(());
     }
     if let Some(expected) = &auth.api_key {
-        if let Some(presented) = inc.headers.get(auth.api_key_header.as_str()) {
+        if let Some(presented) = headers.get(auth.api_key_header.as_str()) {
             if secret_matches(presented.as_bytes(), expected.as_bytes()) {
                 return Ok(());
             }
         }
     }
     if let Some((user, pass)) = &auth.basic {
-        if let Some((u, p)) = basic_credentials(inc.header("authorization")) {
+        if let Some((u, p)) =
+            basic_credentials(headers.get("authorization").and_then(|v| v.to_str().ok()))
+        {
             // Evaluate both comparisons so timing does not reveal which one failed.
             let user_ok = secret_matches(u.as_bytes(), user.as_bytes());
             let pass_ok = secret_matches(p.as_bytes(), pass.as_bytes());
@@ -223,10 +258,14 @@ fn check_topic(cfg: &SnsConfig, topic: Option<&str>) -> Result<(), IngressError>
     }
 }
 
-/// Counts a handshake; the topic becomes a label only when it is on the allow-list.
+/// Counts a handshake; the topic becomes a label only when it is on the allow-list, and then by
+/// its name alone (the whole ARN on `/metrics` would hand a stranger the allow-listed topic a
+/// forged envelope needs).
 fn handshake_metric(cfg: &SnsConfig, kind: &'static str, topic: &str, outcome: &'static str) {
+    let l = label(Some(topic), &cfg.topic_arns);
+    let name = l.rsplit(':').next().unwrap_or("other").to_string();
     metrics::counter!("helios_ingress_handshakes_total",
-        "source" => "aws", "kind" => kind, "subscription" => label(Some(topic), &cfg.topic_arns), "outcome" => outcome)
+        "source" => "aws", "kind" => kind, "subscription" => name, "outcome" => outcome)
     .increment(1);
 }
 

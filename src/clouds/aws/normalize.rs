@@ -1,7 +1,9 @@
 //! AWS normalization (processor side): pure functions from a raw record of `helios.raw.aws` to
 //! canonical events. EventBridge envelopes keep their `id`/`detail-type`/`time`/`detail`; SNS
 //! notifications carrying an EventBridge event keep the inner event's identity; other SNS
-//! messages are identified by `MessageId` and typed by the `eventType` attribute or the Subject.
+//! messages are identified by `MessageId` and typed by signed content only: the Message's own type,
+//! else the Subject (`MessageAttributes` are not covered by the signature, so anyone holding a
+//! genuine envelope could re-post it with another attribute: they never decide the type).
 
 use crate::model::draft::{generic_draft, json, single, str_field, Draft};
 use crate::model::headers::raw as h;
@@ -73,14 +75,15 @@ fn eventbridge(raw: &RawRecord) -> Normalized {
 }
 
 /// SNS `Message` (or a raw-delivery body) as a draft: an EventBridge event inside is unwrapped
-/// (its own id and type win); a JSON object describes itself or takes its type from the
-/// `eventType` message attribute or the Subject; plain text becomes `{"message": text}`.
-fn message_draft(message: &str, message_id: Option<&str>, attr_type: Option<&str>) -> Draft {
+/// (its own id and type win); a JSON object describes itself, else takes `fallback_type` (the
+/// signed Subject); plain text becomes `{"message": text}`.
+fn message_draft(message: &str, message_id: Option<&str>, fallback_type: Option<&str>) -> Draft {
+    let attr_type = fallback_type;
     match serde_json::from_str::<serde_json::Value>(message) {
         Ok(inner) if is_envelope(&inner) => envelope_draft(&inner),
         Ok(inner) if inner.is_object() => {
             let mut d = generic_draft(&inner);
-            if attr_type.is_some() {
+            if d.raw_type.is_none() {
                 d.raw_type = attr_type.map(str::to_string);
             }
             d.event_id = message_id.map(str::to_string).or(d.event_id);
@@ -125,11 +128,8 @@ fn sns(raw: &RawRecord) -> Normalized {
         }
         Some("Notification") => {
             let message = str_field(&v, "Message").unwrap_or("");
-            let attr_type = v
-                .get("MessageAttributes")
-                .and_then(|a| a.get("eventType").or_else(|| a.get("event_type")))
-                .and_then(|t| str_field(t, "Value"))
-                .or_else(|| str_field(&v, "Subject"));
+            // Signed fields only (see the module docs): never MessageAttributes.
+            let attr_type = str_field(&v, "Subject");
             let inner_is_eb =
                 serde_json::from_str::<serde_json::Value>(message).is_ok_and(|i| is_envelope(&i));
             // An EventBridge event inside keeps its own id (the same event may also arrive

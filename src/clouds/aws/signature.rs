@@ -109,7 +109,21 @@ pub struct SnsVerifier {
     host_pattern: Regex,
     http: reqwest::Client,
     certs: Mutex<CertCache>,
+    /// One certificate fetch at a time (single flight: a flood of one URL costs one fetch).
+    fetching: tokio::sync::Mutex<()>,
+    /// URLs whose fetch failed, and when: not fetched again for [`NEGATIVE_TTL`].
+    failed: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// When the recent fetches started: at most [`FETCHES_PER_MINUTE`].
+    fetched: Mutex<std::collections::VecDeque<std::time::Instant>>,
 }
+
+/// How long a certificate URL whose fetch failed is not fetched again.
+const NEGATIVE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+/// Most failed URLs remembered (beyond, the oldest are forgotten).
+const NEGATIVE_MAX: usize = 1024;
+/// Most certificate fetches a minute (SNS signs with a handful of certificates; more is a flood
+/// of made-up URLs, answered 503 — SNS retries — without an outbound request).
+const FETCHES_PER_MINUTE: usize = 10;
 
 /// Signing certificates by URL (scheme, host, port and path: a query or fragment cannot make a
 /// new entry), the least recently used dropped beyond [`CERT_CACHE_MAX`].
@@ -144,6 +158,9 @@ impl SnsVerifier {
             })?,
             http,
             certs: Mutex::new(CertCache::default()),
+            fetching: tokio::sync::Mutex::new(()),
+            failed: Mutex::new(Default::default()),
+            fetched: Mutex::new(Default::default()),
         })
     }
 
@@ -256,25 +273,77 @@ impl SnsVerifier {
         let unavailable = |e: String| {
             IngressError::Unavailable(format!("cannot fetch the SNS signing certificate: {e}"))
         };
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
+        let now = std::time::Instant::now();
+        {
+            let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if failed
+                .get(&key_str)
+                .is_some_and(|at| now.duration_since(*at) < NEGATIVE_TTL)
+            {
+                metrics::counter!("helios_ingress_sns_certificate_refusals_total", "reason" => "failed_recently").increment(1);
+                return Err(unavailable(
+                    "its last fetch failed less than 5 minutes ago".into(),
+                ));
+            }
+        }
+        let _single = self.fetching.lock().await;
+        if let Some(k) = self.lock().get(&key_str) {
+            return Ok(k);
+        }
+        {
+            let mut fetched = self.fetched.lock().unwrap_or_else(|p| p.into_inner());
+            while fetched
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > std::time::Duration::from_secs(60))
+            {
+                fetched.pop_front();
+            }
+            if fetched.len() >= FETCHES_PER_MINUTE {
+                metrics::counter!("helios_ingress_sns_certificate_refusals_total", "reason" => "rate").increment(1);
+                return Err(unavailable(format!(
+                    "more than {FETCHES_PER_MINUTE} certificate fetches in a minute"
+                )));
+            }
+            fetched.push_back(now);
+        }
+        let remember_failure = |key: &str| {
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if failed.len() >= NEGATIVE_MAX {
+                failed.retain(|_, at| now.duration_since(*at) < NEGATIVE_TTL);
+                if failed.len() >= NEGATIVE_MAX {
+                    failed.clear();
+                }
+            }
+            failed.insert(key.to_string(), now);
+        };
+        metrics::counter!("helios_ingress_sns_certificate_fetches_total").increment(1);
+        let resp = match self.http.get(url).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                remember_failure(&key_str);
+                return Err(unavailable(e.to_string()));
+            }
+        };
         if !resp.status().is_success() {
+            remember_failure(&key_str);
             return Err(unavailable(format!("HTTP {}", resp.status())));
         }
-        let pem = resp.bytes().await.map_err(|e| unavailable(e.to_string()))?;
+        let pem = match resp.bytes().await {
+            Ok(p) => p,
+            Err(e) => {
+                remember_failure(&key_str);
+                return Err(unavailable(e.to_string()));
+            }
+        };
         let key = X509::from_pem(&pem)
             .and_then(|c| c.public_key())
             .map_err(|e| {
+                remember_failure(&key_str);
                 IngressError::Forbidden(format!(
                     "SigningCertURL does not hold a PEM certificate: {e}"
                 ))
             })?;
         let key = Arc::new(key);
-        metrics::counter!("helios_ingress_sns_certificate_fetches_total").increment(1);
         self.lock().insert(key_str, key.clone());
         Ok(key)
     }

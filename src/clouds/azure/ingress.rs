@@ -1,8 +1,10 @@
 //! The Event Grid endpoint. Event Grid schema bodies are always arrays; CloudEvents-schema bodies
 //! are one object (an array when output batching is on). Two handshakes:
-//! - `Microsoft.EventGrid.SubscriptionValidationEvent` (Event Grid schema): answer **200** (202
-//!   is not accepted) with `{"validationResponse": "<validationCode>"}`; a delivery that also
-//!   carries business events is landed as events (the validation element counts as a handshake);
+//! - `Microsoft.EventGrid.SubscriptionValidationEvent` (Event Grid schema), told by
+//!   `aeg-event-type: SubscriptionValidation` alone: answer **200** (202 is not accepted) with
+//!   `{"validationResponse": "<validationCode>"}`; a delivery that also carries business events
+//!   is landed as events (the validation element counts as a handshake). A validation-looking
+//!   element under `aeg-event-type: Notification` is just an element: landed with the rest;
 //! - CloudEvents abuse protection: `OPTIONS` with `WebHook-Request-Origin`, answered by echoing
 //!   it in `WebHook-Allowed-Origin` (never hard-coded: sovereign clouds use other hosts) and the
 //!   configured rate limit in `WebHook-Allowed-Rate`.
@@ -21,10 +23,9 @@ use axum::{Json, Router};
 use super::config::EventGridConfig;
 use super::normalize::{DELETION_EVENT, VALIDATION_EVENT};
 use crate::http::landing::RecordKind;
-use crate::http::overload;
-use crate::http::{
-    accepted, parse_json_lenient, secret_matches, Front, HasFront, Incoming, IngressError,
-};
+use crate::http::overload::{self, Backpressure, Gate, Lane};
+use crate::http::shape::Shape;
+use crate::http::{accepted, secret_matches, Front, HasFront, Incoming, IngressError};
 use crate::model::text::{echo, label};
 use crate::source::Source;
 
@@ -47,7 +48,7 @@ pub fn routes(front: &Arc<Front>, cfg: EventGridConfig) -> Router {
         front: front.clone(),
         cfg,
     });
-    let f = front.clone();
+    let s2 = st.clone();
     Router::new()
         .route(
             "/api/v1/webhooks/azure/eventgrid",
@@ -55,14 +56,38 @@ pub fn routes(front: &Arc<Front>, cfg: EventGridConfig) -> Router {
                 .options(handle_options)
                 .route_layer(axum::middleware::from_fn(
                     move |req: Request, next: Next| {
-                        overload::guard(
-                            f.clone(),
-                            Source::Azure,
-                            ENDPOINT,
-                            overload::too_many_requests,
-                            req,
-                            next,
-                        )
+                        let st = s2.clone();
+                        async move {
+                            let credentials = check_secret(&st, req.headers(), req.uri().query());
+                            if credentials.is_err() {
+                                let kind = if req.method() == axum::http::Method::OPTIONS {
+                                    "cloudevents_webhook_validation"
+                                } else {
+                                    "eventgrid_subscription_validation"
+                                };
+                                let validation = req.method() == axum::http::Method::OPTIONS
+                                    || req.headers().get("aeg-event-type").is_some_and(|v| {
+                                        v.as_bytes().eq_ignore_ascii_case(b"SubscriptionValidation")
+                                    });
+                                if validation {
+                                    let sub = label(
+                                        req.headers()
+                                            .get("aeg-subscription-name")
+                                            .and_then(|v| v.to_str().ok()),
+                                        &st.cfg.subscriptions,
+                                    );
+                                    handshake_metric(kind, sub, "refused");
+                                }
+                            }
+                            let gate = Gate {
+                                lane: Lane::EventGrid,
+                                endpoint: ENDPOINT,
+                                backpressure: Backpressure::TooManyRequests,
+                                unconfigured: st.cfg.secret.is_none().then_some(OPEN_HINT),
+                                credentials,
+                            };
+                            overload::guard(st.front.clone(), gate, req, next).await
+                        }
                     },
                 )),
         )
@@ -102,13 +127,23 @@ fn handshake_metric(kind: &'static str, subscription: String, outcome: &'static 
     .increment(1);
 }
 
-fn check_secret(st: &AzureState, inc: &Incoming) -> Result<(), IngressError> {
+const OPEN_HINT: &str = "set HELIOS_EVENTGRID_SECRET";
+
+/// The shared secret (query parameter or header), checked at the door.
+fn check_secret(
+    st: &AzureState,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+) -> Result<(), IngressError> {
     let cfg = &st.cfg;
     let Some(expected) = &cfg.secret else {
         return Ok(());
     };
-    let from_query = inc.query_param(&cfg.secret_param);
-    let from_header = inc.header(&cfg.secret_header).map(str::to_string);
+    let from_query = crate::http::query_param(query, &cfg.secret_param);
+    let from_header = headers
+        .get(cfg.secret_header.as_str())
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let ok = [from_query, from_header]
         .into_iter()
         .flatten()
@@ -127,10 +162,6 @@ fn check_secret(st: &AzureState, inc: &Incoming) -> Result<(), IngressError> {
 
 async fn process_options(st: &AzureState, inc: &Incoming) -> Result<Response, IngressError> {
     let kind = "cloudevents_webhook_validation";
-    if let Err(e) = check_secret(st, inc) {
-        handshake_metric(kind, subscription_label(st, inc), "refused");
-        return Err(e);
-    }
     let origin = inc
         .headers
         .get("webhook-request-origin")
@@ -158,7 +189,7 @@ async fn process_options(st: &AzureState, inc: &Incoming) -> Result<Response, In
     let h = resp.headers_mut();
     h.insert("webhook-allowed-origin", origin);
     // The configured rate limit, per minute, so a sender that honours it stays under it.
-    let rate = match st.front.overload.rate(Source::Azure) {
+    let rate = match st.front.overload.rate(Lane::EventGrid) {
         Some(l) => HeaderValue::from(u64::from(l.per_second) * 60),
         None => HeaderValue::from_static("*"),
     };
@@ -171,63 +202,60 @@ async fn process_post(st: &AzureState, inc: &Incoming) -> Result<Response, Ingre
     let validation_header = inc
         .header("aeg-event-type")
         .is_some_and(|v| v.eq_ignore_ascii_case("SubscriptionValidation"));
-    if let Err(e) = check_secret(st, inc) {
-        if validation_header {
-            handshake_metric(
-                "eventgrid_subscription_validation",
-                subscription_label(st, inc),
-                "refused",
-            );
-        }
-        return Err(e);
-    }
     let body = inc.body()?;
-    let Some(v) = parse_json_lenient(body)? else {
-        if validation_header {
-            return Err(IngressError::BadRequest(
-                "SubscriptionValidation body is not readable JSON".into(),
-            ));
+    // The body's shape, read without building it (a body's memory is its bytes).
+    match crate::http::shape::shape(body) {
+        Err(e) => {
+            return Err(IngressError::BadRequest(format!(
+                "body is not valid JSON: {e}"
+            )))
         }
-        // Well-formed but not representable (e.g. a lone surrogate): landed for the processor
-        // to dead-letter, replayable after a fix.
-        st.front
-            .land(Source::Azure, ENDPOINT, inc, body, RecordKind::Event, false)
-            .await?;
-        return Ok(accepted(inc, StatusCode::OK));
-    };
-    let events: Vec<&serde_json::Value> = match &v {
-        serde_json::Value::Array(a) => a.iter().collect(),
-        serde_json::Value::Object(_) => vec![&v],
-        _ => return Err(IngressError::BadRequest(
+        Ok(Shape::Scalar) => return Err(IngressError::BadRequest(
             "Event Grid body must be an array of events (Event Grid schema) or a CloudEvent object"
                 .into(),
         )),
-    };
-    if events.is_empty() {
-        return Err(IngressError::BadRequest(
-            "Event Grid body is an empty array".into(),
-        ));
+        Ok(Shape::Array { len: 0, .. }) => {
+            return Err(IngressError::BadRequest(
+                "Event Grid body is an empty array".into(),
+            ))
+        }
+        Ok(Shape::Array {
+            first_non_object: Some(_),
+            ..
+        }) => {
+            return Err(IngressError::BadRequest(
+                "every element of an Event Grid array must be an event object".into(),
+            ))
+        }
+        Ok(_) => {}
     }
-    if events.iter().any(|e| !e.is_object()) {
-        return Err(IngressError::BadRequest(
-            "every element of an Event Grid array must be an event object".into(),
-        ));
-    }
-    let validation = events
-        .iter()
-        .find(|e| e.get("eventType").and_then(|t| t.as_str()) == Some(VALIDATION_EVENT));
-    if validation_header || validation.is_some() {
+    // The handshake is what `aeg-event-type` says it is. A validation-looking element in a
+    // Notification is landed like any other (the processor counts it as a handshake and keeps
+    // the rest): answering 400 for it would lose the whole delivery (Event Grid never retries
+    // a 400).
+    if validation_header {
         let metric_kind = "eventgrid_subscription_validation";
-        let code = validation
+        let refused = |msg: &str| {
+            handshake_metric(metric_kind, subscription_label(st, inc), "refused");
+            IngressError::BadRequest(msg.to_string())
+        };
+        // A validation delivery is one small event: read it whole only then, and bounded.
+        if body.len() > 64 * 1024 {
+            return Err(refused("SubscriptionValidation body over 64 KiB"));
+        }
+        let v: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|_| refused("SubscriptionValidation body is not readable JSON"))?;
+        let events: Vec<&serde_json::Value> = match &v {
+            serde_json::Value::Array(a) => a.iter().collect(),
+            other => vec![other],
+        };
+        let code = events
+            .iter()
+            .find(|e| e.get("eventType").and_then(|t| t.as_str()) == Some(VALIDATION_EVENT))
             .and_then(|e| e.get("data"))
             .and_then(|d| d.get("validationCode"))
             .and_then(|c| c.as_str())
-            .ok_or_else(|| {
-                handshake_metric(metric_kind, subscription_label(st, inc), "refused");
-                IngressError::BadRequest(
-                    "SubscriptionValidation without data.validationCode".into(),
-                )
-            })?
+            .ok_or_else(|| refused("SubscriptionValidation without data.validationCode"))?
             .to_string();
         // A delivery that also carries business events is landed as events: the processor
         // skips the validation element (counted as a handshake) and keeps the others.

@@ -1,5 +1,5 @@
 //! Direct ingestion (`POST /api/v1/events/ingest`): one event object or an array of them, from
-//! systems that are not a cloud push. Protected by an API key header.
+//! systems that are not a cloud push. Protected by an API key header, checked at the door.
 
 use std::sync::Arc;
 
@@ -12,8 +12,9 @@ use axum::{Json, Router};
 
 use super::config::IngestAuth;
 use crate::http::landing::RecordKind;
-use crate::http::overload;
-use crate::http::{parse_json_lenient, secret_matches, Front, HasFront, Incoming, IngressError};
+use crate::http::overload::{self, Backpressure, Gate, Lane};
+use crate::http::shape::Shape;
+use crate::http::{secret_matches, Front, HasFront, Incoming, IngressError};
 use crate::source::Source;
 
 /// What the direct ingestion handler shares.
@@ -34,20 +35,23 @@ pub fn routes(front: &Arc<Front>, auth: IngestAuth) -> Router {
         front: front.clone(),
         auth,
     });
-    let f = front.clone();
+    let s2 = st.clone();
     Router::new()
         .route(
             "/api/v1/events/ingest",
             post(handle).route_layer(axum::middleware::from_fn(
                 move |req: Request, next: Next| {
-                    overload::guard(
-                        f.clone(),
-                        Source::Direct,
-                        ENDPOINT,
-                        overload::too_many_requests,
-                        req,
-                        next,
-                    )
+                    let st = s2.clone();
+                    async move {
+                        let gate = Gate {
+                            lane: Lane::Direct,
+                            endpoint: ENDPOINT,
+                            backpressure: Backpressure::TooManyRequests,
+                            unconfigured: st.auth.api_key.is_none().then_some(OPEN_HINT),
+                            credentials: credentials(&st.auth, req.headers()),
+                        };
+                        overload::guard(st.front.clone(), gate, req, next).await
+                    }
                 },
             )),
         )
@@ -62,40 +66,52 @@ async fn handle(State(st): State<Arc<DirectState>>, inc: Incoming) -> Response {
     st.front.finish(Source::Direct, ENDPOINT, &inc, result)
 }
 
-async fn process(st: &DirectState, inc: &Incoming) -> Result<Response, IngressError> {
-    let auth = &st.auth;
-    if let Some(expected) = &auth.api_key {
-        let ok = inc
-            .headers
-            .get(auth.header.as_str())
-            .is_some_and(|v| secret_matches(v.as_bytes(), expected.as_bytes()));
-        if !ok {
-            metrics::counter!("helios_ingress_auth_failures_total", "source" => "direct", "reason" => "api_key")
-                .increment(1);
-            return Err(IngressError::Unauthorized(format!(
-                "missing or wrong API key (header `{}`)",
-                auth.header
-            )));
-        }
+const OPEN_HINT: &str = "set HELIOS_INGEST_API_KEY";
+
+/// The API key header, checked at the door (before any shared capacity is spent).
+fn credentials(auth: &IngestAuth, headers: &axum::http::HeaderMap) -> Result<(), IngressError> {
+    let Some(expected) = &auth.api_key else {
+        return Ok(());
+    };
+    let ok = headers
+        .get(auth.header.as_str())
+        .is_some_and(|v| secret_matches(v.as_bytes(), expected.as_bytes()));
+    if ok {
+        return Ok(());
     }
+    metrics::counter!("helios_ingress_auth_failures_total", "source" => "direct", "reason" => "api_key")
+        .increment(1);
+    Err(IngressError::Unauthorized(format!(
+        "missing or wrong API key (header `{}`)",
+        auth.header
+    )))
+}
+
+async fn process(st: &DirectState, inc: &Incoming) -> Result<Response, IngressError> {
     let body = inc.body()?;
-    let count = match parse_json_lenient(body)? {
-        None => None,
-        Some(serde_json::Value::Object(_)) => Some(1),
-        Some(serde_json::Value::Array(a)) if a.is_empty() => {
+    // Checked by its shape, never built: a body's memory is its bytes.
+    let count = match crate::http::shape::shape(body) {
+        Err(e) => {
+            return Err(IngressError::BadRequest(format!(
+                "body is not valid JSON: {e}"
+            )))
+        }
+        Ok(Shape::Object) => Some(1),
+        Ok(Shape::Array { len: 0, .. }) => {
             return Err(IngressError::BadRequest(
                 "empty array: nothing to ingest".into(),
             ))
         }
-        Some(serde_json::Value::Array(a)) => {
-            if let Some(i) = a.iter().position(|e| !e.is_object()) {
-                return Err(IngressError::BadRequest(format!(
-                    "element {i} of the array is not an event object"
-                )));
-            }
-            Some(a.len())
+        Ok(Shape::Array {
+            first_non_object: Some(i),
+            ..
+        }) => {
+            return Err(IngressError::BadRequest(format!(
+                "element {i} of the array is not an event object"
+            )))
         }
-        Some(_) => {
+        Ok(Shape::Array { len, .. }) => Some(len),
+        Ok(Shape::Scalar) => {
             return Err(IngressError::BadRequest(
                 "body must be an event object or an array of event objects".into(),
             ))

@@ -15,7 +15,7 @@ use axum::Router;
 use super::config::PubSubConfig;
 use super::oidc::{OidcVerifier, TokenError};
 use crate::http::landing::RecordKind;
-use crate::http::overload;
+use crate::http::overload::{self, Backpressure, Gate, Lane};
 use crate::http::{accepted, secret_matches, Front, HasFront, Incoming, IngressError};
 use crate::source::Source;
 
@@ -58,20 +58,25 @@ pub fn routes(
         cfg,
         oidc,
     });
-    let f = front.clone();
+    let s2 = st.clone();
     Ok(Router::new()
         .route(
             "/api/v1/webhooks/gcp/pubsub",
             post(handle).route_layer(axum::middleware::from_fn(
                 move |req: Request, next: Next| {
-                    overload::guard(
-                        f.clone(),
-                        Source::Gcp,
-                        ENDPOINT,
-                        overload::too_many_requests,
-                        req,
-                        next,
-                    )
+                    let st = s2.clone();
+                    async move {
+                        let hint = st.cfg.open_endpoints().into_iter().next();
+                        let credentials = authenticate(&st, req.headers(), req.uri().query()).await;
+                        let gate = Gate {
+                            lane: Lane::PubSub,
+                            endpoint: ENDPOINT,
+                            backpressure: Backpressure::TooManyRequests,
+                            unconfigured: hint.as_deref(),
+                            credentials,
+                        };
+                        overload::guard(st.front.clone(), gate, req, next).await
+                    }
                 },
             )),
         )
@@ -96,7 +101,6 @@ async fn handle(State(st): State<Arc<GcpState>>, inc: Incoming) -> Response {
 }
 
 async fn process(st: &GcpState, inc: &Incoming) -> Result<Response, IngressError> {
-    authenticate(st, inc).await?;
     let body = inc.body()?;
     let unwrapped = inc.headers.contains_key("x-goog-pubsub-message-id")
         || inc.headers.contains_key("x-goog-pubsub-subscription-name");
@@ -107,20 +111,14 @@ async fn process(st: &GcpState, inc: &Incoming) -> Result<Response, IngressError
             .header("content-type")
             .map(|c| c.to_ascii_lowercase().contains("json"))
             .unwrap_or(true);
-        match serde_json::from_slice::<serde_json::Value>(body) {
-            Ok(v) => {
-                if let Some(obj) = v.as_object() {
-                    if obj.contains_key("message") && !obj["message"].is_object() {
-                        return Err(IngressError::BadRequest(
-                            "Pub/Sub push body has a `message` that is not an object".into(),
-                        ));
-                    }
-                }
-                trace_hint = v
-                    .pointer("/message/attributes/googclient_traceparent")
-                    .and_then(|t| t.as_str())
-                    .map(str::to_string);
+        match wrapped_probe(body) {
+            Ok(Probe::Wrapped { trace }) => trace_hint = trace,
+            Ok(Probe::MessageNotObject) => {
+                return Err(IngressError::BadRequest(
+                    "Pub/Sub push body has a `message` that is not an object".into(),
+                ))
             }
+            Ok(Probe::Other) => {}
             // An unwrapped push without write-metadata carries arbitrary bytes and no headers to
             // tell it apart; only a body that claims to be JSON and is not is refused.
             Err(e) if is_json_type => {
@@ -145,9 +143,52 @@ async fn process(st: &GcpState, inc: &Incoming) -> Result<Response, IngressError
     Ok(accepted(inc, StatusCode::OK))
 }
 
-async fn authenticate(st: &GcpState, inc: &Incoming) -> Result<(), IngressError> {
+/// What the door needs of a wrapped push, read without building the body.
+enum Probe {
+    /// `{"message": {...}}`, with the message's `googclient_traceparent` attribute if any.
+    Wrapped { trace: Option<String> },
+    /// A `message` that is not an object.
+    MessageNotObject,
+    /// Other JSON (landed: the processor decides).
+    Other,
+}
+
+fn wrapped_probe(body: &[u8]) -> Result<Probe, serde_json::Error> {
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+    crate::http::shape::shape(body)?;
+    let Ok(top) = serde_json::from_slice::<BTreeMap<std::borrow::Cow<'_, str>, &RawValue>>(body)
+    else {
+        return Ok(Probe::Other);
+    };
+    let Some(message) = top.get("message") else {
+        return Ok(Probe::Other);
+    };
+    let Ok(m) =
+        serde_json::from_str::<BTreeMap<std::borrow::Cow<'_, str>, &RawValue>>(message.get())
+    else {
+        return Ok(Probe::MessageNotObject);
+    };
+    let trace = m
+        .get("attributes")
+        .and_then(|a| {
+            serde_json::from_str::<BTreeMap<std::borrow::Cow<'_, str>, &RawValue>>(a.get()).ok()
+        })
+        .and_then(|a| {
+            a.get("googclient_traceparent")
+                .and_then(|t| serde_json::from_str::<String>(t.get()).ok())
+        });
+    Ok(Probe::Wrapped { trace })
+}
+
+/// The push's token (query) or OIDC bearer token (header), checked at the door.
+async fn authenticate(
+    st: &GcpState,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+) -> Result<(), IngressError> {
     if let Some(expected) = &st.cfg.token {
-        let presented = inc.query_param("token").unwrap_or_default();
+        let presented = crate::http::query_param(query, "token").unwrap_or_default();
         if !secret_matches(presented.as_bytes(), expected.as_bytes()) {
             metrics::counter!("helios_ingress_auth_failures_total", "source" => "gcp", "reason" => "pubsub_token")
                 .increment(1);
@@ -157,7 +198,8 @@ async fn authenticate(st: &GcpState, inc: &Incoming) -> Result<(), IngressError>
         }
     }
     if let Some(oidc) = &st.oidc {
-        match oidc.verify_header(inc.header("authorization")).await {
+        let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+        match oidc.verify_header(authorization).await {
             Ok(_) => {}
             Err(TokenError::Invalid(m)) => {
                 metrics::counter!("helios_ingress_auth_failures_total", "source" => "gcp", "reason" => "pubsub_oidc")

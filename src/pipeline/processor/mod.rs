@@ -166,6 +166,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             cfg.mode = DeliveryMode::AtLeastOnce;
         }
         check_group_protocol(&cfg.kafka)?;
+        check_pinned(&cfg)?;
         let transactional = matches!(cfg.mode, DeliveryMode::Transactional { .. });
         crate::metrics::install();
         crate::metrics::zero_processor_series();
@@ -337,6 +338,59 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             },
         )
     }
+}
+
+/// Refuses pass-through properties that would change what the processor pins (start-up error
+/// naming each).
+fn check_pinned(cfg: &ProcessorConfig) -> anyhow::Result<()> {
+    use crate::config::{refuse_overrides, Pinned, ACKS_ALL};
+    let output_max = cfg.limits.output_record_max().to_string();
+    let mut pinned = vec![
+        ACKS_ALL,
+        Pinned {
+            key: "message.max.bytes",
+            value: &output_max,
+            why: "it derives from HELIOS_MAX_BODY_BYTES: set that instead",
+        },
+        Pinned {
+            key: "enable.auto.commit",
+            value: "false",
+            why: "offsets are committed only for records that resolved (the commit sequencer)",
+        },
+        Pinned {
+            key: "enable.auto.offset.store",
+            value: "false",
+            why: "offsets are committed only for records that resolved (the commit sequencer)",
+        },
+        Pinned {
+            key: "group.id",
+            value: &cfg.topology.consumer_group,
+            why: "set HELIOS_CONSUMER_GROUP (or consumer_group in topology.yaml) instead",
+        },
+    ];
+    let idempotence_off = cfg
+        .kafka
+        .properties
+        .get("enable.idempotence")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+    if idempotence_off {
+        pinned.push(Pinned {
+            key: "max.in.flight.requests.per.connection",
+            value: "1",
+            why: "without idempotence, one request in flight is what keeps each key's order on the fan-out topics",
+        });
+    }
+    if let DeliveryMode::Transactional { transactional_id } = &cfg.mode {
+        pinned.push(Pinned {
+            key: "transactional.id",
+            value: transactional_id,
+            why: "set HELIOS_TRANSACTIONAL_ID instead (or leave the per-instance default)",
+        });
+        if idempotence_off {
+            anyhow::bail!("KAFKA_ENABLE_IDEMPOTENCE=false cannot go with exactly-once mode (transactions need idempotence)");
+        }
+    }
+    refuse_overrides(&cfg.kafka.properties, &pinned)
 }
 
 /// The KIP-848 consumer protocol (`group.protocol=consumer`) needs a broker that serves it; the
