@@ -80,7 +80,7 @@ async fn sizes_that_disagree_are_refused_at_start_up_naming_the_settings() {
     assert!(stderr.contains("HELIOS_MAX_BODY_BYTES"), "{stderr}");
     // A smaller body limit fits the small topics.
     let fits = helios::limits::SizeLimits {
-        max_body_bytes: 400_000,
+        max_body_bytes: 300_000,
     };
     helios::kafka::check_topic_sizes(&kafka, &small, &fits, &raw)
         .await
