@@ -21,14 +21,26 @@ pub enum Shape {
 /// The shape of `body`; `Err` when it is not JSON at all.
 pub fn shape(body: &[u8]) -> Result<Shape, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let s = de.deserialize_any(TopVisitor)?;
+    let s = ShapeOf { top: true }.deserialize(&mut de)?;
     de.end()?;
     Ok(s)
 }
 
-struct TopVisitor;
+/// Reads one value's shape, skipping its content; only the top level's array elements are
+/// looked at (each one's own shape), nested arrays are skipped whole.
+struct ShapeOf {
+    top: bool,
+}
 
-impl<'de> Visitor<'de> for TopVisitor {
+impl<'de> DeserializeSeed<'de> for ShapeOf {
+    type Value = Shape;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ShapeOf {
     type Value = Shape;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -42,11 +54,15 @@ impl<'de> Visitor<'de> for TopVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Shape, A::Error> {
         let (mut len, mut first_non_object) = (0, None);
-        while let Some(is_object) = s.next_element_seed(IsObject)? {
-            if !is_object && first_non_object.is_none() {
-                first_non_object = Some(len);
+        if !self.top {
+            while s.next_element::<IgnoredAny>()?.is_some() {}
+        } else {
+            while let Some(element) = s.next_element_seed(ShapeOf { top: false })? {
+                if element != Shape::Object && first_non_object.is_none() {
+                    first_non_object = Some(len);
+                }
+                len += 1;
             }
-            len += 1;
         }
         Ok(Shape::Array {
             len,
@@ -71,56 +87,6 @@ impl<'de> Visitor<'de> for TopVisitor {
     }
     fn visit_unit<E>(self) -> Result<Shape, E> {
         Ok(Shape::Scalar)
-    }
-}
-
-/// An array element: true when it is an object (its content skipped either way).
-struct IsObject;
-
-impl<'de> DeserializeSeed<'de> for IsObject {
-    type Value = bool;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_any(IsObjectVisitor)
-    }
-}
-
-struct IsObjectVisitor;
-
-impl<'de> Visitor<'de> for IsObjectVisitor {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<bool, A::Error> {
-        while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(true)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<bool, A::Error> {
-        while s.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(false)
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_unit<E>(self) -> Result<bool, E> {
-        Ok(false)
     }
 }
 

@@ -607,6 +607,23 @@ pub fn run_ok(mut c: std::process::Command) -> String {
     stdout
 }
 
+/// Waits (30 s at most) until the ingress at `base` answers its health endpoint with 200.
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !client
+        .get(format!("{base}/api/v1/health"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ingress never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `helios ingress` (the binary) on `topology` with `env` added; returns the child and its
 /// base URL.
 pub fn ingress_binary(

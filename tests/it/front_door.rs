@@ -33,16 +33,7 @@ async fn random_topic_arns_and_subscription_names_do_not_grow_metrics_or_memory(
     let topology = applied_topology(|_| {}).await;
     let (mut child, base) = ingress_binary(&topology, &[]);
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client
-        .get(format!("{base}/api/v1/health"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(Instant::now() < deadline, "the ingress never became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&client, &base).await;
     let metrics = || async {
         client
             .get(format!("{base}/metrics"))
@@ -525,16 +516,7 @@ async fn bodies_in_flight_are_bounded_by_their_bytes_not_by_their_parse() {
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client
-        .get(format!("{base}/api/v1/health"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(Instant::now() < deadline, "the ingress never became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&client, &base).await;
     let mut body = String::with_capacity(1 << 20);
     body.push('[');
     while body.len() < (1 << 20) - 2 {
