@@ -304,6 +304,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 idle_after: Duration::from_secs(2),
                 state_retention: Duration::from_secs(8 * 86_400),
                 rejoin_after: crate::reconcile::DEFAULT_REJOIN_AFTER,
+                backlog_every: crate::reconcile::DEFAULT_BACKLOG_EVERY,
             },
             ReconStore::Sqlite(store.pool().clone()),
         )?;

@@ -51,6 +51,42 @@ mod imp {
     }
 }
 
+/// Failures armed at run time by a test: `name` → how many more times it fails.
+#[cfg(feature = "failpoints")]
+fn armed() -> &'static std::sync::Mutex<std::collections::HashMap<String, u64>> {
+    static A: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, u64>>> =
+        std::sync::OnceLock::new();
+    A.get_or_init(Default::default)
+}
+
+/// Arms `name` to fail the next `times` times it is asked (see [`fails`]).
+#[cfg(feature = "failpoints")]
+pub fn arm(name: &str, times: u64) {
+    armed()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), times);
+}
+
+/// Whether the point `name` fails now (armed by [`arm`]; never without the feature). Points:
+/// `reconcile.publish:<topic>` (outcomes written, not published: as a crash right after the
+/// transaction).
+#[inline]
+pub fn fails(_name: &str) -> bool {
+    #[cfg(feature = "failpoints")]
+    {
+        let mut a = armed().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = a.get_mut(_name) {
+            if *n > 0 {
+                *n -= 1;
+                tracing::warn!(failpoint = _name, "failpoint: failing");
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Reaches the failpoint `name` (nothing without the `failpoints` feature).
 #[inline]
 pub fn hit(_name: &str) {

@@ -177,6 +177,7 @@ pub async fn run_once(
             idle_after: Duration::from_secs(3600),
             state_retention: Duration::from_secs(8 * 86_400),
             rejoin_after: helios::reconcile::DEFAULT_REJOIN_AFTER,
+            backlog_every: helios::reconcile::DEFAULT_BACKLOG_EVERY,
         },
         ReconStore::Pg(pool.clone()),
     )?;

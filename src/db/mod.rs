@@ -43,6 +43,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "reconcile_progress",
         include_str!("../../migrations/0004_reconcile_progress.sql"),
     ),
+    (
+        5,
+        "reconcile_event_time",
+        include_str!("../../migrations/0005_reconcile_event_time.sql"),
+    ),
 ];
 
 /// A database failure, classified: transient ones retry the batch; ones caused by the data

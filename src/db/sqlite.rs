@@ -44,6 +44,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "reconcile_progress",
         include_str!("../../migrations/sqlite/0003_reconcile_progress.sql"),
     ),
+    (
+        4,
+        "reconcile_event_time",
+        include_str!("../../migrations/sqlite/0004_reconcile_event_time.sql"),
+    ),
 ];
 
 impl SqliteStore {

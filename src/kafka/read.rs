@@ -24,7 +24,7 @@ pub fn reader(
 }
 
 /// Timestamp (ms) of the record at `offset`. Assigns `c` to that partition.
-fn record_timestamp(
+pub fn record_timestamp(
     c: &rdkafka::consumer::BaseConsumer,
     topic: &str,
     partition: i32,

@@ -24,6 +24,8 @@ pub mod lineage {
     pub const RAW_PARTITION: &str = "helios-raw-partition";
     pub const RAW_OFFSET: &str = "helios-raw-offset";
     pub const RAW_INDEX: &str = "helios-raw-index";
+    /// When the ingress received the event (RFC 3339): the clock HELIOS trusts.
+    pub const INGESTED_AT: &str = "helios-ingested-at";
 }
 
 /// Headers the processor adds to a DLQ record (the raw record's own headers are kept).

@@ -1,17 +1,19 @@
 //! Watermarks: how far event time has certainly advanced on a partition of a flow's topics.
 //!
-//! Per assigned topic-partition the newest `occurred_at` read is kept (taken over from the
-//! store when the partition is assigned: what was read before a restart or a rebalance is not
-//! read again, and the event time it reached must not be forgotten), and whether the consumer
-//! has read it to its end (from librdkafka's statistics: the high watermark against the last
-//! record handed over; a record read since marks it as being read again). A flow's watermark on
-//! partition p is the newest event time over its step topics' partition p when all are caught
-//! up, else the smallest newest event time among those still being read (a topic whose backlog
-//! is behind holds the watermark back), minus `allowed_lateness`. When every one is caught up
-//! and nothing has arrived for `idle_after`, wall-clock time minus `allowed_lateness` counts
-//! too, so a missing step is reported even when traffic stops.
+//! Event time is held back by the slowest input, the way Flink takes the minimum over its
+//! inputs: an input is one cloud (source) on one step topic-partition, and its time is the
+//! newest trusted event time read from it (see `input::Seen::trust`). An input with nothing
+//! new for `idle_after` stops holding (a cloud that went quiet). When every step topic-partition
+//! is read to its end and quiet for `idle_after`, wall-clock time counts too, so a missing step
+//! is reported when traffic stops. Both are capped by the raw backlog's bound (see
+//! [`super::backlog`]): nothing later than the reception time of the oldest raw record the
+//! processor has not fanned out yet, so a step acknowledged by the ingress before a deadline
+//! is never reported missing while it waits behind a sink outage. `allowed_lateness` is taken
+//! off the result. Per input, the time reached is taken over from the store when the partition
+//! is assigned (what was read before a restart or a rebalance is not read again), capped at
+//! the wall clock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,29 +21,57 @@ use chrono::{DateTime, Utc};
 
 use crate::topology::Flow;
 
+/// One cloud on one topic-partition.
+#[derive(Debug, Clone)]
+struct Input {
+    newest: DateTime<Utc>,
+    last_record: Instant,
+}
+
 #[derive(Debug, Clone)]
 struct Track {
-    newest: Option<DateTime<Utc>>,
+    inputs: BTreeMap<String, Input>,
     caught_up: bool,
-    last_record: Instant,
-    /// Claimed for this instance in the store, and the newest event time stored for it (up to
-    /// the offsets committed) taken over: the records read before a restart or a rebalance are
-    /// not read again.
+    /// The last record read (or the claim).
+    last_activity: Instant,
+    /// Claimed for this instance in the store, and the event times stored for it (up to the
+    /// offsets committed) taken over.
     claimed: bool,
 }
 
 impl Track {
     fn new() -> Track {
         Track {
-            newest: None,
+            inputs: BTreeMap::new(),
             caught_up: false,
-            last_record: Instant::now(),
+            last_activity: Instant::now(),
             claimed: false,
         }
     }
 }
 
-/// Event-time progress per topic-partition.
+/// What holds a watermark where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// The slowest input: a cloud on a step topic.
+    Input { topic: String, source: String },
+    /// Raw records the processor has not fanned out yet (a lagging or stalled processor).
+    RawBacklog,
+    /// Every input read to its end and quiet: the wall clock.
+    WallClock,
+}
+
+impl Held {
+    pub fn describe(&self) -> String {
+        match self {
+            Held::Input { topic, source } => format!("input {source} on {topic}"),
+            Held::RawBacklog => "raw backlog (records not yet processed)".into(),
+            Held::WallClock => "wall clock (inputs idle)".into(),
+        }
+    }
+}
+
+/// Event-time progress per topic-partition and cloud.
 #[derive(Debug, Default, Clone)]
 pub struct Clock {
     tracks: HashMap<(String, i32), Track>,
@@ -68,10 +98,24 @@ impl Clock {
         v
     }
 
-    /// `tp` was claimed: takes over the newest event time stored for it (none: nothing was).
-    pub fn claimed(&mut self, tp: &(String, i32), stored: Option<DateTime<Utc>>) {
+    /// `tp` was claimed: takes over the event time stored per cloud (capped at `now`: a time
+    /// ahead of the wall clock is never taken over).
+    pub fn claimed(
+        &mut self,
+        tp: &(String, i32),
+        stored: &[(String, DateTime<Utc>)],
+        now: DateTime<Utc>,
+    ) {
         if let Some(t) = self.tracks.get_mut(tp) {
-            t.newest = t.newest.max(stored);
+            for (source, at) in stored {
+                let at = (*at).min(now);
+                let i = t.inputs.entry(source.clone()).or_insert(Input {
+                    newest: at,
+                    last_record: Instant::now(),
+                });
+                i.newest = i.newest.max(at);
+            }
+            t.last_activity = Instant::now();
             t.claimed = true;
         }
     }
@@ -83,15 +127,30 @@ impl Clock {
         }
     }
 
-    /// A record of `topic`/`partition` with this event time was read.
-    pub fn record(&mut self, topic: &str, partition: i32, at: DateTime<Utc>) {
+    /// A record of `topic`/`partition` from `source` with this (trusted) event time was read.
+    pub fn record(&mut self, topic: &str, partition: i32, source: &str, at: DateTime<Utc>) {
         let t = self
             .tracks
             .entry((topic.to_string(), partition))
             .or_insert_with(Track::new);
-        t.newest = Some(t.newest.map_or(at, |n| n.max(at)));
+        let now = Instant::now();
+        match t.inputs.get_mut(source) {
+            Some(i) => {
+                i.newest = i.newest.max(at);
+                i.last_record = now;
+            }
+            None => {
+                t.inputs.insert(
+                    source.to_string(),
+                    Input {
+                        newest: at,
+                        last_record: now,
+                    },
+                );
+            }
+        }
         t.caught_up = false;
-        t.last_record = Instant::now();
+        t.last_activity = now;
     }
 
     /// Which topic-partitions are read to their end (the consumer's statistics); one not
@@ -136,7 +195,8 @@ impl Clock {
         v
     }
 
-    /// The flow's watermark on partition `p` (its step topics are `topics`).
+    /// The flow's watermark on partition `p` (its topics are `topics`) and what holds it;
+    /// `bound` is the raw backlog's (none: not known yet, nothing advances).
     pub fn watermark(
         &self,
         flow: &Flow,
@@ -144,37 +204,48 @@ impl Clock {
         p: i32,
         idle_after: Duration,
         now: DateTime<Utc>,
-    ) -> Option<DateTime<Utc>> {
-        let tracks: Vec<&Track> = topics
+        bound: Option<DateTime<Utc>>,
+    ) -> Option<(DateTime<Utc>, Held)> {
+        let tracks: Vec<(&String, &Track)> = topics
             .iter()
-            .filter_map(|t| self.tracks.get(&(t.clone(), p)))
+            .filter_map(|t| self.tracks.get(&(t.clone(), p)).map(|x| (t, x)))
             .collect();
         if tracks.is_empty() {
             return None;
         }
-        let lateness = chrono::Duration::from_std(flow.allowed_lateness).unwrap_or_default();
-        let all_caught_up = tracks.iter().all(|t| t.caught_up);
-        let event_time = if all_caught_up {
-            tracks.iter().filter_map(|t| t.newest).max()
-        } else {
-            tracks
-                .iter()
-                .filter(|t| !t.caught_up)
-                .map(|t| t.newest)
-                .min()
-                .flatten()
-        };
-        let mut wm = event_time.map(|t| t - lateness);
-        let quiet_for = tracks
-            .iter()
-            .map(|t| t.last_record.elapsed())
-            .min()
-            .unwrap_or_default();
-        if all_caught_up && quiet_for >= idle_after {
-            let wall = now - lateness;
-            wm = Some(wm.map_or(wall, |w| w.max(wall)));
+        let mut slowest: Option<(DateTime<Utc>, Held)> = None;
+        for (topic, t) in &tracks {
+            for (source, i) in &t.inputs {
+                if i.last_record.elapsed() >= idle_after {
+                    continue;
+                }
+                if slowest.as_ref().is_none_or(|(at, _)| i.newest < *at) {
+                    slowest = Some((
+                        i.newest,
+                        Held::Input {
+                            topic: (*topic).clone(),
+                            source: source.clone(),
+                        },
+                    ));
+                }
+            }
         }
-        wm
+        let quiet = tracks
+            .iter()
+            .all(|(_, t)| t.caught_up && t.last_activity.elapsed() >= idle_after);
+        let mut mark = slowest;
+        if quiet && mark.as_ref().is_none_or(|(at, _)| *at < now) {
+            mark = Some((now, Held::WallClock));
+        }
+        let (at, held) = mark?;
+        let bound = bound?;
+        let (at, held) = if bound < at {
+            (bound, Held::RawBacklog)
+        } else {
+            (at, held)
+        };
+        let lateness = chrono::Duration::from_std(flow.allowed_lateness).unwrap_or_default();
+        Some((at - lateness, held))
     }
 }
 
@@ -232,84 +303,109 @@ mod tests {
     use crate::topology::FlowStep;
 
     fn flow() -> Flow {
-        Flow {
-            name: "f".into(),
-            key: "order_id".into(),
-            steps: vec![
-                FlowStep {
-                    event_type: "A".into(),
-                    within: None,
-                },
-                FlowStep {
-                    event_type: "B".into(),
-                    within: Some(Duration::from_secs(60)),
-                },
+        Flow::new(
+            "f",
+            vec![
+                FlowStep::new("A", None),
+                FlowStep::new("B", Some(Duration::from_secs(60))),
             ],
-            allowed_lateness: Duration::from_secs(10),
-        }
+            Duration::from_secs(10),
+        )
     }
 
     fn t(s: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
     }
 
+    fn at(w: Option<(DateTime<Utc>, Held)>) -> Option<DateTime<Utc>> {
+        w.map(|(t, _)| t)
+    }
+
     #[test]
-    fn a_topic_behind_holds_the_watermark_back_until_caught_up() {
+    fn the_slowest_cloud_holds_the_watermark_back() {
         let f = flow();
         let topics = vec!["a".to_string(), "b".to_string()];
         let mut c = Clock::default();
         c.assigned(&[("a".into(), 0), ("b".into(), 0)]);
         let idle = Duration::from_secs(3600);
-        c.record("a", 0, t(100));
-        assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), None, "b unread");
-        c.record("b", 0, t(50));
-        assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), Some(t(40)));
+        let far = Some(t(100_000));
+        assert_eq!(
+            at(c.watermark(&f, &topics, 0, idle, t(0), far)),
+            None,
+            "nothing read"
+        );
+        c.record("a", 0, "aws", t(100));
+        c.record("b", 0, "gcp", t(50));
+        assert_eq!(
+            at(c.watermark(&f, &topics, 0, idle, t(0), far)),
+            Some(t(40))
+        );
+        // Fast traffic from one cloud never moves event time past another's newest.
+        c.record("a", 0, "aws", t(500));
+        c.record("b", 0, "aws", t(500));
+        let (w, held) = c.watermark(&f, &topics, 0, idle, t(0), far).unwrap();
+        assert_eq!(w, t(40));
+        assert_eq!(
+            held,
+            Held::Input {
+                topic: "b".into(),
+                source: "gcp".into()
+            }
+        );
+        // Read to the end everywhere: still the slowest input, not the newest.
         let mut flags = HashMap::new();
         flags.insert(("a".to_string(), 0), true);
-        c.caught_up(&flags);
-        assert_eq!(
-            c.watermark(&f, &topics, 0, idle, t(0)),
-            Some(t(40)),
-            "b still being read"
-        );
         flags.insert(("b".to_string(), 0), true);
         c.caught_up(&flags);
-        assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), Some(t(90)));
         assert_eq!(
-            c.watermark(&f, &topics, 0, Duration::ZERO, t(1000)),
-            Some(t(990)),
-            "idle: wall clock"
+            at(c.watermark(&f, &topics, 0, idle, t(0), far)),
+            Some(t(40))
         );
-        assert_eq!(c.watermark(&f, &topics, 1, idle, t(0)), None);
+        // The raw backlog's bound caps it; unknown bound: nothing.
+        let (w, held) = c
+            .watermark(&f, &topics, 0, idle, t(0), Some(t(45)))
+            .unwrap();
+        assert_eq!((w, held), (t(35), Held::RawBacklog));
+        assert_eq!(c.watermark(&f, &topics, 0, idle, t(0), None), None);
+        // Idle: inputs stop holding, wall clock (capped by the bound).
+        let (w, held) = c
+            .watermark(&f, &topics, 0, Duration::ZERO, t(1000), far)
+            .unwrap();
+        assert_eq!((w, held), (t(990), Held::WallClock));
+        assert_eq!(
+            at(c.watermark(&f, &topics, 0, Duration::ZERO, t(1000), Some(t(700)))),
+            Some(t(690)),
+            "idle fallback never passes the raw backlog"
+        );
+        assert_eq!(c.watermark(&f, &topics, 1, idle, t(0), far), None);
     }
 
     #[test]
-    fn an_assigned_partition_takes_over_the_event_time_reached_before() {
+    fn an_assigned_partition_takes_over_the_event_time_reached_before_capped_at_now() {
         let f = flow();
         let topics = vec!["a".to_string(), "b".to_string()];
         let mut c = Clock::default();
         c.assigned(&[("a".into(), 0), ("b".into(), 0)]);
         assert_eq!(c.unclaimed().len(), 2);
-        // `a` was read to t(500) before a restart; `b` never had anything.
-        c.claimed(&("a".into(), 0), Some(t(500)));
-        c.claimed(&("b".into(), 0), None);
-        assert!(c.unclaimed().is_empty());
-        c.record("b", 0, t(20));
-        let mut flags = HashMap::new();
-        flags.insert(("a".to_string(), 0), true);
-        flags.insert(("b".to_string(), 0), true);
-        c.caught_up(&flags);
-        let idle = Duration::from_secs(3600);
-        assert_eq!(
-            c.watermark(&f, &topics, 0, idle, t(0)),
-            Some(t(490)),
-            "read to the end: the newest, stored or read"
+        c.claimed(
+            &("a".into(), 0),
+            &[("aws".into(), t(500)), ("gcp".into(), t(400))],
+            t(1000),
         );
-        // An older stored time never moves a track back; a new assignment starts unclaimed.
-        c.claimed(&("b".into(), 0), Some(t(10)));
-        flags.insert(("a".to_string(), 0), false);
-        c.caught_up(&flags);
-        assert_eq!(c.watermark(&f, &topics, 0, idle, t(0)), Some(t(490)));
+        c.claimed(&("b".into(), 0), &[("aws".into(), t(99_999))], t(1000));
+        assert!(c.unclaimed().is_empty());
+        let idle = Duration::from_secs(3600);
+        let far = Some(t(100_000));
+        assert_eq!(
+            at(c.watermark(&f, &topics, 0, idle, t(1000), far)),
+            Some(t(390))
+        );
+        c.record("a", 0, "gcp", t(800));
+        assert_eq!(
+            at(c.watermark(&f, &topics, 0, idle, t(1000), far)),
+            Some(t(490)),
+            "a stored time from the future counts as now"
+        );
         c.assigned(&[("a".into(), 0), ("b".into(), 0), ("a".into(), 1)]);
         assert_eq!(c.unclaimed(), vec![("a".to_string(), 1)]);
     }

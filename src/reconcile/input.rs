@@ -2,6 +2,8 @@
 //! order id, from the CloudEvents and lineage headers (the value is read only when the key
 //! could be the event id rather than an order id).
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use rdkafka::message::{Headers, Message};
 
@@ -14,6 +16,24 @@ use crate::pipeline::guard::MAX_ID_BYTES;
 pub struct Seen {
     pub order_id: String,
     pub sighting: Sighting,
+    /// When the ingress received it (the `helios-ingested-at` header, else the record's
+    /// timestamp).
+    pub ingested_at: DateTime<Utc>,
+}
+
+impl Seen {
+    /// The event time to count under `max_clock_skew`: the event's `occurred_at`, unless it is
+    /// further ahead of its reception than that (a wrong or hostile clock): then the reception
+    /// time, with the claimed time kept as `untrusted_occurred_at`.
+    pub fn trust(&self, max_clock_skew: std::time::Duration) -> Sighting {
+        let mut s = self.sighting.clone();
+        let skew = chrono::Duration::from_std(max_clock_skew).unwrap_or_default();
+        if s.occurred_at > self.ingested_at + skew {
+            s.untrusted_occurred_at = Some(s.occurred_at);
+            s.occurred_at = self.ingested_at;
+        }
+        s
+    }
 }
 
 /// Why a record is not counted.
@@ -50,8 +70,32 @@ struct OrderOnly {
     order_id: Option<String>,
 }
 
-/// Reads one fan-out record.
-pub fn read<M: Message>(m: &M, now: DateTime<Utc>) -> Result<Seen, Skip> {
+/// Largest field value kept for a `match` check (bytes of its JSON).
+const MAX_FIELD_BYTES: usize = 256;
+
+/// The `match` fields an event has: `data.<field>`, else the canonical event's own field.
+fn match_fields(payload: &[u8], fields: &[String]) -> BTreeMap<String, serde_json::Value> {
+    let mut out = BTreeMap::new();
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return out;
+    };
+    for f in fields {
+        let found = v
+            .get("data")
+            .and_then(|d| d.get(f))
+            .or_else(|| v.get(f))
+            .filter(|x| !x.is_null());
+        if let Some(x) = found {
+            if x.to_string().len() <= MAX_FIELD_BYTES {
+                out.insert(f.clone(), x.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Reads one fan-out record; `fields` are the `match` fields of the flows reading its topic.
+pub fn read<M: Message>(m: &M, now: DateTime<Utc>, fields: &[String]) -> Result<Seen, Skip> {
     let event_type = header(m, "ce_type").ok_or(Skip::NotAnEvent)?;
     let event_id = header(m, "ce_id").ok_or(Skip::NotAnEvent)?;
     let source = header(m, lineage::SOURCE).ok_or(Skip::NotAnEvent)?;
@@ -93,13 +137,32 @@ pub fn read<M: Message>(m: &M, now: DateTime<Utc>) -> Result<Seen, Skip> {
         (Some(t), Some(p), Some(o)) => Some(format!("{t}/{p}/{o}")),
         _ => None,
     };
+    let ingested_at = header(m, lineage::INGESTED_AT)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|| {
+            m.timestamp()
+                .to_millis()
+                .and_then(DateTime::from_timestamp_millis)
+        })
+        .unwrap_or(now);
+    let fields = if fields.is_empty() {
+        BTreeMap::new()
+    } else {
+        m.payload()
+            .map(|v| match_fields(v, fields))
+            .unwrap_or_default()
+    };
     Ok(Seen {
         order_id,
+        ingested_at,
         sighting: Sighting {
             step: event_type.to_string(),
             source: source.to_string(),
             event_id: event_id.to_string(),
             occurred_at,
+            untrusted_occurred_at: None,
+            fields,
             topic: m.topic().to_string(),
             partition: m.partition(),
             offset: m.offset(),

@@ -19,7 +19,7 @@ impl Reconciler {
     /// to fix); a broker that does not answer yet is waited for (warnings, backoff). False:
     /// shutdown came first.
     pub(super) async fn wait_partitions_checked(
-        &self,
+        &mut self,
         shutdown: &Shutdown,
     ) -> anyhow::Result<bool> {
         let mut backoff = crate::pipeline::retry::Backoff::default();
@@ -38,7 +38,7 @@ impl Reconciler {
     }
 
     /// Some(error) when the broker did not answer (worth retrying).
-    async fn check_partitions(&self) -> anyhow::Result<Option<rdkafka::error::KafkaError>> {
+    async fn check_partitions(&mut self) -> anyhow::Result<Option<rdkafka::error::KafkaError>> {
         let settings = self.cfg.kafka.clone();
         let flows: Vec<(String, Vec<String>)> = self
             .flows
@@ -46,14 +46,16 @@ impl Reconciler {
             .zip(&self.flow_topics)
             .map(|(f, t)| (f.name.clone(), t.clone()))
             .collect();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let before = self.partition_counts.clone();
+        let checked = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let c = crate::kafka::reader(&settings, "reconcile-check")?;
+            let mut all = HashMap::new();
             for (flow, topics) in flows {
                 let mut counts = vec![];
                 for t in &topics {
                     let md = match c.fetch_metadata(Some(t), Duration::from_secs(10)) {
                         Ok(md) => md,
-                        Err(e) => return Ok(Some(e)),
+                        Err(e) => return Ok(Err(e)),
                     };
                     let n = md
                         .topics()
@@ -66,6 +68,12 @@ impl Reconciler {
                             "flow `{flow}`: topic {t} does not exist; create it with `helios topology apply`"
                         );
                     }
+                    if let Some(was) = before.get(t).filter(|was| **was != n) {
+                        anyhow::bail!(
+                            "flow `{flow}`: topic {t} has {n} partitions, {was} when this reconciler started; an order's events no longer meet on one partition number: restart every reconciler of the group (after the processors) so that they start from the new layout"
+                        );
+                    }
+                    all.insert(t.clone(), n);
                     counts.push((t.clone(), n));
                 }
                 if counts.iter().any(|(_, n)| *n != counts[0].1) {
@@ -79,9 +87,16 @@ impl Reconciler {
                     );
                 }
             }
-            Ok(None)
+            Ok(Ok(all))
         })
-        .await?
+        .await??;
+        match checked {
+            Ok(all) => {
+                self.partition_counts = all;
+                Ok(None)
+            }
+            Err(e) => Ok(Some(e)),
+        }
     }
 
     /// Up to `batch_size` records: the first waits up to 200 ms, the rest are taken while more
@@ -157,6 +172,10 @@ impl Reconciler {
             self.claims.clear();
             self.watermarks.clear();
             self.due_checked.clear();
+            self.held.clear();
+            self.marks_written.clear();
+            // Partition counts may have changed with the rebalance: checked again.
+            self.recheck = true;
             if dropped > 0 {
                 tracing::info!(
                     dropped,
@@ -179,6 +198,9 @@ impl Reconciler {
             .store(assigned.len() as u64, Ordering::Relaxed);
         metrics::gauge!("helios_reconcile_assigned_partitions").set(assigned.len() as f64);
         self.watch_unassigned(assigned.is_empty());
+        if let Some(why) = copartition_problem(&self.flows, &self.flow_topics, &assigned) {
+            self.fatal = Some(why);
+        }
         self.clock.assigned(&assigned);
         self.claims.retain(|tp, _| assigned.contains(tp));
         let owned: Vec<Vec<i32>> = self
@@ -380,5 +402,66 @@ impl Reconciler {
             tracing::warn!(error = %e, "offsets not committed");
         }
         Ok(())
+    }
+}
+
+/// Why an assignment breaks co-partitioning, if it does: every flow needs the same partition
+/// numbers of each of its topics (else an order's steps are read by different instances, and
+/// one of them reports the others `missing`).
+pub(super) fn copartition_problem(
+    flows: &[crate::topology::Flow],
+    flow_topics: &[Vec<String>],
+    assigned: &[(String, i32)],
+) -> Option<String> {
+    for (flow, topics) in flows.iter().zip(flow_topics) {
+        let parts = |t: &String| -> Vec<i32> {
+            let mut v: Vec<i32> = assigned
+                .iter()
+                .filter(|(x, _)| x == t)
+                .map(|(_, p)| *p)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let first = parts(&topics[0]);
+        for t in &topics[1..] {
+            let these = parts(t);
+            if these != first {
+                return Some(format!(
+                    "flow `{}`: this instance was assigned partitions {first:?} of {} but {these:?} of {t}; the reconciler needs partition p of every step topic in one instance (the range assignor with equal partition counts, and every member subscribed to the same topics: is another member of group running a different topology?)",
+                    flow.name, topics[0]
+                ));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{Flow, FlowStep};
+
+    #[test]
+    fn an_assignment_that_splits_a_flow_is_named() {
+        let flows = vec![Flow::new(
+            "f",
+            vec![
+                FlowStep::new("A", None),
+                FlowStep::new("B", Some(Duration::from_secs(1))),
+            ],
+            Duration::ZERO,
+        )];
+        let topics = vec![vec!["a".to_string(), "b".to_string()]];
+        let ok = [
+            ("a".into(), 0),
+            ("b".into(), 0),
+            ("a".into(), 2),
+            ("b".into(), 2),
+        ];
+        assert_eq!(copartition_problem(&flows, &topics, &ok), None);
+        let bad = [("a".into(), 0), ("b".into(), 1)];
+        let why = copartition_problem(&flows, &topics, &bad).unwrap();
+        assert!(why.contains("[0] of a but [1] of b"), "{why}");
     }
 }

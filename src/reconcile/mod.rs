@@ -1,14 +1,17 @@
 //! Reconciliation: `helios reconcile` follows each order through the flows declared in
 //! topology.yaml (e.g. OrderPlaced → PaymentProcessed within 15m → InventoryReserved within
 //! 30m), across event types and clouds, and reports per order `completed`, `missing`, `late`,
-//! `out_of_order`, `duplicate_step` and `orphan` — each once, as a row of
-//! `reconciliation_results` and a record on `helios.reconciliation`.
+//! `arrived_late`, `out_of_order`, `duplicate_step`, `orphan`, `ended` and `mismatch` — each
+//! once, as a row of `reconciliation_results`, then published from that row to
+//! `helios.reconciliation` (an outbox: the topic never says what the table does not).
 //!
 //! [`engine`] is the state machine of one instance, [`clock`] the watermarks (and which
-//! partitions are read to their end), [`intake`] the consumer side, [`input`] reads
+//! partitions are read to their end), [`backlog`] the processor group's raw backlog that holds
+//! them back, [`intake`] the consumer side, [`input`] reads
 //! fan-out records, [`store`] keeps `flow_state` and the results, [`run`] is the consumer-group
 //! loop, [`report`] reads the results back.
 
+pub mod backlog;
 pub mod clock;
 pub mod engine;
 pub mod input;
@@ -26,7 +29,9 @@ use anyhow::Context;
 
 use crate::config::KafkaArgs;
 use crate::shutdown::Shutdown;
-pub use run::{ReconcileStats, Reconciler, ReconcilerConfig, DEFAULT_REJOIN_AFTER};
+pub use run::{
+    ReconcileStats, Reconciler, ReconcilerConfig, DEFAULT_BACKLOG_EVERY, DEFAULT_REJOIN_AFTER,
+};
 pub use store::ReconStore;
 
 /// `helios reconcile [report|show]`.
@@ -154,6 +159,7 @@ impl ReconcileArgs {
                 &self.state_retention,
             )?,
             rejoin_after: run::DEFAULT_REJOIN_AFTER,
+            backlog_every: run::DEFAULT_BACKLOG_EVERY,
         })
     }
 }

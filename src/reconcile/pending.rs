@@ -26,8 +26,8 @@ pub(super) struct Pending {
     pub(super) resolved: Vec<Resolution>,
     /// Next offset per topic-partition of the records absorbed.
     pub(super) offsets: BTreeMap<(String, i32), i64>,
-    /// Newest event time per topic-partition of the records absorbed.
-    pub(super) newest: HashMap<(String, i32), DateTime<Utc>>,
+    /// Newest (trusted) event time per topic-partition and cloud of the records absorbed.
+    pub(super) newest: HashMap<(String, i32), BTreeMap<String, DateTime<Utc>>>,
     pub(super) skips: Vec<input::Skip>,
     /// Per flow: events counted, events already counted.
     pub(super) counted: Vec<(u64, u64)>,
@@ -62,6 +62,8 @@ pub(super) struct Writing {
     pub(super) claims: HashMap<(String, i32), i64>,
     /// Partitions another instance claimed since (nothing was written then), or the failure.
     pub(super) task: tokio::task::JoinHandle<anyhow::Result<Vec<(String, i32)>>>,
+    /// The watermarks it writes.
+    pub(super) marks: Vec<((usize, i32), DateTime<Utc>)>,
 }
 
 impl Writing {

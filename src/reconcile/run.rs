@@ -19,8 +19,9 @@ use chrono::{DateTime, Utc};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 
+use super::backlog::Backlog;
 use super::clock::Clock;
-use super::clock::{CaughtUp, ReconContext};
+use super::clock::{CaughtUp, Held, ReconContext};
 use super::engine::{self, Effects, FlowState, OutcomeKind};
 use super::input::{self, Seen};
 use super::pending::{add_us, Pending, Working, Writing};
@@ -50,7 +51,16 @@ pub struct ReconcilerConfig {
     /// An instance with no partition for this long joins its group again, once (see
     /// `watch_unassigned`); [`DEFAULT_REJOIN_AFTER`] unless a test needs it sooner.
     pub rejoin_after: Duration,
+    /// How often the processor group's raw backlog is looked at ([`DEFAULT_BACKLOG_EVERY`]).
+    pub backlog_every: Duration,
 }
+
+/// Default interval between looks at the raw backlog.
+pub const DEFAULT_BACKLOG_EVERY: Duration = Duration::from_secs(1);
+/// Watermarks are written for `helios status` at most this often.
+pub(super) const MARKS_EVERY: Duration = Duration::from_secs(2);
+/// Outcomes left unpublished (a crash after their transaction) are looked for this often.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 pub use crate::kafka::DEFAULT_REJOIN_AFTER;
 
@@ -93,6 +103,22 @@ pub struct Reconciler {
     pub(super) flow_topics: Vec<Vec<String>>,
     /// Fan-out topic → (flow index) of the flows it is a step of.
     pub(super) by_topic: HashMap<String, Vec<usize>>,
+    /// Fan-out topic → the `match` fields of its flows, and the strictest `max_clock_skew`.
+    pub(super) fields_by_topic: HashMap<String, Vec<String>>,
+    pub(super) skew_by_topic: HashMap<String, Duration>,
+    /// The processor group's raw backlog (started by `run`).
+    pub(super) backlog: Option<Backlog>,
+    /// Per (flow, partition): what holds the watermark, and the watermarks last written.
+    pub(super) held: HashMap<(usize, i32), Held>,
+    pub(super) marks_written: HashMap<(usize, i32), DateTime<Utc>>,
+    pub(super) last_marks: Instant,
+    pub(super) last_sweep: Instant,
+    /// Partition counts of every flow topic at start-up (a change stops the instance).
+    pub(super) partition_counts: HashMap<String, usize>,
+    /// A rebalance since the partition counts were last checked.
+    pub(super) recheck: bool,
+    /// Why this instance must stop (co-partitioning broken).
+    pub(super) fatal: Option<String>,
     pub(super) store: ReconStore,
     pub(super) consumer: StreamConsumer<ReconContext>,
     /// Asks the broker for high watermarks (never joins the group).
@@ -131,16 +157,28 @@ impl Reconciler {
         let flow_topics: Vec<Vec<String>> = flows
             .iter()
             .map(|f| {
-                f.steps
+                f.event_types()
                     .iter()
-                    .map(|s| cfg.topology.event_topic(&s.event_type))
+                    .map(|t| cfg.topology.event_topic(t))
                     .collect()
             })
             .collect();
         let mut by_topic: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut fields_by_topic: HashMap<String, Vec<String>> = HashMap::new();
+        let mut skew_by_topic: HashMap<String, Duration> = HashMap::new();
         for (i, topics) in flow_topics.iter().enumerate() {
             for t in topics {
                 by_topic.entry(t.clone()).or_default().push(i);
+                let fields = fields_by_topic.entry(t.clone()).or_default();
+                for f in &flows[i].match_fields {
+                    if !fields.contains(f) {
+                        fields.push(f.clone());
+                    }
+                }
+                let skew = skew_by_topic
+                    .entry(t.clone())
+                    .or_insert(flows[i].max_clock_skew);
+                *skew = (*skew).min(flows[i].max_clock_skew);
             }
         }
         let mut c = cfg.kafka.member_config();
@@ -194,7 +232,12 @@ impl Reconciler {
                 .increment(0);
             metrics::counter!("helios_reconcile_already_counted_total", "flow" => f.name.clone())
                 .increment(0);
+            metrics::counter!("helios_reconcile_untrusted_clock_total", "flow" => f.name.clone())
+                .increment(0);
+            metrics::gauge!("helios_reconcile_event_time_lag_seconds", "flow" => f.name.clone())
+                .set(0.0);
         }
+        metrics::counter!("helios_reconcile_copartition_violations_total").increment(0);
         // Exported from start-up (alerts compare them with zero).
         metrics::counter!("helios_reconcile_rejoins_total").increment(0);
         metrics::gauge!("helios_reconcile_assigned_partitions").set(0.0);
@@ -205,6 +248,16 @@ impl Reconciler {
             flows,
             flow_topics,
             by_topic,
+            fields_by_topic,
+            skew_by_topic,
+            backlog: None,
+            held: HashMap::new(),
+            marks_written: HashMap::new(),
+            last_marks: Instant::now(),
+            last_sweep: Instant::now(),
+            partition_counts: HashMap::new(),
+            recheck: false,
+            fatal: None,
             store,
             consumer,
             meta,
@@ -235,6 +288,16 @@ impl Reconciler {
         if !self.wait_partitions_checked(&shutdown).await? {
             return Ok(());
         }
+        let raw: Vec<String> = crate::source::Source::ALL
+            .iter()
+            .map(|s| self.cfg.topology.raw_topic(*s))
+            .collect();
+        self.backlog = Some(Backlog::start(
+            &self.cfg.kafka,
+            &self.cfg.topology.consumer_group,
+            raw,
+            self.cfg.backlog_every,
+        )?);
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         self.consumer.subscribe(&names)?;
         tracing::info!(flows = self.flows.len(), topics = ?topics, group = %self.cfg.group, "reconciler started");
@@ -247,6 +310,16 @@ impl Reconciler {
                 _ = shutdown.clone().wait() => break,
             };
             add_us(&self.stats.poll_us, polled);
+            if let Some(why) = self.fatal.take() {
+                metrics::counter!("helios_reconcile_copartition_violations_total").increment(1);
+                anyhow::bail!("{why}");
+            }
+            if self.recheck {
+                if !self.wait_partitions_checked(&shutdown).await? {
+                    break;
+                }
+                self.recheck = false;
+            }
             // Reading states and due deadlines may fail (PostgreSQL away): the batch is taken
             // again, nothing of it was kept.
             loop {
@@ -290,8 +363,12 @@ impl Reconciler {
                 }
                 write_backoff = Backoff::default();
             }
-            if due && self.writing.is_none() {
+            let marks_due = self.last_marks.elapsed() >= MARKS_EVERY;
+            if (due || marks_due) && self.writing.is_none() {
                 self.start_write();
+            }
+            if self.writing.is_none() && self.last_sweep.elapsed() >= SWEEP_EVERY {
+                self.publish_unpublished().await;
             }
             self.prune(Utc::now()).await;
         }
@@ -339,7 +416,13 @@ impl Reconciler {
         let mut seen: Vec<(usize, Seen)> = vec![];
         let mut skips: Vec<input::Skip> = vec![];
         for m in batch {
-            match input::read(m, now) {
+            use rdkafka::Message;
+            let fields = self
+                .fields_by_topic
+                .get(m.topic())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            match input::read(m, now, fields) {
                 Ok(s) => {
                     if let Some(flows) = self.by_topic.get(&s.sighting.topic) {
                         for &f in flows {
@@ -356,12 +439,27 @@ impl Reconciler {
         let mut clock = self.clock.clone();
         let fresh = clock.unclaimed();
         let mut claimed = HashMap::new();
+        let mut floors: HashMap<(usize, i32), DateTime<Utc>> = HashMap::new();
         if !fresh.is_empty() {
             let stored = self.store.claim(&self.cfg.group, &fresh).await?;
+            let sources = self.store.sources(&self.cfg.group, &fresh).await?;
             for tp in &fresh {
-                let (newest, generation) = stored.get(tp).copied().unwrap_or((None, 0));
-                clock.claimed(tp, newest);
+                let generation = stored.get(tp).map_or(0, |x| x.1);
+                clock.claimed(
+                    tp,
+                    sources.get(tp).map(Vec::as_slice).unwrap_or_default(),
+                    now,
+                );
                 claimed.insert(tp.clone(), generation);
+            }
+            // The watermarks reached before (never back; never past the wall clock).
+            let parts: HashSet<i32> = fresh.iter().map(|t| t.1).collect();
+            for (flow, part, wm, _, _) in self.store.watermarks(&self.cfg.group).await? {
+                if let Some(f) = self.flows.iter().position(|x| x.name == flow) {
+                    if parts.contains(&part) {
+                        floors.insert((f, part), wm.min(now));
+                    }
+                }
             }
         }
         // States of this batch's instances that are not pending already, as stored.
@@ -385,17 +483,25 @@ impl Reconciler {
         add_us(&self.stats.load_us, t);
         // The watermarks with this batch's event times, and the stored instances they make due.
         for (_, s) in &seen {
+            let skew = self
+                .skew_by_topic
+                .get(&s.sighting.topic)
+                .copied()
+                .unwrap_or(crate::topology::DEFAULT_MAX_CLOCK_SKEW);
             clock.record(
                 &s.sighting.topic,
                 s.sighting.partition,
-                s.sighting.occurred_at,
+                &s.sighting.source,
+                s.trust(skew).occurred_at,
             );
         }
+        let bound = self.backlog.as_ref().and_then(|b| b.view().bound);
         // The statistics that count a partition as read to its end may predate records
         // written since (before the records just read that move event time on): check those
         // partitions against the broker's high watermark now.
         self.confirm_caught_up(&mut clock).await;
         let mut wms: Vec<BTreeMap<i32, DateTime<Utc>>> = vec![];
+        let mut helds: HashMap<(usize, i32), Held> = HashMap::new();
         let mut due_rows = vec![];
         let mut checked = self.due_checked.clone();
         for (f, flow) in self.flows.iter().enumerate() {
@@ -405,9 +511,16 @@ impl Reconciler {
                 .partitions(topics)
                 .into_iter()
                 .filter_map(|p| {
-                    let new = clock.watermark(flow, topics, p, self.cfg.idle_after, now);
-                    let old = self.watermarks.get(&(f, p)).copied();
-                    new.max(old).map(|w| (p, w))
+                    let new = clock.watermark(flow, topics, p, self.cfg.idle_after, now, bound);
+                    if let Some((_, h)) = &new {
+                        helds.insert((f, p), h.clone());
+                    }
+                    let old = self
+                        .watermarks
+                        .get(&(f, p))
+                        .copied()
+                        .max(floors.get(&(f, p)).copied());
+                    new.map(|n| n.0).max(old).map(|w| (p, w))
                 })
                 .collect();
             if batch.is_empty() {
@@ -443,9 +556,24 @@ impl Reconciler {
             wms.push(w);
         }
         // Nothing below fails: the batch is now part of the pending work.
+        if !fresh.is_empty() {
+            // Outcomes an earlier owner wrote and did not publish: the sweep runs next.
+            self.last_sweep = Instant::now()
+                .checked_sub(SWEEP_EVERY)
+                .unwrap_or(self.last_sweep);
+        }
         self.clock = clock;
         self.claims.extend(claimed);
         self.due_checked = checked;
+        self.held.extend(helds);
+        for (f, flow) in self.flows.iter().enumerate() {
+            let oldest = wms[f].values().min();
+            if let Some(w) = oldest {
+                let lag = (now - *w).num_milliseconds() as f64 / 1000.0;
+                metrics::gauge!("helios_reconcile_event_time_lag_seconds", "flow" => flow.name.clone())
+                    .set(lag.max(0.0));
+            }
+        }
         for (f, w) in wms.iter().enumerate() {
             for (p, t) in w {
                 self.watermarks.insert((f, *p), *t);
@@ -515,28 +643,50 @@ impl Reconciler {
             p.work.entry(k).or_insert(w);
         }
         for (_, s) in &seen {
-            let at = s.sighting.occurred_at;
+            let skew = self
+                .skew_by_topic
+                .get(&s.sighting.topic)
+                .copied()
+                .unwrap_or(crate::topology::DEFAULT_MAX_CLOCK_SKEW);
+            let at = s.trust(skew).occurred_at;
             p.newest
                 .entry((s.sighting.topic.clone(), s.sighting.partition))
+                .or_default()
+                .entry(s.sighting.source.clone())
                 .and_modify(|n| *n = (*n).max(at))
                 .or_insert(at);
         }
         for (f, s) in seen {
             let flow = &self.flows[f];
+            let sighting = s.trust(flow.max_clock_skew);
+            if sighting.untrusted_occurred_at.is_some() {
+                metrics::counter!("helios_reconcile_untrusted_clock_total", "flow" => flow.name.clone())
+                    .increment(1);
+                tracing::warn!(flow = %flow.name, event_id = %crate::model::text::bounded(&sighting.event_id, 128),
+                    occurred_at = ?sighting.untrusted_occurred_at, ingested_at = %s.ingested_at,
+                    "occurred_at too far ahead of its reception: counted at its reception time");
+            }
             let w = p.work.entry((f, s.order_id.clone())).or_insert(Working {
                 part: s.sighting.partition,
                 state: FlowState::default(),
                 changed: false,
             });
             w.part = s.sighting.partition;
-            let fx = engine::apply(flow, &mut w.state, s.sighting);
+            let fx = engine::apply(flow, &mut w.state, sighting);
             if fx.already_counted {
                 p.counted[f].1 += 1;
                 continue;
             }
             w.changed = true;
             p.counted[f].0 += 1;
-            collect(flow, &s.order_id, fx, &mut p.results, &mut p.resolved);
+            collect(
+                flow,
+                &s.order_id,
+                w.part,
+                fx,
+                &mut p.results,
+                &mut p.resolved,
+            );
         }
         // Deadlines of every pending instance (stored ones were fetched above when due).
         for ((f, key), w) in p.work.iter_mut() {
@@ -550,7 +700,7 @@ impl Reconciler {
             let fx = engine::due(flow, &mut w.state, *wm);
             if !fx.outcomes.is_empty() {
                 w.changed = true;
-                collect(flow, key, fx, &mut p.results, &mut p.resolved);
+                collect(flow, key, w.part, fx, &mut p.results, &mut p.resolved);
             }
         }
         Ok(())
@@ -560,6 +710,7 @@ impl Reconciler {
 fn collect(
     flow: &Flow,
     key: &str,
+    part: i32,
     fx: Effects,
     results: &mut Vec<ResultRow>,
     resolved: &mut Vec<Resolution>,
@@ -573,6 +724,7 @@ fn collect(
             event_time: o.event_time,
             duration_ms: o.duration_ms,
             detail: o.detail,
+            part,
         });
     }
     for (outcome, step) in fx.resolved {

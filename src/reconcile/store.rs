@@ -32,7 +32,29 @@ pub struct ResultRow {
     pub event_time: DateTime<Utc>,
     pub duration_ms: Option<i64>,
     pub detail: serde_json::Value,
+    /// The instance's fan-out partition (its owner publishes the outcome).
+    pub part: i32,
 }
+
+/// An outcome as stored: its stable id (the record's `helios-outcome-id`) and when it was
+/// detected.
+#[derive(Debug, Clone)]
+pub struct StoredOutcome {
+    pub id: i64,
+    pub row: ResultRow,
+    pub detected_at: DateTime<Utc>,
+}
+
+/// What a write did: the topic-partitions another instance claimed since (then nothing was
+/// written), or the outcomes it inserted (those already stored are left as they are).
+#[derive(Debug, Default)]
+pub struct Saved {
+    pub taken: Vec<(String, i32)>,
+    pub inserted: Vec<StoredOutcome>,
+}
+
+/// A watermark to keep: (flow, partition, watermark, what held it).
+pub type Mark = (String, i32, DateTime<Utc>, String);
 
 /// An earlier outcome now resolved.
 #[derive(Debug, Clone)]
@@ -50,8 +72,15 @@ pub struct Fence {
     pub topic: String,
     pub part: i32,
     pub generation: i64,
-    pub newest: Option<DateTime<Utc>>,
+    /// The newest event time per cloud in what the write counted.
+    pub sources: Vec<(String, DateTime<Utc>)>,
     pub next_offset: Option<i64>,
+}
+
+impl Fence {
+    fn newest(&self) -> Option<DateTime<Utc>> {
+        self.sources.iter().map(|s| s.1).max()
+    }
 }
 
 /// What a claim found: the newest event time stored, and the generation now this instance's.
@@ -259,7 +288,9 @@ impl ReconStore {
         resolved: &[Resolution],
         group: &str,
         fence: &[Fence],
-    ) -> Result<Vec<(String, i32)>, StoreError> {
+        marks: &[Mark],
+    ) -> Result<Saved, StoreError> {
+        let mut inserted = vec![];
         let taken = |claims: Vec<(String, i32, i64)>| -> Vec<(String, i32)> {
             fence
                 .iter()
@@ -291,10 +322,10 @@ impl ReconStore {
                     let taken = taken(claims);
                     if !taken.is_empty() {
                         tx.rollback().await?;
-                        return Ok(taken);
+                        return Ok(Saved { taken, inserted });
                     }
                     let newest: Vec<Option<DateTime<Utc>>> =
-                        fence.iter().map(|f| f.newest).collect();
+                        fence.iter().map(|f| f.newest()).collect();
                     let offsets: Vec<Option<i64>> = fence.iter().map(|f| f.next_offset).collect();
                     sqlx::query(
                         "UPDATE reconcile_progress p SET
@@ -309,6 +340,46 @@ impl ReconStore {
                     .bind(&parts)
                     .bind(&newest)
                     .bind(&offsets)
+                    .execute(&mut *tx)
+                    .await?;
+                    let per: Vec<(&str, i32, &str, DateTime<Utc>)> = fence
+                        .iter()
+                        .flat_map(|f| {
+                            f.sources
+                                .iter()
+                                .map(move |(s, t)| (f.topic.as_str(), f.part, s.as_str(), *t))
+                        })
+                        .collect();
+                    if !per.is_empty() {
+                        sqlx::query(
+                            "INSERT INTO reconcile_sources AS s (consumer_group, topic, part, source, newest_event_time)
+                             SELECT $1, t, p, src, n FROM unnest($2::text[], $3::int[], $4::text[], $5::timestamptz[]) AS r(t, p, src, n)
+                             ORDER BY t, p, src
+                             ON CONFLICT (consumer_group, topic, part, source) DO UPDATE
+                               SET newest_event_time = GREATEST(s.newest_event_time, EXCLUDED.newest_event_time), updated_at = now()",
+                        )
+                        .bind(group)
+                        .bind(per.iter().map(|x| x.0).collect::<Vec<_>>())
+                        .bind(per.iter().map(|x| x.1).collect::<Vec<_>>())
+                        .bind(per.iter().map(|x| x.2).collect::<Vec<_>>())
+                        .bind(per.iter().map(|x| x.3).collect::<Vec<_>>())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                if !marks.is_empty() {
+                    sqlx::query(
+                        "INSERT INTO reconcile_watermarks AS w (consumer_group, flow, part, watermark, held_by)
+                         SELECT $1, f, p, m, h FROM unnest($2::text[], $3::int[], $4::timestamptz[], $5::text[]) AS r(f, p, m, h)
+                         ORDER BY f, p
+                         ON CONFLICT (consumer_group, flow, part) DO UPDATE
+                           SET watermark = GREATEST(w.watermark, EXCLUDED.watermark), held_by = EXCLUDED.held_by, updated_at = now()",
+                    )
+                    .bind(group)
+                    .bind(marks.iter().map(|m| m.0.clone()).collect::<Vec<_>>())
+                    .bind(marks.iter().map(|m| m.1).collect::<Vec<_>>())
+                    .bind(marks.iter().map(|m| m.2).collect::<Vec<_>>())
+                    .bind(marks.iter().map(|m| m.3.clone()).collect::<Vec<_>>())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -340,11 +411,13 @@ impl ReconStore {
                     let times: Vec<DateTime<Utc>> = results.iter().map(|r| r.event_time).collect();
                     let durations: Vec<Option<i64>> =
                         results.iter().map(|r| r.duration_ms).collect();
-                    sqlx::query(
-                        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, event_time, duration_ms, detail)
-                         SELECT f, k, o, s, t, d, x::jsonb
-                         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::text[]) AS r(f, k, o, s, t, d, x)
-                         ON CONFLICT (flow, flow_key, outcome, step) DO NOTHING",
+                    let parts: Vec<i32> = results.iter().map(|r| r.part).collect();
+                    let rows: Vec<(i64, String, String, String, String, DateTime<Utc>)> = sqlx::query_as(
+                        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, event_time, duration_ms, detail, part)
+                         SELECT f, k, o, s, t, d, x::jsonb, p
+                         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::text[], $8::int[]) AS r(f, k, o, s, t, d, x, p)
+                         ON CONFLICT (flow, flow_key, outcome, step) DO NOTHING
+                         RETURNING id, flow, flow_key, outcome, step, detected_at",
                     )
                     .bind(col(|r| r.flow.clone()))
                     .bind(col(|r| r.key.clone()))
@@ -353,8 +426,20 @@ impl ReconStore {
                     .bind(times)
                     .bind(durations)
                     .bind(col(|r| r.detail.to_string()))
-                    .execute(&mut *tx)
+                    .bind(parts)
+                    .fetch_all(&mut *tx)
                     .await?;
+                    for (id, f, k, o, st, detected_at) in rows {
+                        if let Some(r) = results.iter().find(|r| {
+                            r.flow == f && r.key == k && r.outcome.as_str() == o && r.step == st
+                        }) {
+                            inserted.push(StoredOutcome {
+                                id,
+                                row: r.clone(),
+                                detected_at,
+                            });
+                        }
+                    }
                 }
                 for r in resolved {
                     sqlx::query(
@@ -390,7 +475,7 @@ impl ReconStore {
                 let taken = taken(claims);
                 if !taken.is_empty() {
                     tx.rollback().await?;
-                    return Ok(taken);
+                    return Ok(Saved { taken, inserted });
                 }
                 for s in states {
                     sqlx::query(
@@ -410,9 +495,9 @@ impl ReconStore {
                     .await?;
                 }
                 for r in results {
-                    sqlx::query(
-                        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, event_time, duration_ms, detail)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                    let row: Option<(i64, String)> = sqlx::query_as(
+                        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, event_time, duration_ms, detail, part)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING RETURNING id, detected_at",
                     )
                     .bind(&r.flow)
                     .bind(&r.key)
@@ -421,8 +506,16 @@ impl ReconStore {
                     .bind(sqlite_time(r.event_time))
                     .bind(r.duration_ms)
                     .bind(r.detail.to_string())
-                    .execute(&mut *tx)
+                    .bind(r.part)
+                    .fetch_optional(&mut *tx)
                     .await?;
+                    if let Some((id, at)) = row {
+                        inserted.push(StoredOutcome {
+                            id,
+                            row: r.clone(),
+                            detected_at: parse_sqlite_time(&at),
+                        });
+                    }
                 }
                 for r in resolved {
                     sqlx::query(
@@ -449,15 +542,235 @@ impl ReconStore {
                     .bind(group)
                     .bind(&f.topic)
                     .bind(f.part)
-                    .bind(f.newest.map(sqlite_time))
+                    .bind(f.newest().map(sqlite_time))
                     .bind(f.next_offset)
+                    .execute(&mut *tx)
+                    .await?;
+                    for (source, at) in &f.sources {
+                        sqlx::query(
+                            "INSERT INTO reconcile_sources (consumer_group, topic, part, source, newest_event_time)
+                             VALUES (?1, ?2, ?3, ?4, ?5)
+                             ON CONFLICT (consumer_group, topic, part, source) DO UPDATE SET
+                               newest_event_time = max(newest_event_time, excluded.newest_event_time),
+                               updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+                        )
+                        .bind(group)
+                        .bind(&f.topic)
+                        .bind(f.part)
+                        .bind(source)
+                        .bind(sqlite_time(*at))
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                for (flow, part, wm, held) in marks {
+                    sqlx::query(
+                        "INSERT INTO reconcile_watermarks (consumer_group, flow, part, watermark, held_by)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (consumer_group, flow, part) DO UPDATE SET
+                           watermark = max(watermark, excluded.watermark), held_by = excluded.held_by,
+                           updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+                    )
+                    .bind(group)
+                    .bind(flow)
+                    .bind(part)
+                    .bind(sqlite_time(*wm))
+                    .bind(held)
                     .execute(&mut *tx)
                     .await?;
                 }
                 tx.commit().await?;
             }
         }
-        Ok(vec![])
+        Ok(Saved {
+            taken: vec![],
+            inserted,
+        })
+    }
+
+    /// Event time stored per cloud for these topic-partitions of `group`.
+    pub async fn sources(
+        &self,
+        group: &str,
+        tps: &[(String, i32)],
+    ) -> Result<HashMap<(String, i32), Vec<(String, DateTime<Utc>)>>, StoreError> {
+        let mut out: HashMap<(String, i32), Vec<(String, DateTime<Utc>)>> = HashMap::new();
+        if tps.is_empty() {
+            return Ok(out);
+        }
+        let rows: Vec<(String, i32, String, DateTime<Utc>)> = match self {
+            ReconStore::Pg(pool) => {
+                sqlx::query_as(
+                    "SELECT s.topic, s.part, s.source, s.newest_event_time FROM reconcile_sources s
+                     JOIN unnest($2::text[], $3::int[]) AS k(t, p) ON s.topic = k.t AND s.part = k.p
+                     WHERE s.consumer_group = $1",
+                )
+                .bind(group)
+                .bind(tps.iter().map(|t| t.0.as_str()).collect::<Vec<_>>())
+                .bind(tps.iter().map(|t| t.1).collect::<Vec<_>>())
+                .fetch_all(pool)
+                .await?
+            }
+            ReconStore::Sqlite(pool) => {
+                let rows: Vec<(String, i32, String, String)> = sqlx::query_as(
+                    "SELECT topic, part, source, newest_event_time FROM reconcile_sources WHERE consumer_group = ?1",
+                )
+                .bind(group)
+                .fetch_all(pool)
+                .await?;
+                rows.into_iter()
+                    .map(|(t, p, s, n)| (t, p, s, parse_sqlite_time(&n)))
+                    .collect()
+            }
+        };
+        for (t, p, s, n) in rows {
+            if tps.iter().any(|x| x.0 == t && x.1 == p) {
+                out.entry((t, p)).or_default().push((s, n));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The watermarks `group` reached: (flow, partition) → (watermark, what held it, when
+    /// written).
+    pub async fn watermarks(
+        &self,
+        group: &str,
+    ) -> Result<Vec<(String, i32, DateTime<Utc>, String, DateTime<Utc>)>, StoreError> {
+        Ok(match self {
+            ReconStore::Pg(pool) => {
+                sqlx::query_as(
+                    "SELECT flow, part, watermark, held_by, updated_at FROM reconcile_watermarks
+                     WHERE consumer_group = $1 ORDER BY flow, part",
+                )
+                .bind(group)
+                .fetch_all(pool)
+                .await?
+            }
+            ReconStore::Sqlite(pool) => {
+                let rows: Vec<(String, i32, String, String, String)> = sqlx::query_as(
+                    "SELECT flow, part, watermark, held_by, updated_at FROM reconcile_watermarks
+                     WHERE consumer_group = ?1 ORDER BY flow, part",
+                )
+                .bind(group)
+                .fetch_all(pool)
+                .await?;
+                rows.into_iter()
+                    .map(|(f, p, w, h, u)| (f, p, parse_sqlite_time(&w), h, parse_sqlite_time(&u)))
+                    .collect()
+            }
+        })
+    }
+
+    /// Outcomes of these partitions not published yet, oldest first.
+    pub async fn unpublished(
+        &self,
+        parts: &[i32],
+        limit: i64,
+    ) -> Result<Vec<StoredOutcome>, StoreError> {
+        if parts.is_empty() {
+            return Ok(vec![]);
+        }
+        type Row = (
+            i64,
+            String,
+            String,
+            String,
+            String,
+            Option<DateTime<Utc>>,
+            Option<i64>,
+            String,
+            Option<i32>,
+            DateTime<Utc>,
+        );
+        let rows: Vec<Row> = match self {
+            ReconStore::Pg(pool) => {
+                sqlx::query_as(
+                    "SELECT id, flow, flow_key, outcome, step, event_time, duration_ms, detail::text, part, detected_at
+                     FROM reconciliation_results WHERE published_at IS NULL AND part = ANY($1)
+                     ORDER BY id LIMIT $2",
+                )
+                .bind(parts)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+            }
+            ReconStore::Sqlite(pool) => {
+                let rows: Vec<(i64, String, String, String, String, Option<String>, Option<i64>, String, Option<i32>, String)> =
+                    sqlx::query_as(
+                        "SELECT id, flow, flow_key, outcome, step, event_time, duration_ms, detail, part, detected_at
+                         FROM reconciliation_results WHERE published_at IS NULL ORDER BY id LIMIT ?1",
+                    )
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?;
+                rows.into_iter()
+                    .filter(|r| r.8.is_some_and(|p| parts.contains(&p)))
+                    .map(|r| {
+                        (r.0, r.1, r.2, r.3, r.4, r.5.map(|t| parse_sqlite_time(&t)), r.6, r.7, r.8, parse_sqlite_time(&r.9))
+                    })
+                    .collect()
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .filter_map(
+                |(
+                    id,
+                    flow,
+                    key,
+                    outcome,
+                    step,
+                    event_time,
+                    duration_ms,
+                    detail,
+                    part,
+                    detected_at,
+                )| {
+                    Some(StoredOutcome {
+                        id,
+                        row: ResultRow {
+                            flow,
+                            key,
+                            outcome: OutcomeKind::parse(&outcome)?,
+                            step,
+                            event_time: event_time.unwrap_or(detected_at),
+                            duration_ms,
+                            detail: serde_json::from_str(&detail).unwrap_or_default(),
+                            part: part.unwrap_or(0),
+                        },
+                        detected_at,
+                    })
+                },
+            )
+            .collect())
+    }
+
+    /// Marks these outcomes published.
+    pub async fn mark_published(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        match self {
+            ReconStore::Pg(pool) => {
+                sqlx::query(
+                    "UPDATE reconciliation_results SET published_at = now() WHERE id = ANY($1)",
+                )
+                .bind(ids)
+                .execute(pool)
+                .await?;
+            }
+            ReconStore::Sqlite(pool) => {
+                sqlx::query(
+                    "UPDATE reconciliation_results SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                     WHERE id IN (SELECT value FROM json_each(?1))",
+                )
+                .bind(serde_json::to_string(ids).unwrap_or_default())
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Deletes instances of these partitions not changed since `before` (state retention).
@@ -483,4 +796,11 @@ impl ReconStore {
 /// Times in the SQLite file: RFC 3339 in UTC with milliseconds (sorts as text).
 pub fn sqlite_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Reads a time of the SQLite file (the Unix epoch when it is not one).
+pub fn parse_sqlite_time(t: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(t)
+        .map(|d| d.with_timezone(&Utc))
+        .unwrap_or_default()
 }

@@ -1,7 +1,10 @@
 //! The reconciler's write side. What was counted is written while the next batches are read:
-//! a write (outcome records sent and acknowledged, then states, results, resolutions and the
-//! event-time progress in one fenced transaction) runs as its own task, and only when it has
-//! landed are its offsets committed. One write is on its way at a time; the instances it holds
+//! a write (states, results, resolutions and the event-time progress in one fenced transaction,
+//! then the outcomes it inserted published to `helios.reconciliation` from those rows: an
+//! outbox) runs as its own task, and only when it has landed are its offsets committed. An
+//! outcome whose publication failed or was cut short by a crash stays unpublished in the table
+//! and is published by the sweep ([`Reconciler::publish_unpublished`]) of the partition's owner:
+//! the topic can repeat an outcome (same `helios-outcome-id`), never say one the table lacks. One write is on its way at a time; the instances it holds
 //! are read from it (not from the store, which has their older rows until it lands). A write
 //! that fails, or is refused because another instance claimed one of its partitions, is put
 //! back into the pending work and written again (minus what was taken over).
@@ -18,17 +21,37 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use super::engine;
 use super::pending::{add_us, Pending, Working, Writing};
 use super::run::Reconciler;
-use super::store::{Fence, ResultRow, StateRow};
+use super::store::{Fence, ReconStore, StateRow, StoredOutcome};
 
 impl Reconciler {
     /// Starts writing what is pending (nothing when nothing is). Call [`Self::land`] first
     /// when a write is on its way.
     pub(super) fn start_write(&mut self) {
         debug_assert!(self.writing.is_none());
+        // Watermarks moved since last written (at most every 2 s), for `helios status` and
+        // for the instance that takes a partition over.
+        let marks: Vec<((usize, i32), DateTime<Utc>)> =
+            if self.last_marks.elapsed() >= super::run::MARKS_EVERY {
+                self.watermarks
+                    .iter()
+                    .filter(|(k, w)| self.marks_written.get(*k) != Some(*w))
+                    .map(|(k, w)| (*k, *w))
+                    .collect()
+            } else {
+                vec![]
+            };
         let p = &self.pending;
-        if p.work.is_empty() && p.offsets.is_empty() && p.skips.is_empty() && p.results.is_empty() {
+        if p.work.is_empty()
+            && p.offsets.is_empty()
+            && p.skips.is_empty()
+            && p.results.is_empty()
+            && marks.is_empty()
+        {
             self.pending.since = None;
             return;
+        }
+        if !marks.is_empty() {
+            self.last_marks = Instant::now();
         }
         let mut rest = std::mem::replace(&mut self.pending, Pending::new(self.flows.len()));
         let work = std::mem::take(&mut rest.work);
@@ -58,14 +81,30 @@ impl Reconciler {
                 topic: tp.0.clone(),
                 part: tp.1,
                 generation: *generation,
-                newest: rest.newest.get(tp).copied(),
+                sources: rest
+                    .newest
+                    .get(tp)
+                    .map(|m| m.iter().map(|(s, t)| (s.clone(), *t)).collect())
+                    .unwrap_or_default(),
                 next_offset: rest.offsets.get(tp).copied(),
+            })
+            .collect();
+        let mark_rows: Vec<super::store::Mark> = marks
+            .iter()
+            .map(|((f, part), w)| {
+                let held = self
+                    .held
+                    .get(&(*f, *part))
+                    .map(|h| h.describe())
+                    .unwrap_or_default();
+                (self.flows[*f].name.clone(), *part, *w, held)
             })
             .collect();
         let save = !states.is_empty()
             || !rest.results.is_empty()
             || !rest.resolved.is_empty()
-            || !rest.offsets.is_empty();
+            || !rest.offsets.is_empty()
+            || !mark_rows.is_empty();
         let (results, resolved) = (rest.results.clone(), rest.resolved.clone());
         let (producer, store, stats) = (
             self.producer.clone(),
@@ -77,20 +116,23 @@ impl Reconciler {
             self.cfg.group.clone(),
         );
         let task = tokio::spawn(async move {
-            if !results.is_empty() {
-                let t = Instant::now();
-                send_outcomes(&producer, &topic, &results).await?;
-                add_us(&stats.send_us, t);
-            }
             if !save {
                 return Ok(vec![]);
             }
             let t = Instant::now();
-            let taken = store
-                .save(&states, &results, &resolved, &group, &fence)
+            let saved = store
+                .save(&states, &results, &resolved, &group, &fence, &mark_rows)
                 .await?;
             add_us(&stats.save_us, t);
-            Ok(taken)
+            if saved.taken.is_empty() && !saved.inserted.is_empty() {
+                // Committed: published from the rows (a failure leaves them to the sweep).
+                let t = Instant::now();
+                if let Err(e) = publish(&producer, &store, &topic, &saved.inserted).await {
+                    tracing::warn!(error = %e, outcomes = saved.inserted.len(), "outcomes written, not published yet; the sweep publishes them");
+                }
+                add_us(&stats.send_us, t);
+            }
+            Ok(saved.taken)
         });
         self.writing = Some(Writing {
             work,
@@ -98,6 +140,7 @@ impl Reconciler {
             rest,
             claims: self.claims.clone(),
             task,
+            marks,
         });
     }
 
@@ -115,6 +158,9 @@ impl Reconciler {
         add_us(&self.stats.wait_us, waited);
         match outcome {
             Ok(taken) if taken.is_empty() => {
+                for (k, wm) in w.marks {
+                    self.marks_written.insert(k, wm);
+                }
                 self.landed(w.rest)?;
                 Ok(())
             }
@@ -175,9 +221,12 @@ impl Reconciler {
             let e = p.offsets.entry(tp).or_insert(o);
             *e = (*e).max(o);
         }
-        for (tp, t) in rest.newest {
-            let e = p.newest.entry(tp).or_insert(t);
-            *e = (*e).max(t);
+        for (tp, sources) in rest.newest {
+            let e = p.newest.entry(tp).or_default();
+            for (source, t) in sources {
+                let n = e.entry(source).or_insert(t);
+                *n = (*n).max(t);
+            }
         }
         p.skips.extend(rest.skips);
         for (c, r) in p.counted.iter_mut().zip(rest.counted) {
@@ -215,6 +264,42 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Publishes the outcomes of this instance's partitions that were written but not published
+    /// (a crash or a failed send after their transaction). Call it with no write on its way.
+    pub(super) async fn publish_unpublished(&mut self) {
+        self.last_sweep = Instant::now();
+        let mut parts: Vec<i32> = self.claims.keys().map(|tp| tp.1).collect();
+        parts.sort_unstable();
+        parts.dedup();
+        if parts.is_empty() {
+            return;
+        }
+        let topic = self.cfg.topology.reconciliation_topic();
+        loop {
+            let rows = match self.store.unpublished(&parts, 1000).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "unpublished outcomes not read");
+                    return;
+                }
+            };
+            if rows.is_empty() {
+                return;
+            }
+            let n = rows.len();
+            match publish(&self.producer, &self.store, &topic, &rows).await {
+                Ok(()) => tracing::info!(outcomes = n, "outcomes written earlier published"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "outcomes not published; trying again later");
+                    return;
+                }
+            }
+            if n < 1000 {
+                return;
+            }
+        }
+    }
+
     /// Deletes instances unchanged for longer than the retention (at most once a minute).
     pub(super) async fn prune(&mut self, now: DateTime<Utc>) {
         if self.last_prune.elapsed() < Duration::from_secs(60) {
@@ -234,23 +319,28 @@ impl Reconciler {
     }
 }
 
-/// One record per outcome on the reconciliation topic, keyed by the flow key; returns when
-/// every one was acknowledged.
-async fn send_outcomes(
+/// One record per stored outcome on the reconciliation topic, keyed by the flow key, with the
+/// row's id (`helios-outcome-id`); marks them published once every one was acknowledged.
+async fn publish(
     producer: &FutureProducer,
+    store: &ReconStore,
     topic: &str,
-    results: &[ResultRow],
+    rows: &[StoredOutcome],
 ) -> anyhow::Result<()> {
-    let detected = Utc::now();
-    let mut pending = Vec::with_capacity(results.len());
-    for r in results {
+    if crate::failpoint::fails(&format!("reconcile.publish:{topic}")) {
+        anyhow::bail!("failpoint reconcile.publish: not published");
+    }
+    let mut pending = Vec::with_capacity(rows.len());
+    for o in rows {
+        let r = &o.row;
+        let id = o.id.to_string();
         let value = serde_json::json!({
-            "flow": r.flow, "key": r.key, "outcome": r.outcome.as_str(), "step": r.step,
+            "id": o.id, "flow": r.flow, "key": r.key, "outcome": r.outcome.as_str(), "step": r.step,
             "event_time": r.event_time, "duration_ms": r.duration_ms, "detail": r.detail,
-            "detected_at": detected,
+            "detected_at": o.detected_at,
         })
         .to_string();
-        let headers = OwnedHeaders::new_with_capacity(3)
+        let headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
                 key: "helios-flow",
                 value: Some(r.flow.as_str()),
@@ -258,6 +348,10 @@ async fn send_outcomes(
             .insert(Header {
                 key: "helios-outcome",
                 value: Some(r.outcome.as_str()),
+            })
+            .insert(Header {
+                key: "helios-outcome-id",
+                value: Some(id.as_str()),
             })
             .insert(Header {
                 key: "content-type",
@@ -276,5 +370,7 @@ async fn send_outcomes(
             Err(_) => anyhow::bail!("outcome record cancelled"),
         }
     }
+    let ids: Vec<i64> = rows.iter().map(|o| o.id).collect();
+    store.mark_published(&ids).await?;
     Ok(())
 }

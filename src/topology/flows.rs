@@ -9,10 +9,21 @@
 //!       - OrderPlaced
 //!       - PaymentProcessed: { within: 15m }
 //!       - InventoryReserved: { within: 30m }
+//!       - ShipmentBooked: { within: 2h, after: previous, optional: true }
+//!     ends_on: [OrderCancelled, PaymentFailed]
+//!     match: [amount, customer_id]
 //!     allowed_lateness: 2m
+//!     clock_skew: 2s
+//!     max_clock_skew: 5m
 //! ```
 //!
-//! `within` is measured from the first step's `occurred_at` (event time).
+//! `within` is measured from the first step's `occurred_at` (event time), or from the previous
+//! step's with `after: previous`. An `optional` step is never reported missing. An `ends_on`
+//! event type ends the instance with an `ended` outcome (no deadline fires after it). `match`
+//! names payload fields every step that has them must agree on (`mismatch` otherwise).
+//! `clock_skew` is how far two clouds' clocks may disagree before `late` or `out_of_order`
+//! counts; an `occurred_at` more than `max_clock_skew` ahead of when HELIOS received the event
+//! is not trusted (the reception time counts instead).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -32,6 +43,19 @@ pub struct FlowSpec {
     /// passed (default 1m).
     #[serde(default)]
     pub allowed_lateness: Option<String>,
+    /// Event types that end an instance (an outcome of their own, no `missing` after them).
+    #[serde(default)]
+    pub ends_on: Vec<String>,
+    /// Payload fields (`data.<field>`, else top level) every step that has them must agree on.
+    #[serde(default, rename = "match")]
+    pub match_fields: Vec<String>,
+    /// How far clocks of two clouds may disagree (default 2s).
+    #[serde(default)]
+    pub clock_skew: Option<String>,
+    /// How far an `occurred_at` may be ahead of its reception before it is not trusted
+    /// (default 5m).
+    #[serde(default)]
+    pub max_clock_skew: Option<String>,
 }
 
 /// `- OrderPlaced` or `- PaymentProcessed: { within: 15m }`.
@@ -46,6 +70,12 @@ pub enum StepSpec {
 #[serde(deny_unknown_fields)]
 pub struct StepOptions {
     pub within: Option<String>,
+    /// `first` (default): `within` counts from the first step; `previous`: from the step before.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Never reported missing (a late one is still `late`).
+    #[serde(default)]
+    pub optional: bool,
 }
 
 fn default_key() -> String {
@@ -56,8 +86,25 @@ fn default_key() -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlowStep {
     pub event_type: String,
-    /// Deadline from the first step's event time; none for the first step.
+    /// Deadline from the first step's event time (or the previous step's, see
+    /// `after_previous`); none for the first step.
     pub within: Option<Duration>,
+    /// `within` counts from the previous step's event time.
+    pub after_previous: bool,
+    /// Never reported missing.
+    pub optional: bool,
+}
+
+impl FlowStep {
+    /// A mandatory step with a deadline from the first step.
+    pub fn new(event_type: &str, within: Option<Duration>) -> FlowStep {
+        FlowStep {
+            event_type: event_type.into(),
+            within,
+            after_previous: false,
+            optional: false,
+        }
+    }
 }
 
 /// A validated flow.
@@ -67,9 +114,44 @@ pub struct Flow {
     pub key: String,
     pub steps: Vec<FlowStep>,
     pub allowed_lateness: Duration,
+    /// Event types that end an instance.
+    pub ends_on: Vec<String>,
+    /// Fields the steps must agree on.
+    pub match_fields: Vec<String>,
+    /// Tolerance between clouds' clocks for `late` and `out_of_order`.
+    pub clock_skew: Duration,
+    /// An `occurred_at` further ahead of its reception is not trusted.
+    pub max_clock_skew: Duration,
 }
 
+/// Defaults of the flow options.
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(2);
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
 impl Flow {
+    /// A flow with default options (`order_id` key, no terminal steps, no field checks).
+    pub fn new(name: &str, steps: Vec<FlowStep>, allowed_lateness: Duration) -> Flow {
+        Flow {
+            name: name.into(),
+            key: "order_id".into(),
+            steps,
+            allowed_lateness,
+            ends_on: vec![],
+            match_fields: vec![],
+            clock_skew: DEFAULT_CLOCK_SKEW,
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
+        }
+    }
+
+    /// Every event type the flow reads: its steps, then its terminal types.
+    pub fn event_types(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .map(|s| s.event_type.clone())
+            .chain(self.ends_on.iter().cloned())
+            .collect()
+    }
+
     /// The position of an event type among the steps.
     pub fn step_index(&self, event_type: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.event_type == event_type)
@@ -77,23 +159,42 @@ impl Flow {
 
     /// `OrderPlaced → PaymentProcessed within 900s → …`.
     pub fn describe(&self) -> String {
-        self.steps
+        let steps = self
+            .steps
             .iter()
-            .map(|s| match s.within {
-                Some(w) => format!("{} within {}s", s.event_type, w.as_secs()),
-                None => s.event_type.clone(),
+            .map(|s| {
+                let mut d = match s.within {
+                    Some(w) if s.after_previous => {
+                        format!("{} within {}s of the previous", s.event_type, w.as_secs())
+                    }
+                    Some(w) => format!("{} within {}s", s.event_type, w.as_secs()),
+                    None => s.event_type.clone(),
+                };
+                if s.optional {
+                    d.push_str(" (optional)");
+                }
+                d
             })
             .collect::<Vec<_>>()
-            .join(" → ")
+            .join(" → ");
+        if self.ends_on.is_empty() {
+            steps
+        } else {
+            format!("{steps}; ends on {}", self.ends_on.join(", "))
+        }
     }
 
-    /// The longest deadline (an instance without its first step is an orphan after it).
+    /// The longest deadline from the first step, relative ones chained (an instance without
+    /// its first step is an orphan after it).
     pub fn longest(&self) -> Duration {
-        self.steps
-            .iter()
-            .filter_map(|s| s.within)
-            .max()
-            .unwrap_or_default()
+        let mut at = Duration::ZERO;
+        let mut longest = Duration::ZERO;
+        for s in &self.steps {
+            let w = s.within.unwrap_or_default();
+            at = if s.after_previous { at + w } else { w };
+            longest = longest.max(at);
+        }
+        longest
     }
 }
 
@@ -134,11 +235,11 @@ pub fn validate_flow(
     let mut steps: Vec<FlowStep> = Vec::with_capacity(spec.steps.len());
     for (i, s) in spec.steps.iter().enumerate() {
         let at = key(&format!(".steps[{i}]"));
-        let (event_type, within) = match s {
-            StepSpec::Bare(t) => (t.clone(), None),
+        let (event_type, within, after, optional) = match s {
+            StepSpec::Bare(t) => (t.clone(), None, None, false),
             StepSpec::WithOptions(m) if m.len() == 1 => {
                 let (t, o) = m.iter().next().expect("one entry");
-                (t.clone(), o.within.clone())
+                (t.clone(), o.within.clone(), o.after.clone(), o.optional)
             }
             StepSpec::WithOptions(_) => {
                 return Err((
@@ -180,11 +281,68 @@ pub fn validate_flow(
         if steps.iter().any(|s| s.event_type == event_type) {
             return Err((at, format!("`{event_type}` is already a step of this flow")));
         }
-        steps.push(FlowStep { event_type, within });
+        let after_previous = match after.as_deref() {
+            None | Some("first") => false,
+            Some("previous") if i > 0 => true,
+            Some(other) => {
+                return Err((
+                    format!("{at}.after"),
+                    format!("is `{other}`: write `first` (the default) or `previous` (not on the first step)"),
+                ))
+            }
+        };
+        if optional && i == 0 {
+            return Err((
+                format!("{at}.optional"),
+                "is set on the first step: every instance starts with it".into(),
+            ));
+        }
+        steps.push(FlowStep {
+            event_type,
+            within,
+            after_previous,
+            optional,
+        });
+    }
+    if steps.iter().all(|s| s.optional) {
+        return Err((key(".steps"), "are all optional".into()));
+    }
+    for (i, t) in spec.ends_on.iter().enumerate() {
+        let at = key(&format!(".ends_on[{i}]"));
+        if partitions(t).is_none() {
+            return Err((at, format!("`{t}` is not declared under `event_types`")));
+        }
+        if steps.iter().any(|s| &s.event_type == t) || spec.ends_on[..i].contains(t) {
+            return Err((
+                at,
+                format!("`{t}` is already a step or a terminal type of this flow"),
+            ));
+        }
+    }
+    if spec.match_fields.len() > 16 {
+        return Err((key(".match"), "names more than 16 fields".into()));
+    }
+    for (i, f) in spec.match_fields.iter().enumerate() {
+        if f.is_empty()
+            || f.len() > 64
+            || !f
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err((
+                key(&format!(".match[{i}]")),
+                format!("`{f}` is not a field name: 1–64 letters, digits, `_` or `-`"),
+            ));
+        }
     }
     let counts: Vec<(String, i32)> = steps
         .iter()
-        .map(|s| (s.event_type.clone(), partitions(&s.event_type).unwrap_or(0)))
+        .map(|s| s.event_type.clone())
+        .chain(spec.ends_on.iter().cloned())
+        .map(|t| {
+            let p = partitions(&t).unwrap_or(0);
+            (t, p)
+        })
         .collect();
     if counts.iter().any(|(_, p)| *p != counts[0].1) {
         let list: Vec<String> = counts.iter().map(|(t, p)| format!("{t}: {p}")).collect();
@@ -200,11 +358,31 @@ pub fn validate_flow(
         None => Duration::from_secs(60),
         Some(s) => parse_duration(s).map_err(|p| (key(".allowed_lateness"), p))?,
     };
+    let skew = |k: &str, v: &Option<String>, d: Duration| match v {
+        None => Ok(d),
+        Some(s) => parse_duration(s).map_err(|p| (key(k), p)),
+    };
+    let clock_skew = skew(".clock_skew", &spec.clock_skew, DEFAULT_CLOCK_SKEW)?;
+    let max_clock_skew = skew(
+        ".max_clock_skew",
+        &spec.max_clock_skew,
+        DEFAULT_MAX_CLOCK_SKEW,
+    )?;
+    if max_clock_skew < clock_skew {
+        return Err((
+            key(".max_clock_skew"),
+            "is less than `clock_skew`: an event within the tolerance would not be trusted".into(),
+        ));
+    }
     Ok(Flow {
         name: name.to_string(),
         key: spec.key.clone(),
         steps,
         allowed_lateness,
+        ends_on: spec.ends_on.clone(),
+        match_fields: spec.match_fields.clone(),
+        clock_skew,
+        max_clock_skew,
     })
 }
 
@@ -260,6 +438,18 @@ mod tests {
         .unwrap();
         assert_eq!(ok.steps[1].within, Some(Duration::from_secs(900)));
         assert_eq!(ok.allowed_lateness, Duration::from_secs(120));
+        assert_eq!(ok.clock_skew, DEFAULT_CLOCK_SKEW);
+        let rich = validate_flow(
+            "f",
+            &spec("steps: [A, {B: {within: 1m, after: previous, optional: true}}, {C: {within: 2m, after: previous}}]\nends_on: [D]\nmatch: [amount]\nclock_skew: 1s\nmax_clock_skew: 1m"),
+            |t| (t != "X").then_some(4),
+        )
+        .unwrap();
+        assert!(rich.steps[1].after_previous && rich.steps[1].optional);
+        assert_eq!(rich.longest(), Duration::from_secs(180), "chained");
+        assert_eq!(rich.event_types(), vec!["A", "B", "C", "D"]);
+        assert_eq!(rich.match_fields, vec!["amount"]);
+        assert!(rich.describe().contains("ends on D"), "{}", rich.describe());
         for (yaml, key, words) in [
             ("steps: [A]", "flows.f.steps", "two steps"),
             ("steps: [A, B]", "flows.f.steps[1]", "needs a deadline"),
@@ -292,6 +482,36 @@ mod tests {
                 "steps: [A, {B: {within: soon}}]",
                 "flows.f.steps[1].within",
                 "duration",
+            ),
+            (
+                "steps: [A, {B: {within: 1m, after: last}}]",
+                "flows.f.steps[1].after",
+                "previous",
+            ),
+            (
+                "steps: [A, {B: {within: 1m}}]\nends_on: [X]",
+                "flows.f.ends_on[0]",
+                "not declared",
+            ),
+            (
+                "steps: [A, {B: {within: 1m}}]\nends_on: [B]",
+                "flows.f.ends_on[0]",
+                "already",
+            ),
+            (
+                "steps: [A, {B: {within: 1m}}]\nends_on: [C]",
+                "flows.f.steps",
+                "different partition counts",
+            ),
+            (
+                "steps: [A, {B: {within: 1m}}]\nmatch: [\"a.b\"]",
+                "flows.f.match[0]",
+                "field name",
+            ),
+            (
+                "steps: [A, {B: {within: 1m}}]\nclock_skew: 1m\nmax_clock_skew: 1s",
+                "flows.f.max_clock_skew",
+                "less than",
             ),
         ] {
             let (k, p) = validate_flow("f", &spec(yaml), parts).unwrap_err();

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::source::Source;
 
 pub mod flows;
-pub use flows::{Flow, FlowSpec, FlowStep};
+pub use flows::{Flow, FlowSpec, FlowStep, DEFAULT_CLOCK_SKEW, DEFAULT_MAX_CLOCK_SKEW};
 
 /// Why a topology file cannot be used; every variant names the file and the key at fault.
 #[derive(Debug, thiserror::Error)]

@@ -125,6 +125,7 @@ async fn every_metric_of_the_dashboard_and_the_rules_is_exported() {
             idle_after: Duration::from_secs(30),
             state_retention: Duration::from_secs(8 * 86_400),
             rejoin_after: helios::reconcile::DEFAULT_REJOIN_AFTER,
+            backlog_every: helios::reconcile::DEFAULT_BACKLOG_EVERY,
         },
         helios::reconcile::ReconStore::Pg(proc.pool.clone()),
     )

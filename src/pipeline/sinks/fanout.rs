@@ -41,6 +41,12 @@ fn pairs<'a>(
         (lineage::RAW_PARTITION, e.raw.partition.to_string().into()),
         (lineage::RAW_OFFSET, e.raw.offset.to_string().into()),
         (lineage::RAW_INDEX, e.raw.index.to_string().into()),
+        (
+            lineage::INGESTED_AT,
+            e.ingested_at
+                .to_rfc3339_opts(SecondsFormat::Millis, true)
+                .into(),
+        ),
     ];
     if let Some(id) = replay_id {
         v.push((REPLAY_ID, id.into()));

@@ -294,13 +294,14 @@ async fn a_write_from_an_instance_whose_partition_was_claimed_since_changes_noth
         topic: tp.0.clone(),
         part: 0,
         generation,
-        newest: Some(t),
+        sources: vec![("aws".into(), t)],
         next_offset: Some(10),
     };
     let taken = store
-        .save(&[state("late")], &[], &[], "g", &[fence(old)])
+        .save(&[state("late")], &[], &[], "g", &[fence(old)], &[])
         .await
-        .unwrap();
+        .unwrap()
+        .taken;
     assert_eq!(taken, vec![tp.clone()]);
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM flow_state")
         .fetch_one(&pool)
@@ -308,9 +309,10 @@ async fn a_write_from_an_instance_whose_partition_was_claimed_since_changes_noth
         .unwrap();
     assert_eq!(n, 0, "the refused write changed nothing");
     let taken = store
-        .save(&[state("owner")], &[], &[], "g", &[fence(new)])
+        .save(&[state("owner")], &[], &[], "g", &[fence(new)], &[])
         .await
-        .unwrap();
+        .unwrap()
+        .taken;
     assert!(taken.is_empty());
     let (key, newest): (String, Option<DateTime<Utc>>) = sqlx::query_as(
         "SELECT s.flow_key, p.newest_event_time FROM flow_state s, reconcile_progress p",
@@ -319,6 +321,8 @@ async fn a_write_from_an_instance_whose_partition_was_claimed_since_changes_noth
     .await
     .unwrap();
     assert_eq!((key.as_str(), newest), ("owner", Some(t)));
+    let per_cloud = store.sources("g", std::slice::from_ref(&tp)).await.unwrap();
+    assert_eq!(per_cloud[&tp], vec![("aws".to_string(), t)]);
 }
 
 /// Waits until both instances are members of the group with partition p of every step topic

@@ -90,6 +90,7 @@ async fn spawn_reconciler_with(
         idle_after,
         state_retention: Duration::from_secs(8 * 86_400),
         rejoin_after,
+        backlog_every: Duration::from_millis(300),
     };
     let r = Reconciler::new(cfg, ReconStore::Pg(pool.clone())).expect("reconciler");
     let stats = r.stats.clone();
