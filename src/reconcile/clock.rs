@@ -215,6 +215,15 @@ impl Clock {
         }
         let mut slowest: Option<(DateTime<Utc>, Held)> = None;
         for (topic, t) in &tracks {
+            // A topic-partition still being read with no active input yet (its records not
+            // reached, e.g. right after an assignment): whatever it holds is unknown.
+            let active = t
+                .inputs
+                .values()
+                .any(|i| i.last_record.elapsed() < idle_after);
+            if !t.caught_up && !active {
+                return None;
+            }
             for (source, i) in &t.inputs {
                 if i.last_record.elapsed() >= idle_after {
                     continue;
@@ -352,6 +361,11 @@ mod tests {
                 source: "gcp".into()
             }
         );
+        // A topic being read that no record came from yet holds everything.
+        let mut other = c.clone();
+        other.assigned(&[("a".into(), 0), ("b".into(), 0), ("c".into(), 0)]);
+        let three = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        assert_eq!(other.watermark(&f, &three, 0, idle, t(0), far), None);
         // Read to the end everywhere: still the slowest input, not the newest.
         let mut flags = HashMap::new();
         flags.insert(("a".to_string(), 0), true);

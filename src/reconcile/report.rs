@@ -61,7 +61,57 @@ pub async fn report(
                 "detail": r.get::<Value, _>(7)})
         })
         .collect();
-    Ok(json!({"since": since, "counts": counts, "incidents": incidents}))
+    // Orders by their final state: one order counts once, however many outcomes it had (a
+    // `missing` superseded by `arrived_late` then `completed` is one completed order).
+    let finals = sqlx::query(
+        "SELECT flow,
+                count(*) FILTER (WHERE state = 'ended')::bigint,
+                count(*) FILTER (WHERE state = 'completed')::bigint,
+                count(*) FILTER (WHERE state = 'missing')::bigint,
+                count(*) FILTER (WHERE state = 'other')::bigint
+         FROM (SELECT flow, flow_key,
+                 CASE WHEN bool_or(outcome = 'ended') THEN 'ended'
+                      WHEN bool_or(outcome = 'completed') THEN 'completed'
+                      WHEN bool_or(outcome IN ('missing', 'orphan') AND resolved_at IS NULL) THEN 'missing'
+                      ELSE 'other' END AS state
+               FROM reconciliation_results
+               WHERE detected_at >= $1 AND ($2::text IS NULL OR flow = $2)
+               GROUP BY flow, flow_key) o
+         GROUP BY flow ORDER BY flow",
+    )
+    .bind(since)
+    .bind(flow)
+    .fetch_all(pool)
+    .await?;
+    let open = sqlx::query(
+        "SELECT s.flow, count(*)::bigint FROM flow_state s
+         WHERE s.next_due IS NOT NULL AND ($1::text IS NULL OR s.flow = $1)
+           AND NOT EXISTS (SELECT 1 FROM reconciliation_results r WHERE r.flow = s.flow AND r.flow_key = s.flow_key
+                             AND r.outcome IN ('missing', 'orphan', 'completed', 'ended'))
+         GROUP BY s.flow",
+    )
+    .bind(flow)
+    .fetch_all(pool)
+    .await?;
+    let mut by_flow: std::collections::BTreeMap<String, Value> = Default::default();
+    for r in &finals {
+        by_flow.insert(
+            r.get(0),
+            json!({"ended": r.get::<i64, _>(1), "completed": r.get::<i64, _>(2),
+                "missing": r.get::<i64, _>(3), "other": r.get::<i64, _>(4), "open": 0}),
+        );
+    }
+    for r in &open {
+        let e = by_flow.entry(r.get(0)).or_insert_with(
+            || json!({"ended": 0, "completed": 0, "missing": 0, "other": 0, "open": 0}),
+        );
+        e["open"] = json!(r.get::<i64, _>(1));
+    }
+    let flows: Vec<Value> = by_flow
+        .into_iter()
+        .map(|(f, orders)| json!({"flow": f, "orders": orders}))
+        .collect();
+    Ok(json!({"since": since, "flows": flows, "counts": counts, "incidents": incidents}))
 }
 
 /// The report as text.
@@ -97,6 +147,25 @@ pub fn report_text(r: &Value) -> String {
             ms(&c["duration_p50_ms"]),
             ms(&c["duration_p95_ms"]),
         );
+    }
+    let flows = r["flows"].as_array().cloned().unwrap_or_default();
+    if !flows.is_empty() {
+        out += &format!(
+            "\n{:<24} {:>10} {:>8} {:>8} {:>8} {:>8}\n",
+            "ORDERS BY FINAL STATE", "COMPLETED", "ENDED", "MISSING", "OPEN", "OTHER"
+        );
+        for f in &flows {
+            let o = &f["orders"];
+            out += &format!(
+                "{:<24} {:>10} {:>8} {:>8} {:>8} {:>8}\n",
+                f["flow"].as_str().unwrap_or(""),
+                o["completed"],
+                o["ended"],
+                o["missing"],
+                o["open"],
+                o["other"],
+            );
+        }
     }
     let incidents = r["incidents"].as_array().cloned().unwrap_or_default();
     out += "\nLatest incidents\n";

@@ -129,6 +129,20 @@ pub struct Status {
     pub reconciliation: Vec<ReconCount>,
     /// Flow instances with a deadline still pending.
     pub reconciliation_open: Option<i64>,
+    /// Per flow and partition: the reconciler group's watermark and what holds it.
+    pub event_time: Vec<EventTimeStatus>,
+}
+
+/// One flow-partition's event time, as the reconciler last wrote it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventTimeStatus {
+    pub flow: String,
+    pub partition: i32,
+    pub watermark: DateTime<Utc>,
+    /// Wall clock minus the watermark, as of this look.
+    pub behind_s: f64,
+    pub held_by: String,
+    pub updated_at: DateTime<Utc>,
 }
 
 /// Reconciliation outcomes of one flow and kind.
@@ -513,6 +527,7 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
     };
     let (pg, events_last_hour, replays) = postgres(args, pool).await;
     let (reconciliation, reconciliation_open) = reconciliation(pool.as_ref()).await;
+    let event_time = event_time(pool.as_ref(), &topology.reconciler_group, now).await;
     let mut dependencies = vec![];
     let (partitions, dlq, dlq_scanned, subscriptions, reconciler_partitions) = match kafka.await? {
         Ok((parts, probe, dlq, scanned, subs, recon)) => {
@@ -560,7 +575,39 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
         reconciler_partitions,
         reconciliation,
         reconciliation_open,
+        event_time,
     })
+}
+
+/// The reconciler group's watermarks (none when the table is not there).
+async fn event_time(
+    pool: Option<&sqlx::PgPool>,
+    group: &str,
+    now: DateTime<Utc>,
+) -> Vec<EventTimeStatus> {
+    let Some(pool) = pool else {
+        return vec![];
+    };
+    let rows: Vec<(String, i32, DateTime<Utc>, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT flow, part, watermark, held_by, updated_at FROM reconcile_watermarks
+         WHERE consumer_group = $1 ORDER BY flow, part LIMIT 1000",
+    )
+    .bind(group)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    rows.into_iter()
+        .map(
+            |(flow, partition, watermark, held_by, updated_at)| EventTimeStatus {
+                flow,
+                partition,
+                watermark,
+                behind_s: ((now - watermark).num_milliseconds() as f64 / 1000.0).max(0.0),
+                held_by,
+                updated_at,
+            },
+        )
+        .collect()
 }
 
 /// Reconciliation outcomes of the last 24 h and the instances still open (nothing when the

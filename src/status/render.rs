@@ -101,6 +101,20 @@ pub fn render(s: &Status) -> String {
                 r.flow, r.outcome, r.last_hour, r.last_24h, unresolved
             );
         }
+        if !s.event_time.is_empty() {
+            let _ = writeln!(o, "  event time (what holds each partition's watermark):");
+        }
+        for e in &s.event_time {
+            let _ = writeln!(
+                o,
+                "  {:<24} p{:<3} {}  {:>8.0}s behind  held by {}",
+                e.flow,
+                e.partition,
+                e.watermark.format("%Y-%m-%d %H:%M:%S"),
+                e.behind_s,
+                e.held_by
+            );
+        }
     }
     let _ = writeln!(o, "\nLast replays");
     if s.replays.is_empty() {

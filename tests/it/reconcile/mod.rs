@@ -119,8 +119,19 @@ fn partition_of(key: &str, partitions: i32) -> i32 {
         % partitions as u32) as i32
 }
 
-/// Writes fan-out records exactly as the processor does (headers, key, JSON value).
+/// Writes fan-out records exactly as the processor does (headers, key, JSON value), received
+/// now.
 async fn produce_steps(topology: &Topology, t0: DateTime<Utc>, steps: &[Step<'_>]) {
+    produce_received(topology, t0, steps, Utc::now()).await
+}
+
+/// As [`produce_steps`], received by the ingress at `received`.
+async fn produce_received(
+    topology: &Topology,
+    t0: DateTime<Utc>,
+    steps: &[Step<'_>],
+    received: DateTime<Utc>,
+) {
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .create()
@@ -132,7 +143,7 @@ async fn produce_steps(topology: &Topology, t0: DateTime<Utc>, steps: &[Step<'_>
             event_type: ty.to_string(),
             source: helios::source::Source::parse(cloud).unwrap(),
             occurred_at: t0 + chrono::Duration::seconds(*at),
-            ingested_at: Utc::now(),
+            ingested_at: received,
             order_id: Some(order.to_string()),
             customer_id: None,
             data: json!({"order_id": order}),
@@ -166,47 +177,70 @@ async fn produce_steps(topology: &Topology, t0: DateTime<Utc>, steps: &[Step<'_>
     }
 }
 
-/// The marker order (OrderPlaced half an hour after t0, nothing else) and a clock order an
-/// hour after t0, on every partition: once the marker's two `missing` outcomes are written,
-/// every deadline of the test has been looked at.
-async fn advance_past_every_deadline(topology: &Topology, t0: DateTime<Utc>) {
+/// The clouds tests send from (each one is an input of event time on every topic it uses).
+const CLOUDS: [&str; 4] = ["aws", "gcp", "azure", "direct"];
+
+/// Every event type of the topology's flows (steps, then terminal types).
+fn flow_types(topology: &Topology) -> Vec<String> {
+    let mut v: Vec<String> = vec![];
+    for f in topology.flows().unwrap() {
+        for t in f.event_types() {
+            if !v.contains(&t) {
+                v.push(t);
+            }
+        }
+    }
+    v
+}
+
+/// A key on partition `p` (of `parts`) starting with `prefix`.
+fn key_on(prefix: &str, p: i32, parts: i32) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|k| partition_of(k, parts) == p)
+        .unwrap()
+}
+
+/// Moves event time on every input (each cloud on each flow topic-partition) to `at`: one clock
+/// order per cloud and partition with every event type of the flows, all at `at` (it
+/// completes). Returns the events written.
+async fn clock_every_input(topology: &Topology, t0: DateTime<Utc>, at: i64) -> u64 {
     let parts = topology.event_topics.partitions;
-    let mut markers: Vec<String> = vec![];
-    let mut clocks: Vec<String> = vec![];
-    for i in 0.. {
-        let k = format!("marker-{i}");
-        let p = partition_of(&k, parts) as usize;
-        if markers.len() == p {
-            markers.push(k.clone());
-        }
-        let c = format!("clock-{i}");
-        if clocks.len() == partition_of(&c, parts) as usize {
-            clocks.push(c);
-        }
-        if markers.len() == parts as usize && clocks.len() == parts as usize {
-            break;
+    let types = flow_types(topology);
+    let mut owned: Vec<(String, &str, String, String)> = vec![];
+    for cloud in CLOUDS {
+        for p in 0..parts {
+            let key = key_on(&format!("clock-{at}-{cloud}"), p, parts);
+            for ty in &types {
+                owned.push((ty.clone(), cloud, format!("{key}-{ty}"), key.clone()));
+            }
         }
     }
-    let mut steps: Vec<(String, String)> = vec![];
-    for m in &markers {
-        steps.push((format!("{m}-placed"), m.clone()));
-    }
-    // The markers after every test event's time (their deadlines need the clock orders).
-    let owned: Vec<(String, String, i64)> = markers
+    let list: Vec<Step<'_>> = owned
         .iter()
-        .map(|m| (format!("{m}-placed"), m.clone(), 1800))
-        .chain(
-            clocks
-                .iter()
-                .map(|c| (format!("{c}-placed"), c.clone(), 3600)),
-        )
+        .map(|(ty, cloud, id, key)| (ty.as_str(), *cloud, id.as_str(), key.as_str(), at))
+        .collect();
+    produce_steps(topology, t0, &list).await;
+    list.len() as u64
+}
+
+/// The marker orders (OrderPlaced half an hour after t0, nothing else, one per partition), then
+/// every input clocked an hour after t0: once the markers' `missing` outcomes are written, every
+/// deadline of the test has been looked at. Returns the events written.
+async fn advance_past_every_deadline(topology: &Topology, t0: DateTime<Utc>) -> u64 {
+    let parts = topology.event_topics.partitions;
+    let markers: Vec<String> = (0..parts).map(|p| key_on("marker", p, parts)).collect();
+    let owned: Vec<(String, String)> = markers
+        .iter()
+        .map(|m| (format!("{m}-placed"), m.clone()))
         .collect();
     let list: Vec<Step<'_>> = owned
         .iter()
-        .map(|(id, key, at)| ("OrderPlaced", "direct", id.as_str(), key.as_str(), *at))
+        .map(|(id, key)| ("OrderPlaced", "direct", id.as_str(), key.as_str(), 1800))
         .collect();
     produce_steps(topology, t0, &list).await;
     MARKERS.with(|m| *m.borrow_mut() = markers);
+    list.len() as u64 + clock_every_input(topology, t0, 3600).await
 }
 
 thread_local! {
@@ -379,9 +413,10 @@ async fn proc_schema(pool: &sqlx::PgPool) -> String {
 }
 
 #[tokio::test]
-async fn a_missing_step_is_reported_after_its_deadline_then_resolved_as_late() {
+async fn a_step_after_its_reported_missing_is_one_retraction_and_the_report_counts_one_order() {
     let topology = flow_topology(1).await;
-    let rec = spawn_reconciler(&topology, &unique_schema(), HOUR).await;
+    let schema = unique_schema();
+    let rec = spawn_reconciler(&topology, &schema, HOUR).await;
     let t0 = t0();
     produce_steps(
         &topology,
@@ -389,11 +424,11 @@ async fn a_missing_step_is_reported_after_its_deadline_then_resolved_as_late() {
         &[
             ("OrderPlaced", "aws", "m-1", "M-1", 0),
             ("PaymentProcessed", "gcp", "m-2", "M-1", 20),
-            // Another order 5 minutes on: event time passes M-1's 2-minute deadline.
-            ("OrderPlaced", "aws", "n-1", "N-1", 300),
         ],
     )
     .await;
+    // Every input 5 minutes on: event time passes M-1's 2-minute deadline.
+    clock_every_input(&topology, t0, 300).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while outcomes_of(&rec.pool, "M-1").await.is_empty() {
         assert!(
@@ -406,25 +441,51 @@ async fn a_missing_step_is_reported_after_its_deadline_then_resolved_as_late() {
         outcomes_of(&rec.pool, "M-1").await,
         set(&[("missing", "InventoryReserved", false)])
     );
-    // It arrives after all: late, and the missing is resolved (it stays on record).
+    // It arrives after all: one `arrived_late` that resolves the missing (on record), not a
+    // `late` beside it.
     produce_steps(
         &topology,
         t0,
-        &[("InventoryReserved", "azure", "m-3", "M-1", 200)],
+        &[("InventoryReserved", "azure", "m-3", "M-1", 100)],
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while outcomes_of(&rec.pool, "M-1").await.len() < 3 {
-        assert!(Instant::now() < deadline, "no late outcome");
+        assert!(Instant::now() < deadline, "no arrived_late outcome");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
         outcomes_of(&rec.pool, "M-1").await,
         set(&[
             ("missing", "InventoryReserved", true),
-            ("late", "InventoryReserved", false),
+            ("arrived_late", "InventoryReserved", false),
             ("completed", "", false),
         ])
+    );
+    let detail: serde_json::Value = sqlx::query_scalar(
+        "SELECT detail FROM reconciliation_results WHERE flow_key = 'M-1' AND outcome = 'arrived_late'",
+    )
+    .fetch_one(&rec.pool)
+    .await
+    .unwrap();
+    assert_eq!(detail["late_by_ms"], 0, "on time by event time: {detail}");
+    // The report counts orders by their final state: M-1 once, as completed.
+    let opts = ProcOpts {
+        schema,
+        ..ProcOpts::default()
+    };
+    let report: serde_json::Value = serde_json::from_str(&run_ok(helios_cli(
+        &topology,
+        &opts,
+        &["reconcile", "report", "--json"],
+    )))
+    .unwrap();
+    let orders = &report["flows"][0]["orders"];
+    assert_eq!(orders["missing"], 0, "{report}");
+    assert_eq!(
+        orders["completed"].as_i64().unwrap(),
+        1 + CLOUDS.len() as i64,
+        "M-1 and the clock orders: {report}"
     );
     rec.stop().await;
 }
@@ -624,4 +685,5 @@ async fn a_bypass_replay_changes_nothing() {
     proc.stop().await;
 }
 
+mod event_time;
 mod group;
