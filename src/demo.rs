@@ -148,7 +148,7 @@ pub fn samples() -> Vec<Sample> {
         "data": {"orderId": "O-2002", "customerId": "C-7", "amount": 42.0}, "dataVersion": "1", "metadataVersion": "1"}]);
     let cloudevent = json!({"specversion": "1.0", "type": "Contoso.Orders.PaymentProcessed", "source": "/contoso/payments",
         "id": "A234-1234-1234", "time": "2026-11-22T09:15:09Z", "datacontenttype": "application/json",
-        "data": {"order_id": "O-1001", "amount": 129.5, "currency": "EUR"}});
+        "data": {"order_id": "O-1001", "amount": 129.0, "currency": "EUR"}});
     let invalid = json!({"event_type": "OrderPlaced", "event_id": "direct-bad-1", "data": {"order_id": "O-3003"}});
     let json_ct = (
         "content-type",
@@ -219,7 +219,7 @@ pub fn samples() -> Vec<Sample> {
             eventgrid.to_string(),
         ),
         post(
-            "CloudEvents Contoso.Orders.PaymentProcessed (O-1001)",
+            "CloudEvents Contoso.Orders.PaymentProcessed (O-1001; captures 129.0 of 129.5: a mismatch)",
             "/api/v1/webhooks/azure/eventgrid",
             vec![(
                 "content-type",
@@ -364,7 +364,7 @@ fn demo_topology() -> Topology {
     let mut t = Topology::builtin();
     if let Some(f) = t.flows.get_mut("order_lifecycle") {
         if let Ok(short) = serde_norway::from_str(
-            "steps: [OrderPlaced, {PaymentProcessed: {within: 10s}}, {InventoryReserved: {within: 20s}}]\nallowed_lateness: 2s",
+            "steps: [OrderPlaced, {PaymentProcessed: {within: 10s}}, {InventoryReserved: {within: 20s}}]\nmatch: [amount]\nallowed_lateness: 2s",
         ) {
             *f = short;
         }
@@ -373,8 +373,9 @@ fn demo_topology() -> Topology {
 }
 
 /// The outcomes the samples must produce: (key, outcome, step).
-const EXPECTED_OUTCOMES: [(&str, &str, &str); 4] = [
+const EXPECTED_OUTCOMES: [(&str, &str, &str); 5] = [
     ("O-1001", "completed", ""),
+    ("O-1001", "mismatch", "PaymentProcessed"),
     ("O-2002", "missing", "PaymentProcessed"),
     ("O-2002", "missing", "InventoryReserved"),
     ("O-3003", "orphan", "OrderPlaced"),
@@ -423,6 +424,14 @@ async fn report_reconciliation(store: &SqliteStore, topology: &Topology) -> anyh
             }
             "missing" => format!("{step} never came"),
             "orphan" => format!("{step} never came (its steps arrived without it)"),
+            "mismatch" => format!(
+                "{}: {} says {}, {} says {}",
+                detail["field"].as_str().unwrap_or(""),
+                detail["expected"]["step"].as_str().unwrap_or(""),
+                detail["expected"]["value"],
+                detail["found"]["step"].as_str().unwrap_or(""),
+                detail["found"]["value"]
+            ),
             _ => step.clone(),
         };
         println!("  {outcome:<15} {key:<8} {what}   [{flow}]");

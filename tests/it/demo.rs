@@ -34,6 +34,7 @@ fn demo_sends_samples_and_reports_what_happened_twice_on_one_store() {
             "completed       O-1001   aws → azure → gcp in 10.7s",
             "missing         O-2002   PaymentProcessed never came",
             "orphan          O-3003   OrderPlaced never came",
+            "mismatch        O-1001   amount: OrderPlaced says 129.5, PaymentProcessed says 129.0",
         ] {
             assert!(
                 stdout.contains(line),
