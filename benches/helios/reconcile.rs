@@ -94,7 +94,7 @@ fn expected(t0: DateTime<Utc>, orders: usize, watermark: DateTime<Utc>) -> Vec<(
 
 /// Fan-out records of whole orders until at least `n` events: an order starts every 50 ms of
 /// event time, so the 15-minute and 30-minute deadlines pass while the backlog is read.
-/// Returns (events, orders, the start of event time, the newest event time).
+/// Returns (events, orders, the start of event time, the clock records' event time).
 async fn produce(
     settings: &KafkaSettings,
     topology: &Topology,
@@ -145,7 +145,48 @@ async fn produce(
         }
     }
     drain(&mut pending).await?;
-    Ok((produced, orders, t0, newest))
+    // Then every input (each cloud on each topic-partition: event time is the slowest input's)
+    // is clocked an hour past the newest event, so every deadline of the backlog passes.
+    let clock = newest + chrono::Duration::hours(1);
+    for p in 0..topology.event_topics.partitions {
+        for (ty, source) in [
+            ("OrderPlaced", Source::Aws),
+            ("PaymentProcessed", Source::Azure),
+            ("PaymentProcessed", Source::Gcp),
+            ("InventoryReserved", Source::Gcp),
+        ] {
+            let key = format!("clock-{p}-{ty}-{}", source.as_str());
+            let e = CanonicalEvent {
+                event_id: key.clone(),
+                event_type: ty.into(),
+                source,
+                occurred_at: clock,
+                ingested_at: Utc::now(),
+                order_id: Some(key.clone()),
+                customer_id: Some("C-1".into()),
+                data: serde_json::json!({"order_id": key, "customer_id": "C-1", "amount": 10}),
+                metadata: Default::default(),
+                raw: RawRef {
+                    topic: format!("helios.raw.{}", source.as_str()),
+                    partition: 0,
+                    offset: 0,
+                    index: 0,
+                },
+            };
+            let topic = topology.event_topic(ty);
+            let payload = helios::pipeline::fanout::json_payload(&e);
+            let headers = helios::pipeline::fanout::headers(&e, "application/json", None, None);
+            let rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic)
+                .key(key.as_str())
+                .partition(p)
+                .payload(payload.as_slice())
+                .headers(headers);
+            enqueue(&producer, &mut pending, rec).await?;
+            produced += 1;
+        }
+    }
+    drain(&mut pending).await?;
+    Ok((produced, orders, t0, clock))
 }
 
 pub async fn run_once(
@@ -161,7 +202,7 @@ pub async fn run_once(
     helios::kafka::apply_topology(&settings, &topology, false).await?;
     eprintln!("[bench] producing a backlog of {n} fan-out events ...");
     let (n, orders, t0, newest) = produce(&settings, &topology, n).await?;
-    // Once everything is read, event time stands at the newest event minus the lateness.
+    // Once everything is read, event time stands at the clock records minus the lateness.
     let lateness = topology.flows()?[0].allowed_lateness;
     let want = expected(t0, orders, newest - chrono::Duration::from_std(lateness)?);
     let schema = format!("bench_{tag}");

@@ -45,6 +45,8 @@ pub enum Skip {
     NoKey,
     /// An id longer than the processor ever writes ([`MAX_ID_BYTES`]): not from HELIOS.
     TooLong,
+    /// A new order on a partition that has `max_open_per_partition` open already.
+    InstanceCap,
 }
 
 impl Skip {
@@ -53,6 +55,7 @@ impl Skip {
             Skip::NotAnEvent => "not_an_event",
             Skip::NoKey => "no_order_id",
             Skip::TooLong => "id_too_long",
+            Skip::InstanceCap => "instance_cap",
         }
     }
 }

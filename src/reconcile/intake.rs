@@ -174,6 +174,8 @@ impl Reconciler {
             self.due_checked.clear();
             self.held.clear();
             self.marks_written.clear();
+            self.open.clear();
+            self.known.clear();
             // Partition counts may have changed with the rebalance: checked again.
             self.recheck = true;
             if dropped > 0 {

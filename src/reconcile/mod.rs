@@ -13,9 +13,11 @@
 
 pub mod backlog;
 pub mod clock;
+pub mod dlq_hint;
 pub mod engine;
 pub mod input;
 pub mod intake;
+pub mod known;
 pub mod pending;
 pub mod report;
 pub mod run;
@@ -77,6 +79,12 @@ pub enum ReconcileAction {
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Where the DLQ is (searched for the key when a step is missing).
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Do not search the DLQ.
+        #[arg(long)]
+        no_dlq: bool,
     },
 }
 
@@ -197,7 +205,10 @@ pub async fn run(cmd: ReconcileCommand) -> anyhow::Result<ExitCode> {
             let outcome = match outcome {
                 None => None,
                 Some(o) => Some(engine::OutcomeKind::parse(&o).with_context(|| {
-                    format!("--outcome `{o}`: use completed, missing, late, out_of_order, duplicate_step or orphan")
+                    format!(
+                        "--outcome `{o}`: use one of {}",
+                        engine::OutcomeKind::ALL.map(|k| k.as_str()).join(", ")
+                    )
                 })?),
             };
             let back = crate::topology::flows::parse_duration(&since)
@@ -217,9 +228,34 @@ pub async fn run(cmd: ReconcileCommand) -> anyhow::Result<ExitCode> {
             db,
             flow,
             json,
+            kafka,
+            no_dlq,
         }) => {
             let pool = crate::db::connect(&db.database_url, db.db_schema.as_deref()).await?;
-            let v = report::show(&pool, &key, flow.as_deref()).await?;
+            let mut v = report::show(&pool, &key, flow.as_deref()).await?;
+            // A step missing: is it in the DLQ? (Best effort: the timeline stands without it.)
+            let missing = v["flows"].as_array().is_some_and(|f| {
+                f.iter().any(|x| {
+                    x["outcomes"].as_array().is_some_and(|o| {
+                        o.iter().any(|o| {
+                            matches!(o["outcome"].as_str(), Some("missing" | "orphan"))
+                                && o["resolved_at"].is_null()
+                        })
+                    })
+                })
+            });
+            if missing && !no_dlq {
+                let k = key.clone();
+                let searched = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    let (topology, settings) = kafka.resolve()?;
+                    dlq_hint::search(&settings, &topology.dlq_topic(), &k)
+                })
+                .await?;
+                v["dlq"] = match searched {
+                    Ok(found) => serde_json::json!(found),
+                    Err(e) => serde_json::json!({"error": e.to_string()}),
+                };
+            }
             let found = v["flows"].as_array().is_some_and(|f| !f.is_empty());
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);

@@ -214,7 +214,8 @@ pub async fn show(pool: &PgPool, key: &str, flow: Option<&str>) -> anyhow::Resul
                 let gap = prev.map(|p| (s.occurred_at - p).num_milliseconds());
                 prev = Some(s.occurred_at);
                 json!({"step": s.step, "cloud": s.source, "event_id": s.event_id,
-                    "occurred_at": s.occurred_at, "gap_ms": gap, "raw": s.raw,
+                    "occurred_at": s.occurred_at, "untrusted_occurred_at": s.untrusted_occurred_at,
+                    "gap_ms": gap, "raw": s.raw,
                     "fanout": format!("{}/{}/{}", s.topic, s.partition, s.offset), "seen_at": s.seen_at})
             })
             .collect();
@@ -281,6 +282,12 @@ pub fn show_text(v: &Value) -> String {
                 s["raw"].as_str().unwrap_or("-"),
                 crate::model::text::bounded(s["event_id"].as_str().unwrap_or(""), 48),
             );
+            if let Some(u) = s["untrusted_occurred_at"].as_str() {
+                out += &format!(
+                    "  {:<26} (the event said {u}: more than max_clock_skew ahead of its reception, counted at reception)\n",
+                    ""
+                );
+            }
         }
         for m in f["missing"].as_array().cloned().unwrap_or_default() {
             out += &format!("  missing: {}\n", m.as_str().unwrap_or(""));
@@ -313,6 +320,33 @@ pub fn show_text(v: &Value) -> String {
             );
         }
         out += "\n";
+    }
+    match &v["dlq"] {
+        Value::Array(found) if found.is_empty() => {
+            out += &format!("DLQ: no recent dead-lettered record mentions `{key}`.\n");
+        }
+        Value::Array(found) => {
+            out += &format!(
+                "DLQ: {} dead-lettered record(s) mention `{key}` (a missing step may be there; `helios dlq` can redrive it):\n",
+                found.len()
+            );
+            for d in found {
+                out += &format!(
+                    "  {}  {}  {}  {}\n",
+                    d["record"].as_str().unwrap_or(""),
+                    d["reason"].as_str().unwrap_or("-"),
+                    d["failed_at"].as_str().unwrap_or(""),
+                    d["detail"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Value::Object(e) => {
+            out += &format!(
+                "DLQ not searched: {}\n",
+                e.get("error").and_then(Value::as_str).unwrap_or("")
+            );
+        }
+        _ => {}
     }
     out
 }

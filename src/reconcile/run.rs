@@ -119,6 +119,14 @@ pub struct Reconciler {
     pub(super) recheck: bool,
     /// Why this instance must stop (co-partitioning broken).
     pub(super) fatal: Option<String>,
+    /// Open instances per (flow, partition): counted at claim and every prune, plus the new
+    /// ones since (the cap `max_open_per_partition` is checked against it).
+    pub(super) open: HashMap<(usize, i32), u64>,
+    /// Which instances may be stored, per claimed partition (first sightings of the others
+    /// need no read).
+    pub(super) known: super::known::Known,
+    /// (flow, partition)s whose cap was hit since the last prune (warned once).
+    pub(super) cap_warned: HashSet<(usize, i32)>,
     pub(super) store: ReconStore,
     pub(super) consumer: StreamConsumer<ReconContext>,
     /// Asks the broker for high watermarks (never joins the group).
@@ -236,7 +244,12 @@ impl Reconciler {
                 .increment(0);
             metrics::gauge!("helios_reconcile_event_time_lag_seconds", "flow" => f.name.clone())
                 .set(0.0);
+            metrics::gauge!("helios_reconcile_open_instances", "flow" => f.name.clone()).set(0.0);
+            metrics::gauge!("helios_reconcile_open_instances_fullest", "flow" => f.name.clone())
+                .set(0.0);
         }
+        metrics::counter!("helios_reconcile_skipped_total", "reason" => "instance_cap")
+            .increment(0);
         metrics::counter!("helios_reconcile_copartition_violations_total").increment(0);
         // Exported from start-up (alerts compare them with zero).
         metrics::counter!("helios_reconcile_rejoins_total").increment(0);
@@ -258,6 +271,9 @@ impl Reconciler {
             partition_counts: HashMap::new(),
             recheck: false,
             fatal: None,
+            open: HashMap::new(),
+            known: Default::default(),
+            cap_warned: HashSet::new(),
             store,
             consumer,
             meta,
@@ -438,8 +454,11 @@ impl Reconciler {
         // committed before and is read here); the event time reached before is taken over.
         let mut clock = self.clock.clone();
         let fresh = clock.unclaimed();
+        let fresh_parts: HashSet<i32> = fresh.iter().map(|t| t.1).collect();
         let mut claimed = HashMap::new();
         let mut floors: HashMap<(usize, i32), DateTime<Utc>> = HashMap::new();
+        let mut opens: HashMap<(usize, i32), u64> = HashMap::new();
+        let mut built: Vec<(i32, Vec<(String, String)>)> = vec![];
         if !fresh.is_empty() {
             let stored = self.store.claim(&self.cfg.group, &fresh).await?;
             let sources = self.store.sources(&self.cfg.group, &fresh).await?;
@@ -454,6 +473,20 @@ impl Reconciler {
             }
             // The watermarks reached before (never back; never past the wall clock).
             let parts: HashSet<i32> = fresh.iter().map(|t| t.1).collect();
+            let list: Vec<i32> = parts.iter().copied().collect();
+            for p in &list {
+                if !built.iter().any(|(q, _)| q == p) {
+                    let t = Instant::now();
+                    let keys = self.store.keys_of(*p).await?;
+                    add_us(&self.stats.load_us, t);
+                    built.push((*p, keys));
+                }
+            }
+            for ((flow, part), n) in self.store.open_counts(&list).await? {
+                if let Some(f) = self.flows.iter().position(|x| x.name == flow) {
+                    opens.insert((f, part), n);
+                }
+            }
             for (flow, part, wm, _, _) in self.store.watermarks(&self.cfg.group).await? {
                 if let Some(f) = self.flows.iter().position(|x| x.name == flow) {
                     if parts.contains(&part) {
@@ -473,6 +506,10 @@ impl Reconciler {
                             .writing
                             .as_ref()
                             .is_some_and(|w| w.work.contains_key(&k))
+                        && (fresh_parts.contains(&s.sighting.partition)
+                            || self
+                                .known
+                                .may_be_stored(s.sighting.partition, *f, &s.order_id))
                 })
                 .map(|(f, s)| (self.flows[*f].name.clone(), s.order_id.clone()))
                 .collect();
@@ -566,6 +603,20 @@ impl Reconciler {
         self.claims.extend(claimed);
         self.due_checked = checked;
         self.held.extend(helds);
+        self.open.extend(opens);
+        for (p, keys) in built {
+            let flows = &self.flows;
+            let index: Vec<(usize, &str)> = keys
+                .iter()
+                .filter_map(|(f, k)| {
+                    flows
+                        .iter()
+                        .position(|x| &x.name == f)
+                        .map(|i| (i, k.as_str()))
+                })
+                .collect();
+            self.known.build(p, index.into_iter());
+        }
         for (f, flow) in self.flows.iter().enumerate() {
             let oldest = wms[f].values().min();
             if let Some(w) = oldest {
@@ -666,7 +717,22 @@ impl Reconciler {
                     occurred_at = ?sighting.untrusted_occurred_at, ingested_at = %s.ingested_at,
                     "occurred_at too far ahead of its reception: counted at its reception time");
             }
-            let w = p.work.entry((f, s.order_id.clone())).or_insert(Working {
+            let k = (f, s.order_id.clone());
+            if !p.work.contains_key(&k) {
+                // A new order: within the partition's cap of open instances, or skipped.
+                let open = self.open.entry((f, s.sighting.partition)).or_insert(0);
+                if *open >= flow.max_open_per_partition {
+                    p.skips.push(input::Skip::InstanceCap);
+                    if self.cap_warned.insert((f, s.sighting.partition)) {
+                        tracing::warn!(flow = %flow.name, partition = s.sighting.partition, cap = flow.max_open_per_partition,
+                            "open instances at max_open_per_partition: events of new orders are skipped (helios_reconcile_skipped_total{reason=\"instance_cap\"})");
+                    }
+                    continue;
+                }
+                *open += 1;
+                self.known.insert(s.sighting.partition, f, &s.order_id);
+            }
+            let w = p.work.entry(k).or_insert(Working {
                 part: s.sighting.partition,
                 state: FlowState::default(),
                 changed: false,

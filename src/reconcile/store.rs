@@ -773,23 +773,123 @@ impl ReconStore {
         Ok(())
     }
 
-    /// Deletes instances of these partitions not changed since `before` (state retention).
-    pub async fn prune(&self, parts: &[i32], before: DateTime<Utc>) -> Result<u64, StoreError> {
+    /// Deletes up to `chunk` instances of these partitions not changed since `before` (state
+    /// retention); returns how many.
+    pub async fn prune_states(
+        &self,
+        parts: &[i32],
+        before: DateTime<Utc>,
+        chunk: i64,
+    ) -> Result<u64, StoreError> {
+        Ok(match self {
+            ReconStore::Pg(pool) => sqlx::query(
+                "DELETE FROM flow_state WHERE (flow, flow_key) IN (
+                   SELECT flow, flow_key FROM flow_state WHERE part = ANY($1) AND updated_at < $2 LIMIT $3)",
+            )
+            .bind(parts)
+            .bind(before)
+            .bind(chunk)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+            ReconStore::Sqlite(pool) => sqlx::query(
+                "DELETE FROM flow_state WHERE rowid IN (
+                   SELECT rowid FROM flow_state WHERE updated_at < ?1 LIMIT ?2)",
+            )
+            .bind(sqlite_time(before))
+            .bind(chunk)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+        })
+    }
+
+    /// Deletes up to `chunk` published outcome rows of `flow` on these partitions detected
+    /// before `before` (results retention); returns how many.
+    pub async fn prune_results(
+        &self,
+        flow: &str,
+        parts: &[i32],
+        before: DateTime<Utc>,
+        chunk: i64,
+    ) -> Result<u64, StoreError> {
+        Ok(match self {
+            ReconStore::Pg(pool) => sqlx::query(
+                "DELETE FROM reconciliation_results WHERE id = ANY(ARRAY(
+                   SELECT id FROM reconciliation_results
+                   WHERE flow = $1 AND (part = ANY($2) OR part IS NULL) AND detected_at < $3
+                     AND published_at IS NOT NULL
+                   ORDER BY detected_at LIMIT $4))",
+            )
+            .bind(flow)
+            .bind(parts)
+            .bind(before)
+            .bind(chunk)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+            ReconStore::Sqlite(pool) => sqlx::query(
+                "DELETE FROM reconciliation_results WHERE id IN (
+                   SELECT id FROM reconciliation_results
+                   WHERE flow = ?1 AND detected_at < ?2 AND published_at IS NOT NULL
+                   ORDER BY detected_at LIMIT ?3)",
+            )
+            .bind(flow)
+            .bind(sqlite_time(before))
+            .bind(chunk)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+        })
+    }
+
+    /// Every instance stored for partition `part`: (flow, key).
+    pub async fn keys_of(&self, part: i32) -> Result<Vec<(String, String)>, StoreError> {
         Ok(match self {
             ReconStore::Pg(pool) => {
-                sqlx::query("DELETE FROM flow_state WHERE part = ANY($1) AND updated_at < $2")
-                    .bind(parts)
-                    .bind(before)
-                    .execute(pool)
+                sqlx::query_as("SELECT flow, flow_key FROM flow_state WHERE part = $1")
+                    .bind(part)
+                    .fetch_all(pool)
                     .await?
-                    .rows_affected()
             }
-            ReconStore::Sqlite(pool) => sqlx::query("DELETE FROM flow_state WHERE updated_at < ?1")
-                .bind(sqlite_time(before))
-                .execute(pool)
-                .await?
-                .rows_affected(),
+            ReconStore::Sqlite(pool) => {
+                sqlx::query_as("SELECT flow, flow_key FROM flow_state WHERE part = ?1")
+                    .bind(part)
+                    .fetch_all(pool)
+                    .await?
+            }
         })
+    }
+
+    /// Open instances (a deadline pending) per (flow, partition) on these partitions.
+    pub async fn open_counts(
+        &self,
+        parts: &[i32],
+    ) -> Result<HashMap<(String, i32), u64>, StoreError> {
+        let rows: Vec<(String, i32, i64)> = match self {
+            ReconStore::Pg(pool) => {
+                sqlx::query_as(
+                    "SELECT flow, part, count(*) FROM flow_state
+                     WHERE next_due IS NOT NULL AND part = ANY($1) GROUP BY flow, part",
+                )
+                .bind(parts)
+                .fetch_all(pool)
+                .await?
+            }
+            ReconStore::Sqlite(pool) => {
+                sqlx::query_as(
+                    "SELECT flow, part, count(*) FROM flow_state
+                     WHERE next_due IS NOT NULL GROUP BY flow, part",
+                )
+                .fetch_all(pool)
+                .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .filter(|r| parts.contains(&r.1))
+            .map(|(f, p, n)| ((f, p), n.max(0) as u64))
+            .collect())
     }
 }
 

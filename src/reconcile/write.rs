@@ -300,9 +300,21 @@ impl Reconciler {
         }
     }
 
-    /// Deletes instances unchanged for longer than the retention (at most once a minute).
+    /// Deletes instances unchanged for longer than the state retention and published outcome
+    /// rows older than their flow's `results_retention`, in chunks of [`PRUNE_CHUNK`] rows (at
+    /// most [`PRUNE_CHUNKS`] per look, so a large backlog of expired rows never holds a long
+    /// transaction or the loop), and refreshes the open-instance counts the cap and the gauges
+    /// use. Looks every quarter of the shortest retention, at most once a minute.
     pub(super) async fn prune(&mut self, now: DateTime<Utc>) {
-        if self.last_prune.elapsed() < Duration::from_secs(60) {
+        let shortest = self
+            .flows
+            .iter()
+            .map(|f| f.results_retention)
+            .chain([self.cfg.state_retention])
+            .min()
+            .unwrap_or(self.cfg.state_retention);
+        let every = (shortest / 4).clamp(Duration::from_millis(500), Duration::from_secs(60));
+        if self.last_prune.elapsed() < every {
             return;
         }
         self.last_prune = Instant::now();
@@ -310,14 +322,89 @@ impl Reconciler {
             let all: Vec<String> = self.by_topic.keys().cloned().collect();
             self.clock.partitions(&all)
         };
-        let before = now - chrono::Duration::from_std(self.cfg.state_retention).unwrap_or_default();
-        match self.store.prune(&parts, before).await {
-            Ok(n) if n > 0 => tracing::info!(deleted = n, "flow states past retention deleted"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "flow states not pruned"),
+        if parts.is_empty() {
+            return;
+        }
+        let days = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        let before = now - days(self.cfg.state_retention);
+        let mut states = 0;
+        for _ in 0..PRUNE_CHUNKS {
+            match self.store.prune_states(&parts, before, PRUNE_CHUNK).await {
+                Ok(n) => {
+                    states += n;
+                    if n < PRUNE_CHUNK as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "flow states not pruned");
+                    break;
+                }
+            }
+        }
+        let mut results = 0;
+        for flow in &self.flows {
+            let before = now - days(flow.results_retention);
+            for _ in 0..PRUNE_CHUNKS {
+                match self
+                    .store
+                    .prune_results(&flow.name, &parts, before, PRUNE_CHUNK)
+                    .await
+                {
+                    Ok(n) => {
+                        results += n;
+                        if n < PRUNE_CHUNK as u64 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, flow = %flow.name, "outcome rows not pruned");
+                        break;
+                    }
+                }
+            }
+        }
+        if states + results > 0 {
+            tracing::info!(states, results, "rows past retention deleted");
+            metrics::counter!("helios_reconcile_pruned_total", "table" => "flow_state")
+                .increment(states);
+            metrics::counter!("helios_reconcile_pruned_total", "table" => "reconciliation_results")
+                .increment(results);
+        }
+        match self.store.open_counts(&parts).await {
+            Ok(counts) => {
+                self.open.clear();
+                self.cap_warned.clear();
+                for ((flow, part), n) in counts {
+                    if let Some(f) = self.flows.iter().position(|x| x.name == flow) {
+                        self.open.insert((f, part), n);
+                    }
+                }
+                self.open_gauges();
+            }
+            Err(e) => tracing::warn!(error = %e, "open instances not counted"),
+        }
+    }
+
+    /// `helios_reconcile_open_instances{flow}` (this instance's partitions) and
+    /// `helios_reconcile_open_instances_fullest{flow}` (the fullest partition's share of
+    /// `max_open_per_partition`).
+    pub(super) fn open_gauges(&self) {
+        for (f, flow) in self.flows.iter().enumerate() {
+            let mine = self.open.iter().filter(|((g, _), _)| *g == f);
+            let total: u64 = mine.clone().map(|(_, n)| *n).sum();
+            let fullest = mine.map(|(_, n)| *n).max().unwrap_or(0);
+            metrics::gauge!("helios_reconcile_open_instances", "flow" => flow.name.clone())
+                .set(total as f64);
+            metrics::gauge!("helios_reconcile_open_instances_fullest", "flow" => flow.name.clone())
+                .set(fullest as f64 / flow.max_open_per_partition as f64);
         }
     }
 }
+
+/// Rows deleted per statement when pruning, and statements per look.
+const PRUNE_CHUNK: i64 = 5000;
+const PRUNE_CHUNKS: usize = 20;
 
 /// One record per stored outcome on the reconciliation topic, keyed by the flow key, with the
 /// row's id (`helios-outcome-id`); marks them published once every one was acknowledged.

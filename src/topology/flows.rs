@@ -56,6 +56,13 @@ pub struct FlowSpec {
     /// (default 5m).
     #[serde(default)]
     pub max_clock_skew: Option<String>,
+    /// How long outcome rows are kept (default 30d; published ones only are deleted).
+    #[serde(default)]
+    pub results_retention: Option<String>,
+    /// Most open instances (a deadline pending) per partition; events of new orders beyond it
+    /// are skipped and counted (default 1000000).
+    #[serde(default)]
+    pub max_open_per_partition: Option<u64>,
 }
 
 /// `- OrderPlaced` or `- PaymentProcessed: { within: 15m }`.
@@ -122,11 +129,17 @@ pub struct Flow {
     pub clock_skew: Duration,
     /// An `occurred_at` further ahead of its reception is not trusted.
     pub max_clock_skew: Duration,
+    /// Outcome rows older than this are deleted.
+    pub results_retention: Duration,
+    /// Most open instances per partition.
+    pub max_open_per_partition: u64,
 }
 
 /// Defaults of the flow options.
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+pub const DEFAULT_RESULTS_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+pub const DEFAULT_MAX_OPEN_PER_PARTITION: u64 = 1_000_000;
 
 impl Flow {
     /// A flow with default options (`order_id` key, no terminal steps, no field checks).
@@ -140,6 +153,8 @@ impl Flow {
             match_fields: vec![],
             clock_skew: DEFAULT_CLOCK_SKEW,
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
+            results_retention: DEFAULT_RESULTS_RETENTION,
+            max_open_per_partition: DEFAULT_MAX_OPEN_PER_PARTITION,
         }
     }
 
@@ -374,6 +389,20 @@ pub fn validate_flow(
             "is less than `clock_skew`: an event within the tolerance would not be trusted".into(),
         ));
     }
+    let results_retention = skew(
+        ".results_retention",
+        &spec.results_retention,
+        DEFAULT_RESULTS_RETENTION,
+    )?;
+    if results_retention < Duration::from_secs(1) {
+        return Err((key(".results_retention"), "must be at least 1s".into()));
+    }
+    let max_open_per_partition = spec
+        .max_open_per_partition
+        .unwrap_or(DEFAULT_MAX_OPEN_PER_PARTITION);
+    if max_open_per_partition == 0 {
+        return Err((key(".max_open_per_partition"), "must be at least 1".into()));
+    }
     Ok(Flow {
         name: name.to_string(),
         key: spec.key.clone(),
@@ -383,6 +412,8 @@ pub fn validate_flow(
         match_fields: spec.match_fields.clone(),
         clock_skew,
         max_clock_skew,
+        results_retention,
+        max_open_per_partition,
     })
 }
 

@@ -1,7 +1,7 @@
 //! Event time after an outage: what holds it back (the slowest cloud, the processor's raw
 //! backlog), what it trusts (reception time over a clock too far ahead), retractions, the outbox
 //! (topic and table agree across a crash), and flows as users write them (terminal, optional and
-//! relative steps, field checks).
+//! relative steps, field checks), and bounded state (the open-instance cap, results retention).
 
 use super::*;
 
@@ -547,4 +547,135 @@ async fn terminal_optional_and_relative_steps_and_a_field_mismatch() {
     assert_eq!(d["same_fields"], false, "{d}");
     assert_eq!(d["differs"][0]["again"], 75, "{d}");
     rec.stop().await;
+}
+
+#[tokio::test]
+async fn new_orders_past_the_cap_are_skipped_and_expired_rows_are_pruned_in_chunks() {
+    let topology = topology_with(
+        "steps: [OrderPlaced, {PaymentProcessed: {within: 1m}}, {InventoryReserved: {within: 2m}}]\nallowed_lateness: 5s\nmax_open_per_partition: 3\nresults_retention: 2s",
+        &[],
+    )
+    .await;
+    let rec = spawn_reconciler(&topology, &unique_schema(), HOUR).await;
+    // 12,000 published outcome rows from yesterday (more than two prune chunks), and one not
+    // published (no partition: no sweep publishes it), which retention never deletes.
+    sqlx::query(
+        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, detected_at, published_at, part)
+         SELECT 'order_lifecycle', 'old-' || g, 'completed', '', now() - interval '1 day', now(), 0
+         FROM generate_series(1, 12000) g",
+    )
+    .execute(&rec.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, detected_at)
+         VALUES ('order_lifecycle', 'old-unpublished', 'completed', '', now() - interval '1 day')",
+    )
+    .execute(&rec.pool)
+    .await
+    .unwrap();
+    let t0 = t0();
+    let owned: Vec<(String, String, i64)> = (0..5)
+        .map(|i| (format!("cap-{i}"), format!("CAP-{i}"), i))
+        .collect();
+    let list: Vec<Step<'_>> = owned
+        .iter()
+        .map(|(id, k, at)| ("OrderPlaced", "aws", id.as_str(), k.as_str(), *at))
+        .collect();
+    produce_steps(&topology, t0, &list).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rec.stats.skipped.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+        assert!(Instant::now() < deadline, "the cap never refused anything");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let open: Vec<String> = sqlx::query_scalar("SELECT flow_key FROM flow_state ORDER BY flow_key")
+        .fetch_all(&rec.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        open,
+        vec!["CAP-0", "CAP-1", "CAP-2"],
+        "three open, the rest skipped"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM reconciliation_results WHERE flow_key LIKE 'old-%'",
+        )
+        .fetch_one(&rec.pool)
+        .await
+        .unwrap();
+        if left == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left} expired rows left");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let kept: String = sqlx::query_scalar(
+        "SELECT flow_key FROM reconciliation_results WHERE flow_key LIKE 'old-%'",
+    )
+    .fetch_one(&rec.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, "old-unpublished");
+    rec.stop().await;
+}
+
+#[tokio::test]
+async fn show_says_when_a_missing_step_was_dead_lettered() {
+    let topology = topology_with(
+        "steps: [OrderPlaced, {PaymentProcessed: {within: 2s}}, {InventoryReserved: {within: 3s}}]\nallowed_lateness: 1s",
+        &[],
+    )
+    .await;
+    let opts = ProcOpts::default();
+    let proc = spawn_processor_with(&topology, opts.clone()).await;
+    let rec = spawn_reconciler(&topology, &opts.schema, Duration::from_millis(500)).await;
+    let now = Utc::now().to_rfc3339();
+    let bodies: Vec<Vec<u8>> = [
+        (
+            "OrderPlaced",
+            "dq-1",
+            json!({"order_id": "DQ-1", "customer_id": "C"}),
+        ),
+        // No amount: dead-lettered (missing_required_field), so the payment is "missing".
+        ("PaymentProcessed", "dq-2", json!({"order_id": "DQ-1"})),
+        ("InventoryReserved", "dq-3", json!({"order_id": "DQ-1"})),
+    ]
+    .iter()
+    .map(|(t, id, d)| {
+        json!({"event_type": t, "event_id": id, "occurred_at": now, "data": d})
+            .to_string()
+            .into_bytes()
+    })
+    .collect();
+    produce_direct_to(&kafka_bootstrap(), &topology, &bodies).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !outcomes_of(&rec.pool, "DQ-1").await.contains(&(
+        "missing".into(),
+        "PaymentProcessed".into(),
+        false,
+    )) {
+        assert!(
+            Instant::now() < deadline,
+            "the payment was never reported missing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let show = run_ok(helios_cli(&topology, &opts, &["reconcile", "show", "DQ-1"]));
+    for want in [
+        "DLQ: 1 dead-lettered record(s) mention `DQ-1`",
+        "missing_required_field",
+        &format!("{}/0/", topology.dlq_topic()),
+    ] {
+        assert!(show.contains(want), "`{want}` not in:\n{show}");
+    }
+    let none = run_ok(helios_cli(
+        &topology,
+        &opts,
+        &["reconcile", "show", "DQ-1", "--no-dlq"],
+    ));
+    assert!(!none.contains("DLQ"), "{none}");
+    rec.stop().await;
+    proc.stop().await;
 }
