@@ -725,7 +725,7 @@ impl Reconciler {
                     p.skips.push(input::Skip::InstanceCap);
                     if self.cap_warned.insert((f, s.sighting.partition)) {
                         tracing::warn!(flow = %flow.name, partition = s.sighting.partition, cap = flow.max_open_per_partition,
-                            "open instances at max_open_per_partition: events of new orders are skipped (helios_reconcile_skipped_total{reason=\"instance_cap\"})");
+                            "open instances at max_open_per_partition: events of new orders are skipped (helios_reconcile_skipped_total{{reason=\"instance_cap\"}})");
                     }
                     continue;
                 }

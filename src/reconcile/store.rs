@@ -53,6 +53,23 @@ pub struct Saved {
     pub inserted: Vec<StoredOutcome>,
 }
 
+/// Event time stored per cloud, per topic-partition.
+pub type PerSource = HashMap<(String, i32), Vec<(String, DateTime<Utc>)>>;
+
+/// An unpublished outcome as SQLite returns it.
+type SqliteOutcome = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    String,
+    Option<i32>,
+    String,
+);
+
 /// A watermark to keep: (flow, partition, watermark, what held it).
 pub type Mark = (String, i32, DateTime<Utc>, String);
 
@@ -593,8 +610,8 @@ impl ReconStore {
         &self,
         group: &str,
         tps: &[(String, i32)],
-    ) -> Result<HashMap<(String, i32), Vec<(String, DateTime<Utc>)>>, StoreError> {
-        let mut out: HashMap<(String, i32), Vec<(String, DateTime<Utc>)>> = HashMap::new();
+    ) -> Result<PerSource, StoreError> {
+        let mut out: PerSource = HashMap::new();
         if tps.is_empty() {
             return Ok(out);
         }
@@ -696,7 +713,7 @@ impl ReconStore {
                 .await?
             }
             ReconStore::Sqlite(pool) => {
-                let rows: Vec<(i64, String, String, String, String, Option<String>, Option<i64>, String, Option<i32>, String)> =
+                let rows: Vec<SqliteOutcome> =
                     sqlx::query_as(
                         "SELECT id, flow, flow_key, outcome, step, event_time, duration_ms, detail, part, detected_at
                          FROM reconciliation_results WHERE published_at IS NULL ORDER BY id LIMIT ?1",

@@ -588,7 +588,8 @@ async fn event_time(
     let Some(pool) = pool else {
         return vec![];
     };
-    let rows: Vec<(String, i32, DateTime<Utc>, String, DateTime<Utc>)> = sqlx::query_as(
+    type Row = (String, i32, DateTime<Utc>, String, DateTime<Utc>);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT flow, part, watermark, held_by, updated_at FROM reconcile_watermarks
          WHERE consumer_group = $1 ORDER BY flow, part LIMIT 1000",
     )
