@@ -446,13 +446,28 @@ impl ReconStore {
                     .bind(parts)
                     .fetch_all(&mut *tx)
                     .await?;
+                    // Back to the rows written, by their unique key (not by a scan per row).
+                    let by_key: HashMap<(&str, &str, &str, &str), &ResultRow> = results
+                        .iter()
+                        .map(|r| {
+                            (
+                                (
+                                    r.flow.as_str(),
+                                    r.key.as_str(),
+                                    r.outcome.as_str(),
+                                    r.step.as_str(),
+                                ),
+                                r,
+                            )
+                        })
+                        .collect();
                     for (id, f, k, o, st, detected_at) in rows {
-                        if let Some(r) = results.iter().find(|r| {
-                            r.flow == f && r.key == k && r.outcome.as_str() == o && r.step == st
-                        }) {
+                        if let Some(r) =
+                            by_key.get(&(f.as_str(), k.as_str(), o.as_str(), st.as_str()))
+                        {
                             inserted.push(StoredOutcome {
                                 id,
-                                row: r.clone(),
+                                row: (*r).clone(),
                                 detected_at,
                             });
                         }
