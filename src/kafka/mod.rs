@@ -322,6 +322,37 @@ mod group;
 mod read;
 mod topics;
 
+/// The partition librdkafka's default partitioner (`consistent_random`, the one HELIOS's
+/// producers use) gives a keyed record: CRC-32 (IEEE, as zlib's) of the key modulo the
+/// partition count.
+pub fn key_partition(key: &[u8], partitions: i32) -> i32 {
+    let mut crc: u32 = 0xffff_ffff;
+    for &b in key {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    ((crc ^ 0xffff_ffff) % partitions.max(1) as u32) as i32
+}
+
 pub use group::*;
 pub use read::*;
 pub use topics::*;
+
+#[cfg(test)]
+mod partitioner_tests {
+    #[test]
+    fn crc32_as_librdkafka_computes_it() {
+        // The CRC-32 check value.
+        assert_eq!(
+            super::key_partition(b"123456789", i32::MAX),
+            (0xcbf4_3926u32 % i32::MAX as u32) as i32
+        );
+        assert!((0..4).contains(&super::key_partition(b"O-1001", 4)));
+    }
+}

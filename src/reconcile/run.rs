@@ -70,6 +70,8 @@ pub struct ReconcileStats {
     pub events: AtomicU64,
     pub skipped: AtomicU64,
     pub already_counted: AtomicU64,
+    /// Records on a partition other than their key's (another producer or partitioner).
+    pub misplaced: AtomicU64,
     pub outcomes: AtomicU64,
     pub batches: AtomicU64,
     /// Reads or writes that failed and were retried.
@@ -251,6 +253,7 @@ impl Reconciler {
         metrics::counter!("helios_reconcile_skipped_total", "reason" => "instance_cap")
             .increment(0);
         metrics::counter!("helios_reconcile_copartition_violations_total").increment(0);
+        metrics::counter!("helios_reconcile_misplaced_records_total").increment(0);
         // Exported from start-up (alerts compare them with zero).
         metrics::counter!("helios_reconcile_rejoins_total").increment(0);
         metrics::gauge!("helios_reconcile_assigned_partitions").set(0.0);
@@ -639,13 +642,25 @@ impl Reconciler {
         let p = &mut self.pending;
         p.since.get_or_insert_with(Instant::now);
         p.skips.extend(skips);
+        let mut misplaced = 0u64;
         for m in batch {
             use rdkafka::Message;
+            if let (Some(k), Some(n)) = (m.key(), self.partition_counts.get(m.topic())) {
+                if crate::kafka::key_partition(k, *n as i32) != m.partition() {
+                    misplaced += 1;
+                }
+            }
             let e = p
                 .offsets
                 .entry((m.topic().to_string(), m.partition()))
                 .or_insert(0);
             *e = (*e).max(m.offset() + 1);
+        }
+        if misplaced > 0 {
+            // Not fatal (a producer with another partitioner may still co-partition its keys
+            // its own way), but an order's events may then meet on no single instance.
+            self.stats.misplaced.fetch_add(misplaced, Ordering::Relaxed);
+            metrics::counter!("helios_reconcile_misplaced_records_total").increment(misplaced);
         }
         // Instances of the write on its way: its version is the newest (the stored row is older
         // until it lands) — those seen again, those whose deadline the watermark passed, and

@@ -353,6 +353,13 @@ async fn a_complete_order_across_three_clouds_is_completed_once_with_its_timelin
         (r.get(0), r.get(1))
     };
     assert_eq!(duration, 15_000, "first step to last, in event time");
+    assert_eq!(
+        rec.stats
+            .misplaced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the processor's fan-out puts each record on its key's partition"
+    );
     assert_eq!(clouds, json!(["aws", "azure", "gcp"]));
     // The outcome record, keyed by the order id.
     let out = read_exactly(&kafka_bootstrap(), &topology.reconciliation_topic(), 1).await;
