@@ -29,6 +29,8 @@ pub struct Row {
     pub passthrough_rps: f64,
     pub events_per_s: f64,
     pub cpu_us_per_event: f64,
+    /// The whole machine's CPU per event (see [`machine_cpu_micros`]).
+    pub box_us_per_event: f64,
     pub rss_before_mb: f64,
     pub rss_peak_mb: f64,
     pub outcome: (u64, u64, u64, u64),
@@ -49,6 +51,26 @@ pub fn cpu_micros() -> u64 {
     let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0)
         + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
     ticks * 10_000 // USER_HZ = 100 on Linux
+}
+
+/// CPU time the whole machine spent (every process: HELIOS, the broker, PostgreSQL, Redis), in
+/// µs, from /proc/stat: on a saturated box the cost per event that decides the rate.
+pub fn machine_cpu_micros() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or("");
+    // cpu  user nice system idle iowait irq softirq steal ...: all but idle and iowait.
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let busy: u64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, v)| *v)
+        .sum();
+    busy * 10_000 // USER_HZ = 100 on Linux
 }
 
 /// Resident set size in MiB, from /proc.
@@ -298,6 +320,7 @@ pub async fn run_once(
     let (stop, shutdown) = Shutdown::new();
     let rss_before_mb = rss_mb();
     let cpu0 = cpu_micros();
+    let box0 = machine_cpu_micros();
     let started = Instant::now();
     let task = tokio::spawn(p.run(shutdown));
     let mut rss_peak_mb = rss_before_mb;
@@ -314,6 +337,7 @@ pub async fn run_once(
     }
     let elapsed = started.elapsed();
     let cpu = cpu_micros().saturating_sub(cpu0);
+    let box_cpu = machine_cpu_micros().saturating_sub(box0);
     stop.trigger();
     task.await??;
     let (_, units, out, dups, dlq) = stats.snapshot();
@@ -330,6 +354,7 @@ pub async fn run_once(
         passthrough_rps,
         events_per_s: units as f64 / elapsed.as_secs_f64(),
         cpu_us_per_event: cpu as f64 / units.max(1) as f64,
+        box_us_per_event: box_cpu as f64 / units.max(1) as f64,
         rss_before_mb,
         rss_peak_mb,
         outcome: (units, out, dups, dlq),
@@ -430,12 +455,13 @@ async fn pg_copy_ceiling(
 pub fn print(rows: &[Row]) {
     println!("\nHELIOS processor benchmark (one instance, Tansu memory engine, PostgreSQL + Redis on loopback)");
     println!(
-        "{:>9} {:>11} {:>10} {:>7} {:>8} {:>8} {:>9} {:>10} {:>10} {:>10}   events in = out + dup + dlq",
+        "{:>9} {:>11} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>10} {:>10} {:>10}   events in = out + dup + dlq",
         "records",
         "passthru/s",
         "events/s",
         "% pass",
         "CPU us/ev",
+        "box us/ev",
         "RSS MiB",
         "peak MiB",
         "PG alone/s",
@@ -444,12 +470,13 @@ pub fn print(rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:>9} {:>11.0} {:>10.0} {:>6.1}% {:>8.1} {:>8.1} {:>9.1} {:>10.0} {:>10.0} {:>10.0}   {} = {} + {} + {}",
+            "{:>9} {:>11.0} {:>10.0} {:>6.1}% {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>10.0} {:>10.0} {:>10.0}   {} = {} + {} + {}",
             r.records,
             r.passthrough_rps,
             r.events_per_s,
             100.0 * r.events_per_s / r.passthrough_rps.max(1e-9),
             r.cpu_us_per_event,
+            r.box_us_per_event,
             r.rss_before_mb,
             r.rss_peak_mb,
             r.pg_alone_per_s,

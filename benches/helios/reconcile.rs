@@ -14,13 +14,18 @@ use helios::source::Source;
 use helios::topology::Topology;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::process::{cpu_micros, drain, enqueue, rss_mb};
+use crate::process::{cpu_micros, drain, enqueue, machine_cpu_micros, rss_mb};
 
 pub struct Row {
     events: usize,
     orders: usize,
     events_per_s: f64,
     cpu_us_per_event: f64,
+    /// The whole machine's CPU per event (HELIOS, the broker, PostgreSQL).
+    box_us_per_event: f64,
+    /// Orders seen again whose state came from the instances written last / from PostgreSQL.
+    recent_hits: u64,
+    state_reads: u64,
     rss_before_mb: f64,
     rss_peak_mb: f64,
     outcomes: Vec<(String, i64)>,
@@ -227,6 +232,7 @@ pub async fn run_once(
     let (stop, shutdown) = Shutdown::new();
     let rss_before_mb = rss_mb();
     let cpu0 = cpu_micros();
+    let box0 = machine_cpu_micros();
     let started = Instant::now();
     let task = tokio::spawn(r.run(shutdown));
     let mut rss_peak_mb = rss_before_mb;
@@ -248,6 +254,7 @@ pub async fn run_once(
     }
     let elapsed = started.elapsed();
     let cpu = cpu_micros().saturating_sub(cpu0);
+    let box_cpu = machine_cpu_micros().saturating_sub(box0);
     // The deadlines the last records passed fire once the partitions count as read to the end.
     let counts = || async {
         sqlx::query_as::<_, (String, i64)>(
@@ -284,6 +291,9 @@ pub async fn run_once(
         orders,
         events_per_s: n as f64 / elapsed.as_secs_f64(),
         cpu_us_per_event: cpu as f64 / n.max(1) as f64,
+        box_us_per_event: box_cpu as f64 / n.max(1) as f64,
+        recent_hits: stats.recent_hits.load(Ordering::Relaxed),
+        state_reads: stats.state_reads.load(Ordering::Relaxed),
         rss_before_mb,
         rss_peak_mb,
         correct: outcomes == want,
@@ -299,29 +309,33 @@ pub fn print(rows: &[Row]) {
         "\nHELIOS reconciler benchmark (one instance, Tansu memory engine, PostgreSQL on loopback)"
     );
     println!(
-        "{:>9} {:>8} {:>10} {:>9} {:>8} {:>9} {:>8} {:>7}  {:<34}  outcomes",
+        "{:>9} {:>8} {:>10} {:>9} {:>9} {:>8} {:>9} {:>8} {:>7} {:>15}  {:<34}  outcomes",
         "events",
         "orders",
         "events/s",
         "CPU us/ev",
+        "box us/ev",
         "RSS MiB",
         "peak MiB",
         "open",
         "writes",
+        "kept/read",
         "% poll/load/due/send/save/wait"
     );
     for r in rows {
         let outcomes: Vec<String> = r.outcomes.iter().map(|(o, n)| format!("{o} {n}")).collect();
         println!(
-            "{:>9} {:>8} {:>10.0} {:>9.1} {:>8.1} {:>9.1} {:>8} {:>7}  {:<34}  {}",
+            "{:>9} {:>8} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>9.1} {:>8} {:>7} {:>15}  {:<34}  {}",
             r.events,
             r.orders,
             r.events_per_s,
             r.cpu_us_per_event,
+            r.box_us_per_event,
             r.rss_before_mb,
             r.rss_peak_mb,
             r.open,
             r.writes,
+            format!("{}/{}", r.recent_hits, r.state_reads),
             r.phases
                 .iter()
                 .map(|p| format!("{p:.0}"))

@@ -48,6 +48,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "reconcile_event_time",
         include_str!("../../migrations/0005_reconcile_event_time.sql"),
     ),
+    (
+        6,
+        "reconcile_outbox_through",
+        include_str!("../../migrations/0006_reconcile_outbox_through.sql"),
+    ),
 ];
 
 /// A database failure, classified: transient ones retry the batch; ones caused by the data

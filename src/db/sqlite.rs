@@ -49,6 +49,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "reconcile_event_time",
         include_str!("../../migrations/sqlite/0004_reconcile_event_time.sql"),
     ),
+    (
+        5,
+        "reconcile_outbox_through",
+        include_str!("../../migrations/sqlite/0005_reconcile_outbox_through.sql"),
+    ),
 ];
 
 impl SqliteStore {

@@ -176,6 +176,7 @@ impl Reconciler {
             self.marks_written.clear();
             self.open.clear();
             self.known.clear();
+            self.recent.clear();
             // Partition counts may have changed with the rebalance: checked again.
             self.recheck = true;
             if dropped > 0 {
@@ -252,6 +253,7 @@ impl Reconciler {
     /// Drops what was counted but not written for the (flow, partition) pairs `gone` says:
     /// their offsets are not committed, so whoever owns them counts those events itself.
     fn drop_work(&mut self, gone: impl Fn(usize, i32) -> bool) {
+        self.recent.forget(&gone);
         self.watermarks.retain(|(f, part), _| !gone(*f, *part));
         self.due_checked.retain(|(f, part), _| !gone(*f, *part));
         let flows = &self.flows;

@@ -19,6 +19,7 @@ pub mod input;
 pub mod intake;
 pub mod known;
 pub mod pending;
+pub mod recent;
 pub mod report;
 pub mod run;
 pub mod store;

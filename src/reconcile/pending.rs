@@ -60,10 +60,19 @@ pub(super) struct Writing {
     pub(super) rest: Pending,
     /// The generations it was written under.
     pub(super) claims: HashMap<(String, i32), i64>,
-    /// Partitions another instance claimed since (nothing was written then), or the failure.
-    pub(super) task: tokio::task::JoinHandle<anyhow::Result<Vec<(String, i32)>>>,
+    /// What became of it, or the failure.
+    pub(super) task: tokio::task::JoinHandle<anyhow::Result<Wrote>>,
     /// The watermarks it writes.
     pub(super) marks: Vec<((usize, i32), DateTime<Utc>)>,
+}
+
+/// What a write did.
+#[derive(Debug, Default)]
+pub(super) struct Wrote {
+    /// Partitions another instance claimed since (nothing was written then).
+    pub(super) taken: Vec<(String, i32)>,
+    /// Partitions with outcomes written and not (known to be) published: the sweep publishes them.
+    pub(super) unpublished: Vec<i32>,
 }
 
 impl Writing {

@@ -135,7 +135,7 @@ impl ReconStore {
         match self {
             ReconStore::Pg(pool) => {
                 let rows = sqlx::query(
-                    "SELECT s.flow, s.flow_key, s.part, s.state::text FROM flow_state s
+                    "SELECT s.flow, s.flow_key, s.part, s.state FROM flow_state s
                      JOIN unnest($1::text[], $2::text[]) AS k(flow, flow_key)
                        ON s.flow = k.flow AND s.flow_key = k.flow_key",
                 )
@@ -243,7 +243,7 @@ impl ReconStore {
         let rows: Vec<(String, i32, String, DateTime<Utc>)> = match self {
             ReconStore::Pg(pool) => {
                 sqlx::query_as(
-                    "SELECT s.flow_key, s.part, s.state::text, s.next_due FROM flow_state s
+                    "SELECT s.flow_key, s.part, s.state, s.next_due FROM flow_state s
                  JOIN unnest($2::int[], $3::timestamptz[], $4::timestamptz[]) AS w(part, lo, hi)
                    ON s.part = w.part
                  WHERE s.flow = $1 AND s.next_due IS NOT NULL AND s.next_due <= w.hi
@@ -408,7 +408,7 @@ impl ReconStore {
                     let done: Vec<bool> = states.iter().map(|s| s.completed).collect();
                     sqlx::query(
                         "INSERT INTO flow_state (flow, flow_key, part, state, next_due, completed)
-                         SELECT f, k, p, s::jsonb, d, c
+                         SELECT f, k, p, s, d, c
                          FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::bool[]) AS t(f, k, p, s, d, c)
                          ON CONFLICT (flow, flow_key) DO UPDATE SET part = EXCLUDED.part, state = EXCLUDED.state,
                            next_due = EXCLUDED.next_due, completed = EXCLUDED.completed, updated_at = now()",
@@ -694,7 +694,8 @@ impl ReconStore {
         })
     }
 
-    /// Outcomes of these partitions not published yet, oldest first.
+    /// Outcomes of these partitions not published yet (above their `published_through`),
+    /// oldest first.
     pub async fn unpublished(
         &self,
         parts: &[i32],
@@ -718,9 +719,16 @@ impl ReconStore {
         let rows: Vec<Row> = match self {
             ReconStore::Pg(pool) => {
                 sqlx::query_as(
-                    "SELECT id, flow, flow_key, outcome, step, event_time, duration_ms, detail::text, part, detected_at
-                     FROM reconciliation_results WHERE published_at IS NULL AND part = ANY($1)
-                     ORDER BY id LIMIT $2",
+                    // The first condition (the lowest mark of these partitions) bounds the scan
+                    // of the primary key; the second is each row's own partition's mark.
+                    "SELECT r.id, r.flow, r.flow_key, r.outcome, r.step, r.event_time, r.duration_ms, r.detail::text, r.part, r.detected_at
+                     FROM reconciliation_results r
+                     JOIN unnest($1::int[]) AS q(p) ON r.part = q.p
+                     LEFT JOIN reconcile_outbox o ON o.part = r.part
+                     WHERE r.id > (SELECT COALESCE(min(COALESCE(o2.published_through, 0)), 0)
+                                   FROM unnest($1::int[]) AS q2(p) LEFT JOIN reconcile_outbox o2 ON o2.part = q2.p)
+                       AND r.id > COALESCE(o.published_through, 0)
+                     ORDER BY r.id LIMIT $2",
                 )
                 .bind(parts)
                 .bind(limit)
@@ -730,16 +738,30 @@ impl ReconStore {
             ReconStore::Sqlite(pool) => {
                 let rows: Vec<SqliteOutcome> =
                     sqlx::query_as(
-                        "SELECT id, flow, flow_key, outcome, step, event_time, duration_ms, detail, part, detected_at
-                         FROM reconciliation_results WHERE published_at IS NULL ORDER BY id LIMIT ?1",
+                        "SELECT r.id, r.flow, r.flow_key, r.outcome, r.step, r.event_time, r.duration_ms, r.detail, r.part, r.detected_at
+                         FROM reconciliation_results r
+                         LEFT JOIN reconcile_outbox o ON o.part = r.part
+                         WHERE r.part IN (SELECT value FROM json_each(?1)) AND r.id > COALESCE(o.published_through, 0)
+                         ORDER BY r.id LIMIT ?2",
                     )
+                    .bind(serde_json::to_string(parts).unwrap_or_default())
                     .bind(limit)
                     .fetch_all(pool)
                     .await?;
                 rows.into_iter()
-                    .filter(|r| r.8.is_some_and(|p| parts.contains(&p)))
                     .map(|r| {
-                        (r.0, r.1, r.2, r.3, r.4, r.5.map(|t| parse_sqlite_time(&t)), r.6, r.7, r.8, parse_sqlite_time(&r.9))
+                        (
+                            r.0,
+                            r.1,
+                            r.2,
+                            r.3,
+                            r.4,
+                            r.5.map(|t| parse_sqlite_time(&t)),
+                            r.6,
+                            r.7,
+                            r.8,
+                            parse_sqlite_time(&r.9),
+                        )
                     })
                     .collect()
             }
@@ -778,28 +800,42 @@ impl ReconStore {
             .collect())
     }
 
-    /// Marks these outcomes published.
-    pub async fn mark_published(&self, ids: &[i64]) -> Result<(), StoreError> {
-        if ids.is_empty() {
+    /// Every outcome of partition `part` up to id `through` was published (per partition; a
+    /// mark never goes back).
+    pub async fn advance_published(&self, marks: &[(i32, i64)]) -> Result<(), StoreError> {
+        if marks.is_empty() {
             return Ok(());
         }
+        let parts: Vec<i32> = marks.iter().map(|m| m.0).collect();
+        let through: Vec<i64> = marks.iter().map(|m| m.1).collect();
         match self {
             ReconStore::Pg(pool) => {
                 sqlx::query(
-                    "UPDATE reconciliation_results SET published_at = now() WHERE id = ANY($1)",
+                    "INSERT INTO reconcile_outbox AS o (part, published_through)
+                     SELECT p, t FROM unnest($1::int[], $2::bigint[]) AS m(p, t) ORDER BY p
+                     ON CONFLICT (part) DO UPDATE
+                       SET published_through = GREATEST(o.published_through, EXCLUDED.published_through), updated_at = now()",
                 )
-                .bind(ids)
+                .bind(&parts)
+                .bind(&through)
                 .execute(pool)
                 .await?;
             }
             ReconStore::Sqlite(pool) => {
-                sqlx::query(
-                    "UPDATE reconciliation_results SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-                     WHERE id IN (SELECT value FROM json_each(?1))",
-                )
-                .bind(serde_json::to_string(ids).unwrap_or_default())
-                .execute(pool)
-                .await?;
+                let mut tx = pool.begin().await?;
+                for (p, t) in marks {
+                    sqlx::query(
+                        "INSERT INTO reconcile_outbox (part, published_through) VALUES (?1, ?2)
+                         ON CONFLICT (part) DO UPDATE
+                           SET published_through = max(published_through, excluded.published_through),
+                               updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+                    )
+                    .bind(p)
+                    .bind(t)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
             }
         }
         Ok(())
@@ -850,7 +886,7 @@ impl ReconStore {
                 "DELETE FROM reconciliation_results WHERE id = ANY(ARRAY(
                    SELECT id FROM reconciliation_results
                    WHERE flow = $1 AND (part = ANY($2) OR part IS NULL) AND detected_at < $3
-                     AND published_at IS NOT NULL
+                     AND (part IS NULL OR id <= (SELECT o.published_through FROM reconcile_outbox o WHERE o.part = reconciliation_results.part))
                    ORDER BY detected_at LIMIT $4))",
             )
             .bind(flow)
@@ -863,7 +899,8 @@ impl ReconStore {
             ReconStore::Sqlite(pool) => sqlx::query(
                 "DELETE FROM reconciliation_results WHERE id IN (
                    SELECT id FROM reconciliation_results
-                   WHERE flow = ?1 AND detected_at < ?2 AND published_at IS NOT NULL
+                   WHERE flow = ?1 AND detected_at < ?2
+                     AND (part IS NULL OR id <= (SELECT o.published_through FROM reconcile_outbox o WHERE o.part = reconciliation_results.part))
                    ORDER BY detected_at LIMIT ?3)",
             )
             .bind(flow)

@@ -1,9 +1,10 @@
 //! The reconciler's write side. What was counted is written while the next batches are read:
 //! a write (states, results, resolutions and the event-time progress in one fenced transaction,
 //! then the outcomes it inserted published to `helios.reconciliation` from those rows: an
-//! outbox) runs as its own task, and only when it has landed are its offsets committed. An
-//! outcome whose publication failed or was cut short by a crash stays unpublished in the table
-//! and is published by the sweep ([`Reconciler::publish_unpublished`]) of the partition's owner:
+//! outbox) runs as its own task, and only when it has landed are its offsets committed. The
+//! outbox keeps one mark per partition, the id up to which every outcome was published
+//! (`reconcile_outbox`). An outcome whose publication failed or was cut short by a crash stays
+//! above its partition's mark and is published by the sweep ([`Reconciler::publish_unpublished`]) of the partition's owner:
 //! the topic can repeat an outcome (same `helios-outcome-id`), never say one the table lacks. One write is on its way at a time; the instances it holds
 //! are read from it (not from the store, which has their older rows until it lands). A write
 //! that fails, or is refused because another instance claimed one of its partitions, is put
@@ -19,9 +20,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::engine;
-use super::pending::{add_us, Pending, Working, Writing};
+use super::pending::{add_us, Pending, Working, Writing, Wrote};
 use super::run::Reconciler;
-use super::store::{Fence, ReconStore, StateRow, StoredOutcome};
+use super::store::{Fence, Mark, ReconStore, Resolution, ResultRow, StateRow, StoredOutcome};
 
 impl Reconciler {
     /// Starts writing what is pending (nothing when nothing is). Call [`Self::land`] first
@@ -100,12 +101,43 @@ impl Reconciler {
                 (self.flows[*f].name.clone(), *part, *w, held)
             })
             .collect();
-        let save = !states.is_empty()
-            || !rest.results.is_empty()
-            || !rest.resolved.is_empty()
-            || !rest.offsets.is_empty()
-            || !mark_rows.is_empty();
-        let (results, resolved) = (rest.results.clone(), rest.resolved.clone());
+        // Resolutions go with their instance's partition.
+        let resolved_parts: Vec<i32> = rest
+            .resolved
+            .iter()
+            .map(|r| {
+                self.flows
+                    .iter()
+                    .position(|f| f.name == r.flow)
+                    .and_then(|f| work.get(&(f, r.key.clone())))
+                    .map_or(0, |w| w.part)
+            })
+            .collect();
+        // Partitions are independent (each fenced on its own): the write is split by partition
+        // into lanes, each its own transaction on its own connection, so PostgreSQL works on
+        // them side by side. The write lands when every lane has.
+        let lanes = match &self.store {
+            super::store::ReconStore::Pg(_) => WRITE_LANES,
+            super::store::ReconStore::Sqlite(_) => 1,
+        };
+        let lane_of = |part: i32| part.rem_euclid(lanes as i32) as usize;
+        let mut split: Vec<Lane> = (0..lanes).map(|_| Lane::default()).collect();
+        for st in states {
+            split[lane_of(st.part)].states.push(st);
+        }
+        for r in &rest.results {
+            split[lane_of(r.part)].results.push(r.clone());
+        }
+        for (r, part) in rest.resolved.iter().zip(resolved_parts) {
+            split[lane_of(part)].resolved.push(r.clone());
+        }
+        for f in fence {
+            split[lane_of(f.part)].fence.push(f);
+        }
+        for m in mark_rows {
+            split[lane_of(m.1)].marks.push(m);
+        }
+        split.retain(|l| !l.is_empty());
         let (producer, store, stats) = (
             self.producer.clone(),
             self.store.clone(),
@@ -115,24 +147,22 @@ impl Reconciler {
             self.cfg.topology.reconciliation_topic(),
             self.cfg.group.clone(),
         );
+        let unswept = self.unswept.clone();
         let task = tokio::spawn(async move {
-            if !save {
-                return Ok(vec![]);
-            }
             let t = Instant::now();
-            let saved = store
-                .save(&states, &results, &resolved, &group, &fence, &mark_rows)
-                .await?;
+            let wrote =
+                futures::future::join_all(split.into_iter().map(|lane| {
+                    write_lane(lane, &store, &producer, &topic, &group, &unswept, &stats)
+                }))
+                .await;
             add_us(&stats.save_us, t);
-            if saved.taken.is_empty() && !saved.inserted.is_empty() {
-                // Committed: published from the rows (a failure leaves them to the sweep).
-                let t = Instant::now();
-                if let Err(e) = publish(&producer, &store, &topic, &saved.inserted).await {
-                    tracing::warn!(error = %e, outcomes = saved.inserted.len(), "outcomes written, not published yet; the sweep publishes them");
-                }
-                add_us(&stats.send_us, t);
+            let mut all = Wrote::default();
+            for w in wrote {
+                let w = w?;
+                all.taken.extend(w.taken);
+                all.unpublished.extend(w.unpublished);
             }
-            Ok(saved.taken)
+            Ok(all)
         });
         self.writing = Some(Writing {
             work,
@@ -157,14 +187,25 @@ impl Reconciler {
         };
         add_us(&self.stats.wait_us, waited);
         match outcome {
-            Ok(taken) if taken.is_empty() => {
+            Ok(Wrote { taken, unpublished }) if taken.is_empty() => {
+                self.unswept.extend(unpublished);
+                // Kept as written, where this instance still holds the claim it wrote under.
+                let (topics, now, then) = (&self.flow_topics, &self.claims, &w.claims);
+                let mut work = w.work;
+                work.retain(|(f, _), x| {
+                    topics[*f].first().is_some_and(|t| {
+                        let tp = (t.clone(), x.part);
+                        now.get(&tp).is_some() && now.get(&tp) == then.get(&tp)
+                    })
+                });
+                self.recent.keep(work);
                 for (k, wm) in w.marks {
                     self.marks_written.insert(k, wm);
                 }
                 self.landed(w.rest)?;
                 Ok(())
             }
-            Ok(taken) => {
+            Ok(Wrote { taken, .. }) => {
                 // Claimed again by this instance since (after a rebalance that left them
                 // here): the work is still its own, written under the new claim. Else another
                 // instance owns them now.
@@ -271,12 +312,17 @@ impl Reconciler {
         let mut parts: Vec<i32> = self.claims.keys().map(|tp| tp.1).collect();
         parts.sort_unstable();
         parts.dedup();
+        self.sweep(&parts).await;
+    }
+
+    /// Publishes what is above the outbox marks of these partitions, moving the marks.
+    pub(super) async fn sweep(&mut self, parts: &[i32]) {
         if parts.is_empty() {
             return;
         }
         let topic = self.cfg.topology.reconciliation_topic();
         loop {
-            let rows = match self.store.unpublished(&parts, 1000).await {
+            let rows = match self.store.unpublished(parts, 1000).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, "unpublished outcomes not read");
@@ -284,20 +330,30 @@ impl Reconciler {
                 }
             };
             if rows.is_empty() {
-                return;
+                break;
             }
             let n = rows.len();
-            match publish(&self.producer, &self.store, &topic, &rows).await {
-                Ok(()) => tracing::info!(outcomes = n, "outcomes written earlier published"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "outcomes not published; trying again later");
-                    return;
-                }
-            }
-            if n < 1000 {
+            if let Err(e) = publish(&self.producer, &topic, &rows).await {
+                tracing::warn!(error = %e, "outcomes not published; trying again later");
                 return;
             }
+            // The rows come in id order: each partition's rows above its mark, up to the last
+            // one read, were all in this batch.
+            if let Err(e) = self
+                .store
+                .advance_published(&through(&rows, |_| true))
+                .await
+            {
+                tracing::warn!(error = %e, "outcomes published, their outbox marks not moved; trying again later");
+                return;
+            }
+            tracing::info!(outcomes = n, "outcomes written earlier published");
+            if n < 1000 {
+                break;
+            }
         }
+        // Everything above the marks of these partitions is published.
+        self.unswept.retain(|p| !parts.contains(p));
     }
 
     /// Deletes instances unchanged for longer than the state retention and published outcome
@@ -406,11 +462,101 @@ impl Reconciler {
 const PRUNE_CHUNK: i64 = 5000;
 const PRUNE_CHUNKS: usize = 20;
 
+/// Lanes a write is split into (by partition), each its own transaction.
+const WRITE_LANES: usize = 2;
+
+/// The part of a write for some partitions.
+#[derive(Default)]
+struct Lane {
+    states: Vec<StateRow>,
+    results: Vec<ResultRow>,
+    resolved: Vec<Resolution>,
+    fence: Vec<Fence>,
+    marks: Vec<Mark>,
+}
+
+impl Lane {
+    fn is_empty(&self) -> bool {
+        self.states.is_empty()
+            && self.results.is_empty()
+            && self.resolved.is_empty()
+            && self.marks.is_empty()
+            && self
+                .fence
+                .iter()
+                .all(|f| f.next_offset.is_none() && f.sources.is_empty())
+    }
+}
+
+/// One lane: its transaction, then the outcomes it inserted published from the rows and the
+/// outbox marks moved past them (where nothing below waits for the sweep). A publication that
+/// fails leaves them to the sweep.
+async fn write_lane(
+    lane: Lane,
+    store: &ReconStore,
+    producer: &FutureProducer,
+    topic: &str,
+    group: &str,
+    unswept: &std::collections::HashSet<i32>,
+    stats: &super::run::ReconcileStats,
+) -> anyhow::Result<Wrote> {
+    let saved = store
+        .save(
+            &lane.states,
+            &lane.results,
+            &lane.resolved,
+            group,
+            &lane.fence,
+            &lane.marks,
+        )
+        .await?;
+    let mut unpublished = vec![];
+    if saved.taken.is_empty() && !saved.inserted.is_empty() {
+        let t = Instant::now();
+        let parts = || {
+            let mut p: Vec<i32> = saved.inserted.iter().map(|o| o.row.part).collect();
+            p.sort_unstable();
+            p.dedup();
+            p
+        };
+        match publish(producer, topic, &saved.inserted).await {
+            Ok(()) => {
+                let marks = through(&saved.inserted, |p| !unswept.contains(&p));
+                if let Err(e) = store.advance_published(&marks).await {
+                    tracing::warn!(error = %e, "outcomes published, their outbox marks not moved; the sweep publishes them again");
+                    unpublished = parts();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, outcomes = saved.inserted.len(), "outcomes written, not published yet; the sweep publishes them");
+                unpublished = parts();
+            }
+        }
+        add_us(&stats.send_us, t);
+    }
+    Ok(Wrote {
+        taken: saved.taken,
+        unpublished,
+    })
+}
+
+/// The outbox marks for these published rows: per partition (where `moves` says so), the
+/// highest id.
+fn through(rows: &[StoredOutcome], moves: impl Fn(i32) -> bool) -> Vec<(i32, i64)> {
+    let mut marks: HashMap<i32, i64> = HashMap::new();
+    for o in rows.iter().filter(|o| moves(o.row.part)) {
+        let m = marks.entry(o.row.part).or_insert(o.id);
+        *m = (*m).max(o.id);
+    }
+    let mut marks: Vec<(i32, i64)> = marks.into_iter().collect();
+    marks.sort_unstable();
+    marks
+}
+
 /// One record per stored outcome on the reconciliation topic, keyed by the flow key, with the
-/// row's id (`helios-outcome-id`); marks them published once every one was acknowledged.
+/// row's id (`helios-outcome-id`), every one acknowledged.
 async fn publish(
     producer: &FutureProducer,
-    store: &ReconStore,
     topic: &str,
     rows: &[StoredOutcome],
 ) -> anyhow::Result<()> {
@@ -457,7 +603,5 @@ async fn publish(
             Err(_) => anyhow::bail!("outcome record cancelled"),
         }
     }
-    let ids: Vec<i64> = rows.iter().map(|o| o.id).collect();
-    store.mark_published(&ids).await?;
     Ok(())
 }

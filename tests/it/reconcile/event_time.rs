@@ -286,7 +286,7 @@ async fn an_event_stamped_2099_does_not_poison_its_partition() {
     }
     // The 2099 event counted at its reception, its claim kept and flagged.
     let state: serde_json::Value =
-        sqlx::query_scalar("SELECT state FROM flow_state WHERE flow_key = 'FP-1'")
+        sqlx::query_scalar("SELECT state::jsonb FROM flow_state WHERE flow_key = 'FP-1'")
             .fetch_one(&rec.pool)
             .await
             .unwrap();
@@ -311,6 +311,11 @@ async fn an_event_stamped_2099_does_not_poison_its_partition() {
     rec.stop().await;
 }
 
+/// Outcome rows not published yet: above their partition's outbox mark.
+#[cfg(feature = "failpoints")]
+const ABOVE_THE_MARKS: &str = "SELECT count(*) FROM reconciliation_results r
+     LEFT JOIN reconcile_outbox o ON o.part = r.part WHERE r.id > COALESCE(o.published_through, 0)";
+
 #[cfg(feature = "failpoints")]
 #[tokio::test]
 async fn a_crash_between_the_outcome_write_and_its_publication_leaves_topic_and_table_agreeing() {
@@ -334,12 +339,10 @@ async fn a_crash_between_the_outcome_write_and_its_publication_leaves_topic_and_
     .await;
     advance_past_every_deadline(&topology, t0).await;
     wait_for_markers(&first.pool).await;
-    let unpublished: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM reconciliation_results WHERE published_at IS NULL",
-    )
-    .fetch_one(&first.pool)
-    .await
-    .unwrap();
+    let unpublished: i64 = sqlx::query_scalar(ABOVE_THE_MARKS)
+        .fetch_one(&first.pool)
+        .await
+        .unwrap();
     assert!(unpublished >= 4, "{unpublished} unpublished");
     first.stop().await;
     read_exactly(&kafka_bootstrap(), &out_topic, 0).await;
@@ -348,12 +351,10 @@ async fn a_crash_between_the_outcome_write_and_its_publication_leaves_topic_and_
     let second = spawn_reconciler(&topology, &schema, HOUR).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let left: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM reconciliation_results WHERE published_at IS NULL",
-        )
-        .fetch_one(&second.pool)
-        .await
-        .unwrap();
+        let left: i64 = sqlx::query_scalar(ABOVE_THE_MARKS)
+            .fetch_one(&second.pool)
+            .await
+            .unwrap();
         if left == 0 {
             break;
         }
@@ -549,6 +550,7 @@ async fn terminal_optional_and_relative_steps_and_a_field_mismatch() {
     rec.stop().await;
 }
 
+#[cfg(feature = "failpoints")]
 #[tokio::test]
 async fn new_orders_past_the_cap_are_skipped_and_expired_rows_are_pruned_in_chunks() {
     let topology = topology_with(
@@ -556,20 +558,33 @@ async fn new_orders_past_the_cap_are_skipped_and_expired_rows_are_pruned_in_chun
         &[],
     )
     .await;
+    // Nothing this instance could publish goes out (the row left unpublished below stays so).
+    helios::failpoint::arm(
+        &format!("reconcile.publish:{}", topology.reconciliation_topic()),
+        u64::MAX,
+    );
     let rec = spawn_reconciler(&topology, &unique_schema(), HOUR).await;
-    // 12,000 published outcome rows from yesterday (more than two prune chunks), and one not
-    // published (no partition: no sweep publishes it), which retention never deletes.
+    // 12,000 published outcome rows from yesterday (more than two prune chunks: at or below
+    // their partition's outbox mark), and one not published (above it), which retention never
+    // deletes.
     sqlx::query(
-        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, detected_at, published_at, part)
-         SELECT 'order_lifecycle', 'old-' || g, 'completed', '', now() - interval '1 day', now(), 0
+        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, detected_at, part)
+         SELECT 'order_lifecycle', 'old-' || g, 'completed', '', now() - interval '1 day', 0
          FROM generate_series(1, 12000) g",
     )
     .execute(&rec.pool)
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, detected_at)
-         VALUES ('order_lifecycle', 'old-unpublished', 'completed', '', now() - interval '1 day')",
+        "INSERT INTO reconcile_outbox (part, published_through) SELECT 0, max(id) FROM reconciliation_results
+         ON CONFLICT (part) DO UPDATE SET published_through = EXCLUDED.published_through",
+    )
+    .execute(&rec.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO reconciliation_results (flow, flow_key, outcome, step, detected_at, part)
+         VALUES ('order_lifecycle', 'old-unpublished', 'completed', '', now() - interval '1 day', 0)",
     )
     .execute(&rec.pool)
     .await

@@ -694,3 +694,4 @@ async fn a_bypass_replay_changes_nothing() {
 
 mod event_time;
 mod group;
+mod outbox;
