@@ -125,6 +125,18 @@ fn describe() {
         "Records behind the end of each raw partition (from librdkafka statistics)"
     );
     describe_gauge!(
+        "helios_processor_partition_stalled",
+        "1 when a raw partition has lag and its position has not moved for 2 minutes"
+    );
+    describe_gauge!(
+        "helios_reconcile_consumer_lag",
+        "Records behind the end of each step topic-partition the reconciler reads"
+    );
+    describe_gauge!(
+        "helios_reconcile_partition_stalled",
+        "1 when a step topic-partition has lag and the reconciler's position has not moved for 2 minutes"
+    );
+    describe_gauge!(
         "helios_kafka_reachable",
         "1 when the last Kafka metadata probe succeeded, else 0"
     );

@@ -319,6 +319,7 @@ impl KafkaHealth {
 }
 
 mod group;
+pub mod progress;
 mod read;
 mod topics;
 

@@ -43,6 +43,8 @@ pub struct ProcessorContext {
     pub rebalances: Arc<AtomicU64>,
     /// Assignments the group answered with (empty ones too).
     pub assigns: AtomicU64,
+    /// Lag and stalled partitions for `/metrics`.
+    pub progress: crate::kafka::progress::PartitionProgress,
 }
 
 fn parts(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -58,15 +60,8 @@ fn refs(parts: &[(String, i32)]) -> impl Iterator<Item = (&str, i32)> {
 
 impl ClientContext for ProcessorContext {
     fn stats(&self, stats: Statistics) {
-        for (topic, t) in &stats.topics {
-            for (p, part) in &t.partitions {
-                if *p < 0 || part.consumer_lag < 0 {
-                    continue;
-                }
-                metrics::gauge!("helios_processor_consumer_lag", "topic" => topic.clone(), "partition" => p.to_string())
-                    .set(part.consumer_lag as f64);
-            }
-        }
+        // helios_processor_consumer_lag, helios_processor_partition_stalled
+        self.progress.observe(&stats);
     }
 }
 
@@ -222,6 +217,7 @@ impl RawConsumer {
                 ownership: Arc::new(Ownership::default()),
                 rebalances,
                 assigns: AtomicU64::new(0),
+                progress: crate::kafka::progress::PartitionProgress::new("helios_processor"),
             })?;
         Ok(RawConsumer {
             consumer: Arc::new(consumer),

@@ -270,10 +270,14 @@ pub struct ReconContext {
     pub(super) rebalances: std::sync::atomic::AtomicU64,
     /// Assignments the group answered with (empty ones too).
     pub(super) assigns: std::sync::atomic::AtomicU64,
+    /// Lag and stalled partitions for `/metrics`.
+    pub(super) progress: crate::kafka::progress::PartitionProgress,
 }
 
 impl rdkafka::ClientContext for ReconContext {
     fn stats(&self, stats: rdkafka::Statistics) {
+        // helios_reconcile_consumer_lag, helios_reconcile_partition_stalled
+        self.progress.observe(&stats);
         let mut m = self.caught_up.lock().unwrap_or_else(|e| e.into_inner());
         m.clear();
         for (topic, t) in &stats.topics {

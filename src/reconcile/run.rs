@@ -230,6 +230,7 @@ impl Reconciler {
             caught_up: caught_up.clone(),
             rebalances: Default::default(),
             assigns: Default::default(),
+            progress: crate::kafka::progress::PartitionProgress::new("helios_reconcile"),
         })?;
         let mut p = cfg.kafka.durable_producer_config()?;
         for (k, v) in [
