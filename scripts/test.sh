@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs HELIOS's whole test suite against real services, on a fresh machine too:
 # installs/starts what is missing (build tools, PostgreSQL, Redis, the Tansu broker, moto,
-# promtool and systemd-analyze, chromium and chromedriver),
+# promtool, systemd-analyze and checkov, chromium and chromedriver),
 # starts a private Tansu on a free loopback port (sqlite engine), then `cargo test`.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh sns`).
 set -euo pipefail
@@ -14,6 +14,7 @@ ensure_redis
 ensure_tansu
 ensure_moto
 ensure_deploy_checkers
+ensure_checkov
 ensure_browser
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/helios-test.XXXXXX")
@@ -34,6 +35,7 @@ export HELIOS_TEST_DATABASE_URL="${HELIOS_TEST_DATABASE_URL:-postgres://postgres
 export HELIOS_TEST_REDIS_URL="${HELIOS_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 export HELIOS_TEST_MOTO_URL="http://127.0.0.1:$moto_port"
 export TANSU_BIN
+export CHECKOV_BIN
 export RUST_LOG="${RUST_LOG:-warn}"
 
 # The failpoints feature compiles the fault-injection points the chaos tests use (src/failpoint.rs).

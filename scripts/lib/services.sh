@@ -134,6 +134,20 @@ ensure_deploy_checkers() {
   return 0
 }
 
+# checkov (PyPI) checks deploy/kubernetes/; in a virtualenv of its own, as its pinned botocore
+# would otherwise replace the one moto needs. Sets CHECKOV_BIN.
+CHECKOV_VERSION=3.3.30
+ensure_checkov() {
+  local venv="$HELIOS_CACHE/checkov-$CHECKOV_VERSION"
+  CHECKOV_BIN="$venv/bin/checkov"
+  if [ ! -x "$CHECKOV_BIN" ]; then
+    log "installing checkov $CHECKOV_VERSION into $venv (checks deploy/kubernetes)"
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q "checkov==$CHECKOV_VERSION" >&2
+  fi
+}
+
 # A headless browser for the status page test: Debian's chromium and chromedriver.
 ensure_browser() {
   if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then

@@ -1,6 +1,6 @@
 //! The files in `deploy/`: alert rules pass `promtool`, systemd units pass `systemd-analyze
-//! verify`, and every metric the dashboard and the rules name is exported by a running ingress
-//! and processor.
+//! verify`, and every metric the dashboard, the rules and the Kubernetes manifests name is
+//! exported by a running ingress and processor (the manifests' own checks: `kubernetes.rs`).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -102,9 +102,14 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 async fn every_metric_of_the_dashboard_and_the_rules_is_exported() {
     let dashboard = std::fs::read_to_string(format!("{ROOT}/deploy/grafana/helios.json")).unwrap();
     let rules = std::fs::read_to_string(format!("{ROOT}/deploy/prometheus/alerts.yml")).unwrap();
+    let mut kubernetes = String::new();
+    for e in std::fs::read_dir(format!("{ROOT}/deploy/kubernetes")).unwrap() {
+        kubernetes += &std::fs::read_to_string(e.unwrap().path()).unwrap();
+    }
     let named: BTreeSet<String> = metric_names(&dashboard)
         .into_iter()
         .chain(metric_names(&rules))
+        .chain(metric_names(&kubernetes))
         // The dashboard's uid, not a metric.
         .filter(|n| n != "helios_overview")
         .collect();

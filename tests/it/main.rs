@@ -16,6 +16,7 @@ mod docs;
 mod exactly_once;
 mod front_door;
 mod gcp_pubsub;
+mod kubernetes;
 mod ops;
 mod outage;
 mod poison;
