@@ -277,9 +277,9 @@ impl Reconciler {
         p.since = Some(rest.since.unwrap_or_else(Instant::now));
     }
 
-    /// A write landed: its offsets are committed, its counts reported.
+    /// A write landed: its counts are reported, its offsets committed (a failed commit is
+    /// retried by the loop; the next write's commit covers these offsets).
     fn landed(&mut self, p: Pending) -> anyhow::Result<()> {
-        self.commit(&p.offsets)?;
         for skip in p.skips {
             self.stats.skipped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("helios_reconcile_skipped_total", "reason" => skip.as_str())
@@ -302,7 +302,7 @@ impl Reconciler {
             tracing::info!(flow = %r.flow, key = %crate::model::text::bounded(&r.key, 128), outcome = r.outcome.as_str(), step = %r.step, "reconciliation outcome");
         }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        self.commit(&p.offsets)
     }
 
     /// Publishes the outcomes of this instance's partitions that were written but not published

@@ -98,13 +98,39 @@ async fn stream_outcomes(pool: &sqlx::PgPool) -> BTreeSet<(String, String, Strin
     .collect()
 }
 
-/// A child process killed when the test ends, passed or not.
-struct KillOnDrop(std::process::Child);
+/// A child process killed when the test ends, passed or not; its log (stderr) is printed when
+/// the test fails.
+struct KillOnDrop(std::process::Child, std::path::PathBuf);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            eprintln!(
+                "--- {} (last {} lines)\n{}",
+                self.1.display(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+/// Fails with what is missing and what is extra (the first 20 of each), not two whole sets.
+fn assert_same(what: &str, got: &Expected, want: &Expected) {
+    if got != want {
+        let missing: Vec<_> = want.difference(got).take(20).collect();
+        let extra: Vec<_> = got.difference(want).take(20).collect();
+        panic!(
+            "{what}: {} of {} expected, {} in all; missing (first 20): {missing:?}; extra (first 20): {extra:?}",
+            want.intersection(got).count(),
+            want.len(),
+            got.len()
+        );
     }
 }
 
@@ -123,8 +149,9 @@ async fn killing_the_reconciler_mid_stream_then_restarting_writes_each_outcome_o
         .await
         .unwrap();
     helios::db::migrate(&pool).await.unwrap();
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_helios"))
+    let spawn = |n: usize| {
+        let log = dir.join(format!("reconcile-{n}.log"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_helios"))
             .arg("reconcile")
             .env("HELIOS_TOPOLOGY", &file)
             .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
@@ -139,13 +166,16 @@ async fn killing_the_reconciler_mid_stream_then_restarting_writes_each_outcome_o
             // HELIOS_TEST_CHILD_LOG: the child's log filter when diagnosing this test.
             .env(
                 "RUST_LOG",
-                std::env::var("HELIOS_TEST_CHILD_LOG").unwrap_or("warn".into()),
+                std::env::var("HELIOS_TEST_CHILD_LOG")
+                    .unwrap_or("warn,helios::reconcile::run=info".into()),
             )
             .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
-            .expect("helios reconcile")
+            .expect("helios reconcile");
+        KillOnDrop(child, log)
     };
-    let mut first = KillOnDrop(spawn());
+    let mut first = spawn(1);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM flow_state")
@@ -168,9 +198,9 @@ async fn killing_the_reconciler_mid_stream_then_restarting_writes_each_outcome_o
         done_before < 600,
         "the kill came too late to test anything ({done_before} orders done)"
     );
-    let _second = KillOnDrop(spawn());
+    let _second = spawn(2);
     wait_for_markers(&pool).await;
-    assert_eq!(stream_outcomes(&pool).await, expected);
+    assert_same("outcome rows", &stream_outcomes(&pool).await, &expected);
     // Exactly one row each (the set above would hide a second one).
     let rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM reconciliation_results WHERE flow_key LIKE 'S-%'")
@@ -206,7 +236,7 @@ async fn killing_the_reconciler_mid_stream_then_restarting_writes_each_outcome_o
     )
     .await;
     let on_topic = stream_set(&records);
-    assert_eq!(on_topic, expected);
+    assert_same("outcomes on the topic", &on_topic, &expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -375,7 +405,7 @@ async fn two_reconcilers_split_the_partitions_and_agree() {
     produce_stream(&topology, t0, &steps).await;
     let extra = advance_past_every_deadline(&topology, t0).await;
     wait_for_markers(&a.pool).await;
-    assert_eq!(stream_outcomes(&a.pool).await, expected);
+    assert_same("outcome rows", &stream_outcomes(&a.pool).await, &expected);
     let parts: Vec<i32> = sqlx::query_scalar("SELECT DISTINCT part FROM flow_state ORDER BY part")
         .fetch_all(&a.pool)
         .await
@@ -412,7 +442,7 @@ async fn writes_refused_by_postgres_are_retried_with_everything_counted_since() 
         .await
         .unwrap();
     wait_for_markers(&rec.pool).await;
-    assert_eq!(stream_outcomes(&rec.pool).await, expected);
+    assert_same("outcome rows", &stream_outcomes(&rec.pool).await, &expected);
     let rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM reconciliation_results WHERE flow_key LIKE 'S-%'")
             .fetch_one(&rec.pool)
@@ -464,7 +494,7 @@ async fn a_reconciler_joining_mid_stream_takes_its_partitions_over_without_loss_
     produce_stream(&topology, t0, late).await;
     let extra = advance_past_every_deadline(&topology, t0).await;
     wait_for_markers(&a.pool).await;
-    assert_eq!(stream_outcomes(&a.pool).await, expected);
+    assert_same("outcome rows", &stream_outcomes(&a.pool).await, &expected);
     let rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM reconciliation_results WHERE flow_key LIKE 'S-%'")
             .fetch_one(&a.pool)
@@ -541,7 +571,7 @@ async fn an_instance_left_without_partitions_joins_its_group_again_once() {
     produce_stream(&topology, t0, &steps).await;
     advance_past_every_deadline(&topology, t0).await;
     wait_for_markers(&a.pool).await;
-    assert_eq!(stream_outcomes(&a.pool).await, expected);
+    assert_same("outcome rows", &stream_outcomes(&a.pool).await, &expected);
     // Seconds later (well past its 2 s), still without partitions: no second rejoin.
     assert_eq!(load(&b), (0, 1), "the second instance: (assigned, rejoins)");
     assert_eq!(
