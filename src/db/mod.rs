@@ -53,6 +53,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "reconcile_outbox_through",
         include_str!("../../migrations/0006_reconcile_outbox_through.sql"),
     ),
+    (
+        7,
+        "dlq_heal_runs",
+        include_str!("../../migrations/0007_dlq_heal_runs.sql"),
+    ),
 ];
 
 /// A database failure, classified: transient ones retry the batch; ones caused by the data

@@ -58,6 +58,20 @@ impl DlqReason {
     pub fn parse(s: &str) -> Option<DlqReason> {
         DlqReason::ALL.into_iter().find(|r| r.as_str() == s)
     }
+
+    /// True for the reasons a deploy can cure (a type declared, a rule relaxed, a schema that
+    /// now accepts the field) and that a check in memory can confirm: `helios dlq heal` retries
+    /// only these. What no deploy cures (the bytes themselves are wrong: not JSON, no id, too
+    /// large, a shape no normalizer knows) and what only a sink can judge (`sink_rejected`) is
+    /// never healed; `helios dlq redrive` is there for a person who knows better.
+    pub fn curable_by_deploy(self) -> bool {
+        matches!(
+            self,
+            DlqReason::MissingRequiredField
+                | DlqReason::SchemaViolation
+                | DlqReason::UnknownEventType
+        )
+    }
 }
 
 /// The stage that refused a record: the value of `helios-dlq-stage`.

@@ -41,6 +41,21 @@ pub struct TopicSpec {
     /// Topic-level configs (`retention.ms`, `max.message.bytes`, ...), on top of `topic_config`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// Only under `dlq`: what `helios dlq heal` does per reason (see [`HealPolicy`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub heal: BTreeMap<String, HealPolicy>,
+}
+
+/// What `helios dlq heal` does with the DLQ records of one reason (`dlq.heal` in topology.yaml).
+/// Every reason a deploy can cure is `auto` unless set: a record is healed only when the check
+/// in memory says its cause is gone, so `auto` moves nothing that would fail again.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealPolicy {
+    /// Checked against the current topology and schemas; redriven when it passes.
+    Auto,
+    /// Left for a person (`helios dlq redrive`); `heal` lists them as waiting.
+    Manual,
 }
 
 /// The raw landing topic of each source.
@@ -163,6 +178,7 @@ fn default_reconciliation_topic() -> TopicSpec {
         name: "helios.reconciliation".into(),
         partitions: default_partitions(),
         config: BTreeMap::new(),
+        heal: BTreeMap::new(),
     }
 }
 fn default_event_template() -> String {
@@ -247,8 +263,39 @@ impl Topology {
             .collect();
         specs.push(("dlq".into(), &self.dlq));
         specs.push(("reconciliation".into(), &self.reconciliation));
+        for reason in self.dlq.heal.keys() {
+            match crate::model::DlqReason::parse(reason) {
+                Some(r) if r.curable_by_deploy() => {}
+                Some(_) => {
+                    return Err(bad(
+                        &format!("dlq.heal.{reason}"),
+                        "names a reason no deploy can cure: it is never healed (use `helios dlq redrive` for a record you know is fixed)".into(),
+                    ))
+                }
+                None => {
+                    return Err(bad(
+                        &format!("dlq.heal.{reason}"),
+                        format!(
+                            "is no DLQ reason; healable: {}",
+                            crate::model::DlqReason::ALL
+                                .iter()
+                                .filter(|r| r.curable_by_deploy())
+                                .map(|r| r.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ))
+                }
+            }
+        }
         let mut seen = BTreeMap::new();
         for (key, spec) in &specs {
+            if !spec.heal.is_empty() && key != "dlq" {
+                return Err(bad(
+                    &format!("{key}.heal"),
+                    "is only for the `dlq` topic".into(),
+                ));
+            }
             check_topic_name(&spec.name).map_err(|p| bad(&format!("{key}.name"), p))?;
             if spec.partitions < 1 {
                 return Err(bad(
@@ -386,6 +433,17 @@ impl Topology {
             .collect()
     }
 
+    /// What `helios dlq heal` does with `reason`: `None` when it is never healed.
+    pub fn heal_policy(&self, reason: crate::model::DlqReason) -> Option<HealPolicy> {
+        reason.curable_by_deploy().then(|| {
+            self.dlq
+                .heal
+                .get(reason.as_str())
+                .copied()
+                .unwrap_or(HealPolicy::Auto)
+        })
+    }
+
     fn raw_spec(&self, source: Source) -> &TopicSpec {
         match source {
             Source::Aws => &self.raw_topics.aws,
@@ -517,6 +575,19 @@ mod tests {
     }
 
     #[test]
+    fn heal_policies_default_to_auto_for_what_a_deploy_cures_only() {
+        let t = Topology::parse(include_str!("../../topology.yaml"), "t.yaml").unwrap();
+        use crate::model::DlqReason as R;
+        assert_eq!(t.heal_policy(R::UnknownEventType), Some(HealPolicy::Auto));
+        assert_eq!(t.heal_policy(R::SchemaViolation), Some(HealPolicy::Manual));
+        assert_eq!(t.heal_policy(R::InvalidJson), None);
+        assert_eq!(t.heal_policy(R::SinkRejected), None);
+        let mut bare = t.clone();
+        bare.dlq.heal.clear();
+        assert_eq!(bare.heal_policy(R::SchemaViolation), Some(HealPolicy::Auto));
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let base = include_str!("../../topology.yaml");
         let cases = [
@@ -531,6 +602,22 @@ mod tests {
             (
                 base.replacen("OrderPlaced:", "Order-Placed:", 1),
                 "event_types.Order-Placed",
+            ),
+            (
+                base.replacen("schema_violation: manual", "invalid_json: auto", 1),
+                "dlq.heal.invalid_json",
+            ),
+            (
+                base.replacen("schema_violation: manual", "no_such_reason: auto", 1),
+                "dlq.heal.no_such_reason",
+            ),
+            (
+                base.replacen(
+                    "name: helios.raw.gcp",
+                    "name: helios.raw.gcp\n    heal: {unknown_event_type: auto}",
+                    1,
+                ),
+                "raw_topics.gcp.heal",
             ),
         ];
         for (text, key) in cases {

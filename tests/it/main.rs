@@ -12,6 +12,7 @@ mod commit_path;
 mod demo;
 mod deploy;
 mod direct;
+mod dlq_heal;
 mod docs;
 mod exactly_once;
 mod front_door;

@@ -1,8 +1,12 @@
-//! `helios dlq list | summary | redrive`: look into `helios.dlq` and send records whose cause
-//! was fixed back to their raw topic. A redriven record carries `helios-redrive-count` (so one
-//! that keeps failing cannot loop: past `--max-redrives` it is refused) and `helios-redrive-of`
-//! (the original raw record, whose dedup marks it takes over). Each redrive is recorded in
-//! `dlq_redrives`, so a DLQ record is sent back once unless `--force`.
+//! `helios dlq list | summary | redrive | heal`: look into `helios.dlq` and send records whose
+//! cause was fixed back to their raw topic, chosen by a person (`redrive`, [`redrive`]) or by a
+//! check against the current topology and schemas (`heal`, [`heal`]). A redriven record carries
+//! `helios-redrive-count` (so one that keeps failing cannot loop: past `--max-redrives` it is
+//! refused) and `helios-redrive-of` (the original raw record, whose dedup marks it takes over).
+//! Each redrive is recorded in `dlq_redrives`, so a DLQ record is sent back once unless `--force`.
+
+pub mod heal;
+pub mod redrive;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -10,12 +14,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{KafkaArgs, KafkaSettings};
-use crate::model::headers::{dlq as dh, REDRIVEN_AT, REDRIVE_COUNT, REDRIVE_OF};
+use crate::model::headers::{dlq as dh, REDRIVE_COUNT};
 
 /// Which DLQ records a command looks at.
 #[derive(Debug, Clone, clap::Args)]
@@ -75,6 +78,9 @@ pub enum DlqCommand {
         #[arg(long, env = "HELIOS_DB_SCHEMA")]
         db_schema: Option<String>,
     },
+    /// Send back the DLQ records whose cause is gone: each is checked first, in memory, against
+    /// the current topology and schemas (policies per reason: `dlq.heal` in topology.yaml).
+    Heal(heal::HealArgs),
 }
 
 /// One DLQ record.
@@ -96,7 +102,7 @@ impl DlqRecord {
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
 
-    fn redrive_count(&self) -> u32 {
+    pub fn redrive_count(&self) -> u32 {
         self.header(REDRIVE_COUNT)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
@@ -279,140 +285,19 @@ pub async fn run(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
             database_url,
             db_schema,
         } => {
-            if filter.reasons.is_empty()
-                && filter.sources.is_empty()
-                && filter.records.is_empty()
-                && filter.since.is_none()
-            {
-                anyhow::bail!("choose what to redrive: --reason, --source, --since or --record PARTITION:OFFSET (redriving everything blindly is rarely what you want)");
-            }
-            let (topology, settings, recs) = load(&kafka, &filter).await?;
-            let pool = crate::db::connect(&database_url, db_schema.as_deref()).await?;
-            let dlq_topic = topology.dlq_topic();
-            let producer: FutureProducer = settings.durable_producer_config()?.create()?;
-            let (mut sent, mut refused, mut already) = (0, 0, 0);
-            for r in &recs {
-                let done: Option<i64> = sqlx::query_scalar(
-                    "SELECT raw_offset FROM dlq_redrives WHERE dlq_topic = $1 AND dlq_partition = $2 AND dlq_offset = $3",
-                )
-                .bind(&dlq_topic)
-                .bind(r.partition)
-                .bind(r.offset)
-                .fetch_optional(&pool)
-                .await
-                .map_err(|e| anyhow::anyhow!("reading dlq_redrives (did `helios migrate` run?): {e}"))?;
-                if done.is_some() && !force {
-                    already += 1;
-                    continue;
-                }
-                let count = r.redrive_count();
-                if count >= max_redrives {
-                    refused += 1;
-                    println!("  {}:{} refused: redriven {count} time(s) already (--max-redrives {max_redrives})", r.partition, r.offset);
-                    continue;
-                }
-                let Some(raw_topic) = r.header(dh::RAW_TOPIC).map(str::to_string) else {
-                    refused += 1;
-                    println!(
-                        "  {}:{} refused: no {} header",
-                        r.partition,
-                        r.offset,
-                        dh::RAW_TOPIC
-                    );
-                    continue;
-                };
-                let original = r.header(REDRIVE_OF).map(str::to_string).unwrap_or_else(|| {
-                    format!(
-                        "{raw_topic}/{}/{}",
-                        r.header(dh::RAW_PARTITION).unwrap_or("0"),
-                        r.header(dh::RAW_OFFSET).unwrap_or("0")
-                    )
-                });
-                if dry_run {
-                    println!(
-                        "  {}:{} would go back to {raw_topic} (redrive {})",
-                        r.partition,
-                        r.offset,
-                        count + 1
-                    );
-                    sent += 1;
-                    continue;
-                }
-                let count_s = (count + 1).to_string();
-                let now = Utc::now().to_rfc3339();
-                let mut h = OwnedHeaders::new();
-                for (k, v) in &r.headers {
-                    if !k.starts_with(dh::PREFIX)
-                        && k != REDRIVE_COUNT
-                        && k != REDRIVE_OF
-                        && k != REDRIVEN_AT
-                    {
-                        h = h.insert(Header {
-                            key: k,
-                            value: Some(v.as_slice()),
-                        });
-                    }
-                }
-                h = h
-                    .insert(Header {
-                        key: REDRIVE_COUNT,
-                        value: Some(count_s.as_str()),
-                    })
-                    .insert(Header {
-                        key: REDRIVE_OF,
-                        value: Some(original.as_str()),
-                    })
-                    .insert(Header {
-                        key: REDRIVEN_AT,
-                        value: Some(now.as_str()),
-                    });
-                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&raw_topic)
-                    .payload(r.value.as_slice())
-                    .headers(h);
-                if let Some(k) = &r.key {
-                    rec = rec.key(k.as_slice());
-                }
-                let (p, o) = producer
-                    .send(rec, Duration::from_secs(30))
-                    .await
-                    .map(|d| (d.partition, d.offset))
-                    .map_err(|(e, _)| {
-                        anyhow::anyhow!(
-                            "sending {}:{} back to {raw_topic}: {e}",
-                            r.partition,
-                            r.offset
-                        )
-                    })?;
-                sqlx::query(
-                    "INSERT INTO dlq_redrives (dlq_topic, dlq_partition, dlq_offset, raw_topic, raw_partition, raw_offset, redrive_count, reason)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                     ON CONFLICT (dlq_topic, dlq_partition, dlq_offset) DO UPDATE SET raw_topic = EXCLUDED.raw_topic,
-                       raw_partition = EXCLUDED.raw_partition, raw_offset = EXCLUDED.raw_offset,
-                       redrive_count = EXCLUDED.redrive_count, redriven_at = now()",
-                )
-                .bind(&dlq_topic)
-                .bind(r.partition)
-                .bind(r.offset)
-                .bind(&raw_topic)
-                .bind(p)
-                .bind(o)
-                .bind((count + 1) as i32)
-                .bind(r.header(dh::REASON))
-                .execute(&pool)
-                .await?;
-                println!(
-                    "  {}:{} -> {raw_topic}:{p}:{o} (redrive {})",
-                    r.partition,
-                    r.offset,
-                    count + 1
-                );
-                sent += 1;
-            }
-            println!(
-                "{} {sent}, refused {refused} (redrive limit), skipped {already} already redriven (use --force to send again)",
-                if dry_run { "would redrive" } else { "redriven" }
-            );
-            Ok(ExitCode::SUCCESS)
+            redrive::run(
+                &kafka,
+                &filter,
+                redrive::Options {
+                    max_redrives,
+                    force,
+                    dry_run,
+                },
+                &database_url,
+                db_schema.as_deref(),
+            )
+            .await
         }
+        DlqCommand::Heal(args) => heal::run(args).await,
     }
 }
