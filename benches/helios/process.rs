@@ -31,6 +31,8 @@ pub struct Row {
     pub cpu_us_per_event: f64,
     /// The whole machine's CPU per event (see [`machine_cpu_micros`]).
     pub box_us_per_event: f64,
+    /// CPU per event of the shared parts, each on its own (see [`SharedCpu`]).
+    pub shared_us_per_event: SharedCpu,
     pub rss_before_mb: f64,
     pub rss_peak_mb: f64,
     pub outcome: (u64, u64, u64, u64),
@@ -71,6 +73,66 @@ pub fn machine_cpu_micros() -> u64 {
         .map(|(_, v)| *v)
         .sum();
     busy * 10_000 // USER_HZ = 100 on Linux
+}
+
+/// CPU time of the shared parts on this machine, in µs: PostgreSQL (every `postgres` process,
+/// with what the backends that ended meanwhile spent: the postmaster's reaped-children time),
+/// Redis (`redis-server`) and the broker (`tansu`), from /proc/<pid>/stat.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SharedCpu {
+    pub postgres: f64,
+    pub redis: f64,
+    pub broker: f64,
+}
+
+impl SharedCpu {
+    pub fn now() -> Self {
+        let mut c = SharedCpu::default();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return c;
+        };
+        for e in dir.flatten() {
+            if !e
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = &stat[open + 1..close];
+            let f: Vec<u64> = stat[close + 1..]
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            // utime, stime, cutime, cstime: fields 14-17 (11-14 after the state).
+            let ticks: u64 = f.get(11..15).map_or(0, |x| x.iter().sum());
+            let us = (ticks * 10_000) as f64; // USER_HZ = 100 on Linux
+            match comm {
+                "postgres" => c.postgres += us,
+                "redis-server" => c.redis += us,
+                "tansu" => c.broker += us,
+                _ => {}
+            }
+        }
+        c
+    }
+
+    /// What was spent since `before`, per event.
+    pub fn per_event_since(&self, before: &SharedCpu, events: u64) -> SharedCpu {
+        let n = events.max(1) as f64;
+        SharedCpu {
+            postgres: (self.postgres - before.postgres).max(0.0) / n,
+            redis: (self.redis - before.redis).max(0.0) / n,
+            broker: (self.broker - before.broker).max(0.0) / n,
+        }
+    }
 }
 
 /// Resident set size in MiB, from /proc.
@@ -321,6 +383,7 @@ pub async fn run_once(
     let rss_before_mb = rss_mb();
     let cpu0 = cpu_micros();
     let box0 = machine_cpu_micros();
+    let shared0 = SharedCpu::now();
     let started = Instant::now();
     let task = tokio::spawn(p.run(shutdown));
     let mut rss_peak_mb = rss_before_mb;
@@ -338,9 +401,11 @@ pub async fn run_once(
     let elapsed = started.elapsed();
     let cpu = cpu_micros().saturating_sub(cpu0);
     let box_cpu = machine_cpu_micros().saturating_sub(box0);
+    let shared1 = SharedCpu::now();
     stop.trigger();
     task.await??;
     let (_, units, out, dups, dlq) = stats.snapshot();
+    let shared_us_per_event = shared1.per_event_since(&shared0, units);
     crate::drop_schema(&pool, &schema).await?;
     eprintln!("[bench] PostgreSQL alone ...");
     let events = bench_events(&topology, n);
@@ -355,6 +420,7 @@ pub async fn run_once(
         events_per_s: units as f64 / elapsed.as_secs_f64(),
         cpu_us_per_event: cpu as f64 / units.max(1) as f64,
         box_us_per_event: box_cpu as f64 / units.max(1) as f64,
+        shared_us_per_event,
         rss_before_mb,
         rss_peak_mb,
         outcome: (units, out, dups, dlq),
@@ -455,13 +521,16 @@ async fn pg_copy_ceiling(
 pub fn print(rows: &[Row]) {
     println!("\nHELIOS processor benchmark (one instance, Tansu memory engine, PostgreSQL + Redis on loopback)");
     println!(
-        "{:>9} {:>11} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>10} {:>10} {:>10}   events in = out + dup + dlq",
+        "{:>9} {:>11} {:>10} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>8} {:>9} {:>10} {:>10} {:>10}   events in = out + dup + dlq",
         "records",
         "passthru/s",
         "events/s",
         "% pass",
         "CPU us/ev",
         "box us/ev",
+        "PG us",
+        "Redis",
+        "broker",
         "RSS MiB",
         "peak MiB",
         "PG alone/s",
@@ -470,13 +539,16 @@ pub fn print(rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:>9} {:>11.0} {:>10.0} {:>6.1}% {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>10.0} {:>10.0} {:>10.0}   {} = {} + {} + {}",
+            "{:>9} {:>11.0} {:>10.0} {:>6.1}% {:>8.1} {:>8.1} {:>6.1} {:>6.1} {:>6.1} {:>8.1} {:>9.1} {:>10.0} {:>10.0} {:>10.0}   {} = {} + {} + {}",
             r.records,
             r.passthrough_rps,
             r.events_per_s,
             100.0 * r.events_per_s / r.passthrough_rps.max(1e-9),
             r.cpu_us_per_event,
             r.box_us_per_event,
+            r.shared_us_per_event.postgres,
+            r.shared_us_per_event.redis,
+            r.shared_us_per_event.broker,
             r.rss_before_mb,
             r.rss_peak_mb,
             r.pg_alone_per_s,
