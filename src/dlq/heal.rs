@@ -214,8 +214,35 @@ fn zero_series() {
     }
 }
 
-/// One run: read the DLQ, decide, send back what passes (unless a dry run), audit.
+/// One run: read the DLQ, decide, send back what passes (unless a dry run), audit. Runs of one
+/// schema take turns (a PostgreSQL advisory lock): two at once could both send a record back
+/// before either recorded it.
 pub async fn run_once(args: &HealArgs, pool: &sqlx::PgPool) -> anyhow::Result<RunReport> {
+    let mut lock = pool.acquire().await?;
+    let got: bool = sqlx::query_scalar(
+        "SELECT pg_try_advisory_lock(hashtext('helios dlq heal'), hashtext(current_schema()))",
+    )
+    .fetch_one(&mut *lock)
+    .await?;
+    if !got {
+        anyhow::bail!(
+            "another `helios dlq heal` run is going on (it holds the lock); this run is skipped"
+        );
+    }
+    let result = locked_run(args, pool).await;
+    let unlocked = sqlx::query(
+        "SELECT pg_advisory_unlock(hashtext('helios dlq heal'), hashtext(current_schema()))",
+    )
+    .execute(&mut *lock)
+    .await;
+    if unlocked.is_err() {
+        // Never back in the pool still holding the lock.
+        let _ = lock.close().await;
+    }
+    result
+}
+
+async fn locked_run(args: &HealArgs, pool: &sqlx::PgPool) -> anyhow::Result<RunReport> {
     let (topology, settings) = args.kafka.resolve()?;
     let limits = args.kafka.limits()?;
     let schemas = SchemaSet::load(&topology)?;

@@ -48,6 +48,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         "helios-ingress.service",
         "helios-processor.service",
         "helios-reconcile.service",
+        "helios-dlq-heal.service",
     ] {
         let text = std::fs::read_to_string(format!("{ROOT}/deploy/systemd/{name}")).unwrap();
         let path = dir.join(name);

@@ -69,6 +69,28 @@ async fn a_dead_letter_heals_itself_once_its_type_is_declared_and_invalid_json_n
         "{out}"
     );
     assert!(out.contains("would heal 0"), "{out}");
+    // Runs take turns: while another holds the lock, a run is refused and says why.
+    let lock = "hashtext('helios dlq heal'), hashtext(current_schema())";
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_advisory_lock({lock})"
+    )))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let refused = heal(&topology, &["--dry-run"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("another `helios dlq heal` run"),
+        "{stderr}"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_advisory_unlock({lock})"
+    )))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    drop(holder);
 
     // The deploy: the type is declared (its topic created), the processors restarted on it.
     let mut fixed = topology.clone();

@@ -166,13 +166,14 @@ fn the_scaled_object_follows_the_processor_groups_lag_on_every_raw_topic() {
     assert_eq!(seen, want, "one trigger per raw topic of topology.yaml");
 }
 
-/// `helios <command> --help`.
-fn help(command: &str) -> String {
+/// `helios <command…> --help`.
+fn help(command: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_helios"))
-        .args([command, "--help"])
+        .args(command)
+        .arg("--help")
         .output()
         .unwrap();
-    assert!(out.status.success(), "helios {command} --help failed");
+    assert!(out.status.success(), "helios {command:?} --help failed");
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
@@ -185,7 +186,11 @@ fn port_of(addr: &str) -> u64 {
 async fn every_command_variable_port_and_path_the_workloads_name_exists() {
     let docs = documents();
     let deployments = of_kind(&docs, "Deployment");
-    assert_eq!(deployments.len(), 3, "ingress, processor, reconciler");
+    assert_eq!(
+        deployments.len(),
+        4,
+        "ingress, processor, reconciler, DLQ healing"
+    );
     // A real ingress, and a real metrics endpoint (the processor's and the reconciler's).
     let app = spawn_app(|_| {}).await;
     let (stop, shutdown) = helios::shutdown::Shutdown::new();
@@ -205,9 +210,18 @@ async fn every_command_variable_port_and_path_the_workloads_name_exists() {
             "{name}: the selector picks its own pods"
         );
         let c = &pod["spec"]["containers"][0];
-        let command = s(&c["args"][0]);
+        // The subcommand: the arguments before the first flag (`dlq heal --every 5m`).
+        let words: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(s)
+            .take_while(|a| !a.starts_with('-'))
+            .collect();
+        let command = words.join(" ");
+        let command = command.as_str();
         commands.insert(command.to_string());
-        let help = help(command);
+        let help = help(&words);
         let env: BTreeMap<&str, &str> = c["env"]
             .as_array()
             .unwrap()
@@ -231,6 +245,7 @@ async fn every_command_variable_port_and_path_the_workloads_name_exists() {
             "ingress" => env["API_PORT"].parse().unwrap(),
             "process" => port_of(env["HELIOS_METRICS_ADDR"]),
             "reconcile" => port_of(env["HELIOS_RECONCILE_METRICS_ADDR"]),
+            "dlq heal" => port_of(env["HELIOS_DLQ_HEAL_METRICS_ADDR"]),
             other => panic!("{name}: unexpected command {other}"),
         };
         assert_eq!(
@@ -290,8 +305,10 @@ async fn every_command_variable_port_and_path_the_workloads_name_exists() {
     }
     assert_eq!(
         commands,
-        ["ingress", "process", "reconcile"].map(String::from).into(),
-        "the three long-running commands"
+        ["ingress", "process", "reconcile", "dlq heal"]
+            .map(String::from)
+            .into(),
+        "the long-running commands"
     );
     // Each workload's port is let in by a NetworkPolicy (the rest is denied).
     let allowed: BTreeSet<u64> = of_kind(&docs, "NetworkPolicy")
