@@ -6,6 +6,7 @@
 //! its settings.
 
 pub mod avro;
+pub mod breaker;
 pub mod commit;
 pub mod config;
 pub mod consume;

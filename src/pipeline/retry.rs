@@ -1,6 +1,7 @@
 //! Transient failures and the one retry loop. A dependency that is unavailable (Redis,
-//! PostgreSQL, Kafka, the schema registry) pauses the batch: the same work is tried again with
-//! backoff (0.2 s doubling to 5 s) until it succeeds or the process is asked to stop, and the
+//! PostgreSQL, Kafka, the schema registry) pauses the batch: the same work is tried again on
+//! that dependency's schedule (its circuit breaker and policy, [`super::breaker`]) until it
+//! succeeds or the process is asked to stop, and the
 //! caller keeps its consumer polling meanwhile (see `pipeline::consume`), so the group never
 //! evicts the instance however long the outage lasts.
 
@@ -62,22 +63,34 @@ impl Backoff {
     }
 }
 
-/// The one retry policy, used as `loop { match work().await { Ok(v) => break v, Err(e) =>
-/// if !retry.after(&e, shutdown).await { return None } } }`: counts the retry, logs it, and
-/// waits the backoff (while the consumer keeps polling, partitions paused).
+/// The one retry loop, used as `loop { match work().await { Ok(v) => { retry.succeeded();
+/// break v } Err(e) => if !retry.after(&e, shutdown).await { return None } } }`: counts the
+/// retry, logs it, and waits what the failed dependency's circuit breaker says
+/// ([`super::breaker`]: its backoff, or its open schedule), while the consumer keeps polling
+/// with partitions paused.
 pub struct Retry {
     what: &'static str,
-    backoff: Backoff,
+    breakers: std::sync::Arc<super::breaker::Breakers>,
+    /// The dependencies that failed this work (closed again when it succeeds).
+    failed: Vec<crate::model::Sink>,
     /// When the first attempt failed (the stall began).
     since: Option<std::time::Instant>,
 }
 
 impl Retry {
-    pub fn new(what: &'static str) -> Self {
+    pub fn new(what: &'static str, breakers: &std::sync::Arc<super::breaker::Breakers>) -> Self {
         Retry {
             what,
-            backoff: Backoff::default(),
+            breakers: breakers.clone(),
+            failed: vec![],
             since: None,
+        }
+    }
+
+    /// The work succeeded: every dependency that had failed it is closed again.
+    pub fn succeeded(&mut self) {
+        for s in self.failed.drain(..) {
+            self.breakers.succeeded(s);
         }
     }
 
@@ -91,7 +104,10 @@ impl Retry {
     fn note(&mut self, e: &Unavailable) -> Duration {
         let since = *self.since.get_or_insert_with(std::time::Instant::now);
         metrics::gauge!("helios_processor_stalled_seconds").set(since.elapsed().as_secs_f64());
-        let pause = self.backoff.next_wait();
+        let pause = self.breakers.failed(e.sink);
+        if !self.failed.contains(&e.sink) {
+            self.failed.push(e.sink);
+        }
         metrics::counter!("helios_processor_retries_total", "stage" => e.sink.as_str())
             .increment(1);
         tracing::warn!(error = %e, what = self.what, retry_in_ms = pause.as_millis() as u64,
@@ -108,20 +124,28 @@ impl Retry {
         shutdown: &Shutdown,
     ) -> bool {
         let pause = self.note(e);
-        tokio::select! {
+        let go = tokio::select! {
             _ = consumer.idle(pause) => true,
             _ = shutdown.clone().wait() => false,
+        };
+        if go {
+            self.breakers.attempt(e.sink);
         }
+        go
     }
 
     /// Waits before the next attempt after `e` (a delivery task: the loop that owns the
     /// consumer keeps it polling). `false`: shutdown came first, give up.
     pub async fn after(&mut self, e: &Unavailable, shutdown: &Shutdown) -> bool {
         let pause = self.note(e);
-        tokio::select! {
+        let go = tokio::select! {
             _ = tokio::time::sleep(pause) => true,
             _ = shutdown.clone().wait() => false,
+        };
+        if go {
+            self.breakers.attempt(e.sink);
         }
+        go
     }
 }
 

@@ -51,6 +51,25 @@ pub struct StatusArgs {
     /// Most records read from the end of each DLQ and raw partition for the recent counts.
     #[arg(long, default_value_t = 50_000)]
     pub scan_limit: i64,
+    /// A processor's metrics endpoint (`host:9100`; repeatable, or comma-separated in the
+    /// variable): its circuit breakers are shown, and one that is open makes the status
+    /// unhealthy.
+    #[arg(
+        long = "processor-metrics",
+        env = "HELIOS_STATUS_PROCESSORS",
+        value_delimiter = ','
+    )]
+    pub processor_metrics: Vec<String>,
+}
+
+/// One circuit breaker of one processor (`helios_breaker_state` of its `/metrics`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BreakerStatus {
+    /// The processor's metrics endpoint, as given.
+    pub processor: String,
+    pub dependency: String,
+    /// `closed`, `half_open`, `open`, or `unreachable` (its metrics could not be read).
+    pub state: String,
 }
 
 /// One raw partition.
@@ -131,6 +150,8 @@ pub struct Status {
     pub reconciliation_open: Option<i64>,
     /// Per flow and partition: the reconciler group's watermark and what holds it.
     pub event_time: Vec<EventTimeStatus>,
+    /// The circuit breakers of the processors named by `--processor-metrics`.
+    pub breakers: Vec<BreakerStatus>,
 }
 
 /// One flow-partition's event time, as the reconciler last wrote it.
@@ -558,10 +579,15 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
     {
         dependencies.push(schema_registry(url).await);
     }
+    let breakers = breakers(&args.processor_metrics).await;
     Ok(Status {
         at: now,
         consumer_group: topology.consumer_group.clone(),
-        healthy: dependencies.iter().all(|d| d.healthy),
+        healthy: dependencies.iter().all(|d| d.healthy)
+            && breakers
+                .iter()
+                .all(|b| b.state != "open" && b.state != "unreachable"),
+        breakers,
         total_lag: partitions.iter().map(|p| p.lag).sum(),
         dependencies,
         partitions,
@@ -577,6 +603,58 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
         reconciliation_open,
         event_time,
     })
+}
+
+/// Each processor's breakers, read from its `/metrics` (`helios_breaker_state{dependency}`:
+/// 0 closed, 1 half-open, 2 open).
+async fn breakers(endpoints: &[String]) -> Vec<BreakerStatus> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap_or_default();
+    let mut out = vec![];
+    for e in endpoints.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let url = if e.starts_with("http://") || e.starts_with("https://") {
+            format!("{}/metrics", e.trim_end_matches('/'))
+        } else {
+            format!("http://{e}/metrics")
+        };
+        let text = match client.get(&url).send().await {
+            Ok(r) if r.status().is_success() => r.text().await.ok(),
+            _ => None,
+        };
+        let Some(text) = text else {
+            out.push(BreakerStatus {
+                processor: e.to_string(),
+                dependency: "-".into(),
+                state: "unreachable".into(),
+            });
+            continue;
+        };
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("helios_breaker_state{") else {
+                continue;
+            };
+            let (labels, value) = rest.split_once("} ").unwrap_or_default();
+            let dependency = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("dependency=\""))
+                .map(|d| d.trim_end_matches('"').to_string())
+                .unwrap_or_default();
+            let state = match value.trim().parse::<f64>().unwrap_or(-1.0) as i64 {
+                0 => "closed",
+                1 => "half_open",
+                2 => "open",
+                _ => "unknown",
+            };
+            out.push(BreakerStatus {
+                processor: e.to_string(),
+                dependency,
+                state: state.into(),
+            });
+        }
+    }
+    out
 }
 
 /// The reconciler group's watermarks (none when the table is not there).

@@ -25,6 +25,22 @@ pub fn render(s: &Status) -> String {
             d.error.as_deref().unwrap_or("")
         );
     }
+    if !s.breakers.is_empty() {
+        let _ = writeln!(o, "\nCircuit breakers (processors' /metrics)");
+        for b in &s.breakers {
+            let _ = writeln!(
+                o,
+                "  {:<28} {:<16} {}",
+                b.processor,
+                b.dependency,
+                if b.state == "closed" {
+                    b.state.clone()
+                } else {
+                    b.state.to_uppercase()
+                }
+            );
+        }
+    }
     let _ = writeln!(o, "\nRaw partitions (lag {} in all)", s.total_lag);
     let _ = writeln!(
         o,

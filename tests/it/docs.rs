@@ -47,7 +47,7 @@ fn the_readme_configuration_table_matches_the_binary() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md");
     let mut helps = HashMap::new();
-    for cmd in ["run", "process", "demo", "migrate", "reconcile"] {
+    for cmd in ["run", "process", "demo", "migrate", "reconcile", "status"] {
         helps.insert(cmd, help_of(&[cmd]));
     }
     let mut checked = 0;

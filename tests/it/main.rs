@@ -7,6 +7,7 @@ mod avro;
 mod aws_eventbridge;
 mod aws_sns;
 mod azure_eventgrid;
+mod breaker;
 mod chaos;
 mod commit_path;
 mod demo;

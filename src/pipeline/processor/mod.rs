@@ -53,6 +53,8 @@ pub struct Sinks<D, S> {
     pub limits: SizeLimits,
     pub mode: DeliveryMode,
     pub stats: Arc<ProcessorStats>,
+    /// One circuit breaker per dependency, shared by every retry loop of this processor.
+    pub breakers: Arc<super::breaker::Breakers>,
 }
 
 impl<D, S> Sinks<D, S> {
@@ -207,6 +209,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             limits: cfg.limits,
             mode: cfg.mode.clone(),
             stats: stats.clone(),
+            breakers: Arc::new(super::breaker::Breakers::new()),
         });
         Ok(Processor {
             validator: Validator::with_schemas(&cfg.topology, schemas),
@@ -282,11 +285,14 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             self.refresh_topics(true).await;
             plan = self.prepare(records);
         }
-        let mut retry = Retry::new("plan");
         let sinks = self.sinks.clone();
+        let mut retry = Retry::new("plan", &sinks.breakers);
         loop {
             match plan::claim(&mut plan, &sinks.dedup, &sinks.store, sinks.replay.as_ref()).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    retry.succeeded();
+                    break;
+                }
                 Err(e) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     if !retry.after_polling(&e, &mut self.consumer, shutdown).await {
@@ -311,11 +317,14 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             return Some(plan);
         }
         let released: HashSet<DedupKey> = released.iter().cloned().collect();
-        let mut retry = Retry::new("plan");
         let sinks = self.sinks.clone();
+        let mut retry = Retry::new("plan", &sinks.breakers);
         loop {
             match plan::reclaim(&mut plan, &released, &sinks.dedup).await {
-                Ok(()) => return Some(plan),
+                Ok(()) => {
+                    retry.succeeded();
+                    return Some(plan);
+                }
                 Err(e) => {
                     if !retry.after_polling(&e, &mut self.consumer, shutdown).await {
                         return None;
@@ -451,11 +460,14 @@ async fn deliver_task<D: DedupStore, S: EventStore>(
     };
     // The batch's ticket stays with the delivery: a given-up batch is abandoned by the loop,
     // which knows its ticket id (a panicked task could not hand anything back).
-    let mut retry = Retry::new("deliver");
+    let mut retry = Retry::new("deliver", &sinks.breakers);
     let mut kafka_failing: Option<Instant> = None;
     loop {
         let stop = match delivery.run(&out).await {
-            Ok(d) => return Outcome::Delivered(Box::new(d)),
+            Ok(d) => {
+                retry.succeeded();
+                return Outcome::Delivered(Box::new(d));
+            }
             Err((d, stop)) => {
                 delivery = d;
                 stop
