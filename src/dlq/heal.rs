@@ -278,19 +278,8 @@ async fn locked_run(args: &HealArgs, pool: &sqlx::PgPool) -> anyhow::Result<RunR
         id,
         ..Default::default()
     };
-    let result = heal_records(
-        args,
-        pool,
-        &settings,
-        topology,
-        schemas,
-        topics,
-        limits,
-        &all,
-        &done,
-        &mut report,
-    )
-    .await;
+    let checker = Checker::new(topology, schemas, topics, limits);
+    let result = heal_records(args, pool, &settings, &checker, &all, &done, &mut report).await;
     let by_reason = serde_json::to_value(&report.by_reason)?;
     let outcome = match &result {
         Ok(()) => "ok".to_string(),
@@ -313,21 +302,16 @@ async fn locked_run(args: &HealArgs, pool: &sqlx::PgPool) -> anyhow::Result<RunR
     result.map(|()| report)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn heal_records(
     args: &HealArgs,
     pool: &sqlx::PgPool,
     settings: &crate::config::KafkaSettings,
-    topology: Topology,
-    schemas: SchemaSet,
-    topics: HashSet<String>,
-    limits: crate::limits::SizeLimits,
+    checker: &Checker,
     all: &[DlqRecord],
     done: &HashSet<(i32, i64)>,
     report: &mut RunReport,
 ) -> anyhow::Result<()> {
-    let dlq_topic = topology.dlq_topic();
-    let checker = Checker::new(topology, schemas, topics, limits);
+    let dlq_topic = checker.topology.dlq_topic();
     let producer: Option<FutureProducer> = if args.dry_run {
         None
     } else {

@@ -5,8 +5,9 @@
 //! and is tried again until it succeeds, however long that takes), so a breaker here does not
 //! fail calls fast; it decides *when the next attempt is made* and says what state each dependency
 //! is in. Closed: failures are retried on the dependency's backoff. After
-//! [`Policy::open_after`] failures in a row it opens: no attempt until its wait is over (backoff
-//! doubling to [`Policy::max`], with jitter so instances do not probe in step). Then it is
+//! [`Policy::open_after`] failures in a row it opens: every retry waits until its one wait is
+//! over (backoff doubling to [`Policy::max`], with jitter so instances do not probe in step;
+//! a new batch's first attempt is not held back, and waits too if it fails). Then it is
 //! half-open: the next attempt is the probe. A success closes it; a failure opens it again with
 //! the next, longer wait. The retry budget is unlimited by design (a pause, never a drop).
 //!

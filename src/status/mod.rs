@@ -8,20 +8,17 @@
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::config::{KafkaArgs, KafkaSettings};
-use crate::model::headers::{dlq as dlq_headers, raw as raw_headers};
+use crate::config::KafkaArgs;
 use crate::model::text::bounded;
 use crate::source::Source;
-use crate::topology::Topology;
 
+mod deps;
+mod kafka;
 mod render;
 pub use render::render;
 
@@ -177,345 +174,8 @@ pub struct ReconCount {
     pub unresolved: i64,
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0
-}
-
-/// Per raw partition: end offset, committed offset, lag. The group is only asked for its
-/// committed offsets (this client never joins it).
-fn partitions(
-    settings: &KafkaSettings,
-    group: &str,
-    raw: &[String],
-) -> anyhow::Result<(Vec<PartitionStatus>, Duration)> {
-    let c: BaseConsumer = settings
-        .client_config()
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let timeout = Duration::from_secs(10);
-    let t0 = Instant::now();
-    let md = c.fetch_metadata(None, timeout)?;
-    let probe = t0.elapsed();
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = vec![];
-    for t in md
-        .topics()
-        .iter()
-        .filter(|t| raw.iter().any(|r| r == t.name()))
-    {
-        for p in t.partitions() {
-            let (low, high) = c.fetch_watermarks(t.name(), p.id(), timeout)?;
-            tpl.add_partition(t.name(), p.id());
-            ends.push((t.name().to_string(), p.id(), low, high));
-        }
-    }
-    let committed = c.committed_offsets(tpl, timeout)?;
-    let mut out = vec![];
-    for (topic, partition, low, high) in ends {
-        let done = committed
-            .find_partition(&topic, partition)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
-        out.push(PartitionStatus {
-            lag: high - done.unwrap_or(low).max(low),
-            topic,
-            partition,
-            end_offset: high,
-            committed: done,
-            in_per_s: None,
-            committed_per_s: None,
-        });
-    }
-    out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-    Ok((out, probe))
-}
-
-/// Reads `topic` from `since` (at most `limit` records per partition, the latest ones) and
-/// hands each record's timestamp and headers to `each`. Returns the records read.
-fn scan_recent(
-    settings: &KafkaSettings,
-    topic: &str,
-    since: DateTime<Utc>,
-    limit: i64,
-    mut each: impl FnMut(Option<i64>, &dyn Fn(&str) -> Option<String>, &[u8]),
-) -> anyhow::Result<u64> {
-    let c = crate::kafka::reader(settings, "status")?;
-    let timeout = Duration::from_secs(10);
-    let md = c.fetch_metadata(Some(topic), timeout)?;
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for t in md.topics().iter().filter(|t| t.error().is_none()) {
-        for p in t.partitions() {
-            let (low, high) = c.fetch_watermarks(topic, p.id(), timeout)?;
-            if high <= low {
-                continue;
-            }
-            let from = crate::kafka::offsets_at_times(
-                &c,
-                topic,
-                p.id(),
-                (low, high),
-                &[since.timestamp_millis()],
-            )?[0];
-            let start = from.max(high - limit).clamp(low, high);
-            if start < high {
-                tpl.add_partition_offset(topic, p.id(), Offset::Offset(start))?;
-                ends.insert(p.id(), high);
-            }
-        }
-    }
-    if ends.is_empty() {
-        return Ok(0);
-    }
-    c.assign(&tpl)?;
-    let mut read = 0u64;
-    let mut idle = Instant::now();
-    while !ends.is_empty() && idle.elapsed() < Duration::from_secs(20) {
-        let Some(m) = c.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let m = m?;
-        idle = Instant::now();
-        let end = ends.get(&m.partition()).copied().unwrap_or(0);
-        if m.offset() < end {
-            read += 1;
-            let header = |name: &str| -> Option<String> {
-                m.headers()?
-                    .iter()
-                    .filter(|h| h.key == name)
-                    .last()
-                    .and_then(|h| std::str::from_utf8(h.value?).ok())
-                    .map(|v| bounded(v, 200).into_owned())
-            };
-            each(
-                m.timestamp().to_millis(),
-                &header,
-                m.payload().unwrap_or_default(),
-            );
-        }
-        if m.offset() + 1 >= end {
-            ends.remove(&m.partition());
-        }
-    }
-    Ok(read)
-}
-
-/// DLQ records of the last 24 h by reason and source.
-fn dlq_counts(
-    settings: &KafkaSettings,
-    topology: &Topology,
-    now: DateTime<Utc>,
-    limit: i64,
-) -> anyhow::Result<(Vec<DlqCount>, u64)> {
-    let hour_ago = (now - chrono::Duration::hours(1)).timestamp_millis();
-    let mut counts: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-    let scanned = scan_recent(
-        settings,
-        &topology.dlq_topic(),
-        now - chrono::Duration::hours(24),
-        limit,
-        |ts, header, _| {
-            let reason = header(dlq_headers::REASON).unwrap_or_else(|| "unknown".into());
-            let source = header(raw_headers::SOURCE).unwrap_or_else(|| "unknown".into());
-            // Bounded: reasons and sources are HELIOS's own vocabularies; anything else is one key.
-            if counts.len() >= 200 && !counts.contains_key(&(reason.clone(), source.clone())) {
-                return;
-            }
-            let e = counts.entry((reason, source)).or_default();
-            e.1 += 1;
-            if ts.is_some_and(|t| t >= hour_ago) {
-                e.0 += 1;
-            }
-        },
-    )?;
-    let out = counts
-        .into_iter()
-        .map(|((reason, source), (h, d))| DlqCount {
-            reason,
-            source,
-            last_hour: h,
-            last_24h: d,
-        })
-        .collect();
-    Ok((out, scanned))
-}
-
-/// The handshake records of the last 24 h, by source, kind and subscription.
-fn subscriptions(
-    settings: &KafkaSettings,
-    topology: &Topology,
-    now: DateTime<Utc>,
-    limit: i64,
-) -> anyhow::Result<Vec<Subscription>> {
-    let mut seen: BTreeMap<(String, String, String), (u64, Option<i64>)> = BTreeMap::new();
-    for source in [Source::Aws, Source::Azure] {
-        scan_recent(
-            settings,
-            &topology.raw_topic(source),
-            now - chrono::Duration::hours(24),
-            limit,
-            |ts, header, body| {
-                if header(raw_headers::KIND).as_deref() != Some("handshake") {
-                    return;
-                }
-                let kind = header(raw_headers::HANDSHAKE).unwrap_or_else(|| "unknown".into());
-                let name = header("aeg-subscription-name")
-                    .or_else(|| header("x-amz-sns-topic-arn"))
-                    .or_else(|| {
-                        serde_json::from_slice::<serde_json::Value>(body)
-                            .ok()?
-                            .get("TopicArn")?
-                            .as_str()
-                            .map(|s| bounded(s, 200).into_owned())
-                    })
-                    .unwrap_or_else(|| "(unnamed)".into());
-                let key = (source.as_str().to_string(), kind, name);
-                if seen.len() >= 100 && !seen.contains_key(&key) {
-                    return;
-                }
-                let e = seen.entry(key).or_default();
-                e.0 += 1;
-                e.1 = e.1.max(ts);
-            },
-        )?;
-    }
-    Ok(seen
-        .into_iter()
-        .map(
-            |((source, handshake, subscription), (count, ts))| Subscription {
-                source,
-                handshake,
-                subscription,
-                count,
-                last_seen: ts.and_then(DateTime::from_timestamp_millis),
-            },
-        )
-        .collect())
-}
-
-/// A `replay_history` row as read.
-type ReplayTuple = (String, DateTime<Utc>, Option<DateTime<Utc>>, String, String);
-
-/// PostgreSQL: health, events of the last hour by type, the last replays.
-/// `pool` is kept across the looks of `--watch` (opened on the first, dropped after a failure).
-async fn postgres(
-    args: &StatusArgs,
-    pool: &mut Option<sqlx::PgPool>,
-) -> (Dependency, BTreeMap<String, i64>, Vec<ReplayRow>) {
-    let t0 = Instant::now();
-    let result = async {
-        if pool.is_none() {
-            *pool =
-                Some(crate::db::connect(&args.database_url, args.db_schema.as_deref()).await?);
-        }
-        let pool = pool.as_ref().expect("connected above");
-        // The round trip of a query, not the connection set-up.
-        let t1 = Instant::now();
-        sqlx::query("SELECT 1").execute(pool).await?;
-        let latency = t1.elapsed();
-        let by_type: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT event_type, count(*) FROM events WHERE occurred_at > now() - interval '1 hour' GROUP BY event_type ORDER BY event_type LIMIT 200",
-        )
-        .fetch_all(pool)
-        .await?;
-        let replays: Vec<ReplayTuple> = sqlx::query_as(
-                "SELECT replay_id, started_at, finished_at, outcome, dedup_policy FROM replay_history ORDER BY started_at DESC LIMIT 5",
-            )
-            .fetch_all(pool)
-            .await?;
-        anyhow::Ok((latency, by_type, replays))
-    }
-    .await;
-    if result.is_err() {
-        *pool = None;
-    }
-    match result {
-        Ok((latency, by_type, replays)) => (
-            Dependency {
-                name: "postgresql",
-                healthy: true,
-                latency_ms: ms(latency),
-                error: None,
-            },
-            by_type.into_iter().collect(),
-            replays
-                .into_iter()
-                .map(
-                    |(replay_id, started_at, finished_at, outcome, dedup_policy)| ReplayRow {
-                        replay_id,
-                        started_at,
-                        finished_at,
-                        outcome,
-                        dedup_policy,
-                    },
-                )
-                .collect(),
-        ),
-        Err(e) => (
-            Dependency {
-                name: "postgresql",
-                healthy: false,
-                latency_ms: ms(t0.elapsed()),
-                error: Some(bounded(&format!("{e:#}"), 300).into_owned()),
-            },
-            BTreeMap::new(),
-            vec![],
-        ),
-    }
-}
-
-async fn redis(url: &str) -> Dependency {
-    let t0 = Instant::now();
-    let result = async {
-        let client = redis::Client::open(url)?;
-        let mut c = tokio::time::timeout(
-            Duration::from_secs(3),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within 3 s"))??;
-        let _: String = redis::cmd("PING").query_async(&mut c).await?;
-        anyhow::Ok(())
-    }
-    .await;
-    Dependency {
-        name: "redis",
-        healthy: result.is_ok(),
-        latency_ms: ms(t0.elapsed()),
-        error: result
-            .err()
-            .map(|e| bounded(&format!("{e:#}"), 300).into_owned()),
-    }
-}
-
-async fn schema_registry(url: &str) -> Dependency {
-    let t0 = Instant::now();
-    let result = async {
-        let r = reqwest::Client::builder()
-            .timeout(Duration::from_secs(3))
-            .build()?
-            .get(format!("{}/subjects", url.trim_end_matches('/')))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            r.status().is_success(),
-            "GET /subjects answered {}",
-            r.status()
-        );
-        anyhow::Ok(())
-    }
-    .await;
-    Dependency {
-        name: "schema_registry",
-        healthy: result.is_ok(),
-        latency_ms: ms(t0.elapsed()),
-        error: result
-            .err()
-            .map(|e| bounded(&format!("{e:#}"), 300).into_owned()),
-    }
 }
 
 /// Takes one look (`pool`: the PostgreSQL connections kept between looks).
@@ -527,7 +187,7 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
         let limit = args.scan_limit;
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let raw: Vec<String> = Source::ALL.iter().map(|x| t.raw_topic(*x)).collect();
-            let (parts, probe) = partitions(&s, &t.consumer_group, &raw)?;
+            let (parts, probe) = kafka::partitions(&s, &t.consumer_group, &raw)?;
             let mut flow_topics: Vec<String> = t
                 .flows()
                 .unwrap_or_default()
@@ -539,14 +199,14 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
             let recon = if flow_topics.is_empty() {
                 vec![]
             } else {
-                partitions(&s, &t.reconciler_group, &flow_topics)?.0
+                kafka::partitions(&s, &t.reconciler_group, &flow_topics)?.0
             };
-            let (dlq, scanned) = dlq_counts(&s, &t, now, limit)?;
-            let subs = subscriptions(&s, &t, now, limit)?;
+            let (dlq, scanned) = kafka::dlq_counts(&s, &t, now, limit)?;
+            let subs = kafka::subscriptions(&s, &t, now, limit)?;
             Ok((parts, probe, dlq, scanned, subs, recon))
         })
     };
-    let (pg, events_last_hour, replays) = postgres(args, pool).await;
+    let (pg, events_last_hour, replays) = deps::postgres(args, pool).await;
     let (reconciliation, reconciliation_open) = reconciliation(pool.as_ref()).await;
     let event_time = event_time(pool.as_ref(), &topology.reconciler_group, now).await;
     let mut dependencies = vec![];
@@ -571,15 +231,15 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
         }
     };
     dependencies.push(pg);
-    dependencies.push(redis(&args.redis_url).await);
+    dependencies.push(deps::redis(&args.redis_url).await);
     if let Some(url) = args
         .schema_registry_url
         .as_deref()
         .filter(|u| !u.is_empty())
     {
-        dependencies.push(schema_registry(url).await);
+        dependencies.push(deps::schema_registry(url).await);
     }
-    let breakers = breakers(&args.processor_metrics).await;
+    let breakers = deps::breakers(&args.processor_metrics).await;
     Ok(Status {
         at: now,
         consumer_group: topology.consumer_group.clone(),
@@ -603,58 +263,6 @@ pub async fn collect(args: &StatusArgs, pool: &mut Option<sqlx::PgPool>) -> anyh
         reconciliation_open,
         event_time,
     })
-}
-
-/// Each processor's breakers, read from its `/metrics` (`helios_breaker_state{dependency}`:
-/// 0 closed, 1 half-open, 2 open).
-async fn breakers(endpoints: &[String]) -> Vec<BreakerStatus> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .unwrap_or_default();
-    let mut out = vec![];
-    for e in endpoints.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
-        let url = if e.starts_with("http://") || e.starts_with("https://") {
-            format!("{}/metrics", e.trim_end_matches('/'))
-        } else {
-            format!("http://{e}/metrics")
-        };
-        let text = match client.get(&url).send().await {
-            Ok(r) if r.status().is_success() => r.text().await.ok(),
-            _ => None,
-        };
-        let Some(text) = text else {
-            out.push(BreakerStatus {
-                processor: e.to_string(),
-                dependency: "-".into(),
-                state: "unreachable".into(),
-            });
-            continue;
-        };
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix("helios_breaker_state{") else {
-                continue;
-            };
-            let (labels, value) = rest.split_once("} ").unwrap_or_default();
-            let dependency = labels
-                .split(',')
-                .find_map(|l| l.strip_prefix("dependency=\""))
-                .map(|d| d.trim_end_matches('"').to_string())
-                .unwrap_or_default();
-            let state = match value.trim().parse::<f64>().unwrap_or(-1.0) as i64 {
-                0 => "closed",
-                1 => "half_open",
-                2 => "open",
-                _ => "unknown",
-            };
-            out.push(BreakerStatus {
-                processor: e.to_string(),
-                dependency,
-                state: state.into(),
-            });
-        }
-    }
-    out
 }
 
 /// The reconciler group's watermarks (none when the table is not there).
