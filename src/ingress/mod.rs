@@ -145,9 +145,12 @@ pub struct RunningIngress {
 }
 
 impl RunningIngress {
-    /// Waits until the server stopped (after shutdown) and the producer flushed.
+    /// Waits until the server stopped (after shutdown), the producer flushed and the broker
+    /// probe ended: after it, no task of the ingress holds a Kafka client.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await?
+        self.task.await??;
+        self.front.kafka_health.stopped().await;
+        Ok(())
     }
 }
 

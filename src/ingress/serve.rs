@@ -90,16 +90,20 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ServeLimits, s
                 .max_buf_size(crate::limits::MAX_HEAD_BYTES)
                 .max_headers(crate::limits::MAX_HEADERS)
                 .keep_alive(true);
-            let mut conn = pin!(builder.serve_connection(TokioIo::new(stream), service));
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended with an error");
+            {
+                // The connection (and the router, the producer, it holds) is dropped before
+                // `open` says it ended: when serving returns, no connection holds a client.
+                let mut conn = pin!(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
                     }
-                }
-                _ = stop.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    _ = stop.wait() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
                 }
             }
             drop(permit);

@@ -224,6 +224,9 @@ pub struct KafkaHealth {
     failures: Arc<std::sync::atomic::AtomicU32>,
     last_ok_unix_ms: Arc<AtomicI64>,
     last_error: Arc<std::sync::Mutex<Option<String>>>,
+    /// The probe task: awaited at shutdown, so its clone of the producer is gone when the
+    /// ingress says it stopped.
+    probe: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl KafkaHealth {
@@ -239,9 +242,10 @@ impl KafkaHealth {
             failures: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             last_ok_unix_ms: Arc::new(AtomicI64::new(0)),
             last_error: Arc::new(std::sync::Mutex::new(Some("not probed yet".into()))),
+            probe: Arc::default(),
         };
         let probe = h.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 let p = producer.clone();
                 let timeout = every.max(Duration::from_secs(2));
@@ -268,7 +272,17 @@ impl KafkaHealth {
                 }
             }
         });
+        *h.probe.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         h
+    }
+
+    /// Waits for the probe to end (it ends at shutdown, after its current metadata request):
+    /// then it holds no client any more.
+    pub async fn stopped(&self) {
+        let task = self.probe.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
     }
 
     /// A record was acknowledged: Kafka is reachable, whatever the last probes said (a probe
