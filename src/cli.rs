@@ -71,6 +71,11 @@ enum Command {
     },
     /// Publish a test event through a cloud (production) or as that cloud's push into an ingress (demo).
     Publish(Box<crate::publish::PublishArgs>),
+    /// Check the payload schemas (schemas/) against the schema registry, or register them.
+    Schemas {
+        #[command(subcommand)]
+        action: crate::schemas::SchemasCommand,
+    },
     /// Apply the SQL migrations (migrations/, embedded in the binary).
     Migrate {
         /// PostgreSQL URL.
@@ -213,6 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reconcile(cmd) => crate::reconcile::run(*cmd).await,
         Command::Publish(args) => crate::publish::run(*args).await,
         Command::Dlq { action } => crate::dlq::run(action).await,
+        Command::Schemas { action } => crate::schemas::run(action).await,
         Command::Status(args) => crate::status::run(*args).await,
         Command::Tap(args) => crate::tap::run(*args).await,
         Command::Migrate {

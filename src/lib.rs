@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod publish;
 pub mod reconcile;
 pub mod replay;
+pub mod schemas;
 pub mod shutdown;
 pub mod source;
 pub mod status;

@@ -71,6 +71,10 @@ pub struct HealArgs {
     /// PostgreSQL schema of HELIOS's tables.
     #[arg(long, env = "HELIOS_DB_SCHEMA")]
     pub db_schema: Option<String>,
+    /// The schema registry: events that say which schema version they were written with are
+    /// checked against that version, as the processor does.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
 }
 
 /// What a run decided for one DLQ record.
@@ -130,6 +134,28 @@ impl Checker {
         }
     }
 
+    /// Fetches the writer's schema versions these records' events say they were written with
+    /// (with a registry), so that [`Self::verdict`] can decide them.
+    pub async fn prefetch(&self, records: &[DlqRecord]) -> anyhow::Result<()> {
+        let Some(writers) = self.validator.writer_schemas() else {
+            return Ok(());
+        };
+        let ctx = PlanContext {
+            validator: &self.validator,
+            existing_topics: &self.topics,
+            topology: &self.topology,
+            replay: None,
+            limits: &self.limits,
+            avro: false,
+        };
+        let raws: Vec<RawRecord> = records.iter().map(raw_of).collect();
+        let needs: Vec<(String, u32)> = prepare(&raws, &ctx).writer_schemas.into_iter().collect();
+        writers
+            .fetch(&needs)
+            .await
+            .map_err(|e| anyhow::anyhow!("fetching writer's schemas: {e}"))
+    }
+
     /// The verdict on one record (not yet redriven), without side effects.
     pub fn verdict(&self, r: &DlqRecord, max_redrives: u32) -> Verdict {
         let Some(reason) = r.header(dh::REASON).and_then(DlqReason::parse) else {
@@ -153,6 +179,12 @@ impl Checker {
             avro: false,
         };
         let plan = prepare(std::slice::from_ref(&raw), &ctx);
+        if !plan.is_complete() {
+            return Verdict::StillFailing(format!(
+                "waiting for writer's schemas {:?} from the registry",
+                plan.writer_schemas
+            ));
+        }
         if let Some(d) = plan.dlq.first() {
             return Verdict::StillFailing(format!(
                 "{}: {}",
@@ -245,7 +277,15 @@ pub async fn run_once(args: &HealArgs, pool: &sqlx::PgPool) -> anyhow::Result<Ru
 async fn locked_run(args: &HealArgs, pool: &sqlx::PgPool) -> anyhow::Result<RunReport> {
     let (topology, settings) = args.kafka.resolve()?;
     let limits = args.kafka.limits()?;
-    let schemas = SchemaSet::load(&topology)?;
+    let mut schemas = SchemaSet::load(&topology)?;
+    if let Some(url) = args
+        .schema_registry_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+    {
+        let registry = crate::pipeline::schema::registry::Registry::new(url)?;
+        schemas = schemas.with_writers(crate::pipeline::schema::WriterSchemas::new(registry));
+    }
     let s = settings.clone();
     let topics: HashSet<String> = tokio::task::spawn_blocking(move || {
         crate::kafka::existing_topics(&s, Duration::from_secs(15))
@@ -279,7 +319,15 @@ async fn locked_run(args: &HealArgs, pool: &sqlx::PgPool) -> anyhow::Result<RunR
         ..Default::default()
     };
     let checker = Checker::new(topology, schemas, topics, limits);
-    let result = heal_records(args, pool, &settings, &checker, &all, &done, &mut report).await;
+    let pending: Vec<DlqRecord> = all
+        .iter()
+        .filter(|r| !done.contains(&(r.partition, r.offset)))
+        .cloned()
+        .collect();
+    let result = match checker.prefetch(&pending).await {
+        Ok(()) => heal_records(args, pool, &settings, &checker, &all, &done, &mut report).await,
+        Err(e) => Err(e),
+    };
     let by_reason = serde_json::to_value(&report.by_reason)?;
     let outcome = match &result {
         Ok(()) => "ok".to_string(),

@@ -151,6 +151,14 @@ pub fn generic_draft(v: &Value) -> Draft {
         .find_map(|k| v.get(*k).filter(|x| x.is_object()))
         .cloned()
         .unwrap_or_else(|| v.clone());
+    // The writer's schema version, when the envelope says it (see `pipeline::schema`).
+    let version = v.get("schema_version").and_then(|x| match x {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    });
+    d.meta("schema_version", version.as_deref());
+    d.meta("dataschema", str_field(v, "dataschema"));
     d
 }
 

@@ -108,9 +108,18 @@ pub struct BatchPlan {
     pub units_in: Vec<Source>,
     /// Records or events left out by a replay's filters.
     pub filtered: u64,
+    /// Writer's schema versions (subject, version) some event needs from the registry: while
+    /// any is listed, the plan is incomplete (those events are in no list); fetch them
+    /// ([`crate::pipeline::schema::WriterSchemas::fetch`]) and prepare the batch again.
+    pub writer_schemas: std::collections::BTreeSet<(String, u32)>,
 }
 
 impl BatchPlan {
+    /// False while some event waits for its writer's schema (see [`Self::writer_schemas`]).
+    pub fn is_complete(&self) -> bool {
+        self.writer_schemas.is_empty()
+    }
+
     /// True when some event was refused only because its type's topic is unknown (a topic may
     /// have been created since the topic list was read: worth a second look).
     pub fn has_unknown_types(&self) -> bool {
@@ -170,6 +179,14 @@ pub fn prepare(records: &[RawRecord], ctx: &PlanContext<'_>) -> BatchPlan {
                         }
                     }
                     plan.units_in.push(source);
+                    if let Some(need) = r
+                        .as_ref()
+                        .ok()
+                        .and_then(|ev| ctx.validator.pending_schema(ev))
+                    {
+                        plan.writer_schemas.insert(need);
+                        continue;
+                    }
                     match r.map_err(|e| (e.index, Refusal::from(e))).and_then(|ev| {
                         let index = Some(ev.raw.index);
                         check(ev, ctx).map_err(|r| (index, r))

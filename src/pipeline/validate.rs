@@ -34,6 +34,16 @@ impl Validator {
         }
     }
 
+    /// The writer's schema (subject, version) an event needs fetched before it can be checked.
+    pub fn pending_schema(&self, e: &CanonicalEvent) -> Option<(String, u32)> {
+        self.schemas.pending(e)
+    }
+
+    /// The registry's schema versions this validator reads, when it has a registry.
+    pub fn writer_schemas(&self) -> Option<&std::sync::Arc<super::schema::WriterSchemas>> {
+        self.schemas.writers()
+    }
+
     /// True when the topology declares the type.
     pub fn is_known(&self, event_type: &str) -> bool {
         self.rules.contains_key(event_type)

@@ -1,63 +1,13 @@
-//! Avro fan-out mode against a small in-test schema registry that implements the endpoints the
-//! client calls (register a version; get a schema by id). Records are decoded here with the
-//! schema file from schemas/, independently of the encoder.
+//! Avro fan-out mode against the in-test schema registry ([`crate::registry`]). Records are
+//! decoded here with the schema file from schemas/, independently of the encoder.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 use apache_avro::types::Value;
-use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::Json;
 use serde_json::json;
 
 use crate::common::*;
-
-#[derive(Default)]
-struct Registry {
-    schemas: Vec<String>,
-    subjects: HashMap<String, Vec<u32>>,
-    registrations: usize,
-}
-
-type Reg = Arc<Mutex<Registry>>;
-
-async fn register(
-    State(r): State<Reg>,
-    Path(subject): Path<String>,
-    Json(body): Json<serde_json::Value>,
-) -> Json<serde_json::Value> {
-    let mut r = r.lock().unwrap();
-    r.registrations += 1;
-    let schema = body["schema"].as_str().unwrap_or_default().to_string();
-    assert_eq!(body["schemaType"], "AVRO");
-    let id = match r.schemas.iter().position(|s| *s == schema) {
-        Some(i) => i as u32 + 1,
-        None => {
-            r.schemas.push(schema);
-            r.schemas.len() as u32
-        }
-    };
-    r.subjects.entry(subject).or_default().push(id);
-    Json(json!({"id": id}))
-}
-
-async fn by_id(State(r): State<Reg>, Path(id): Path<u32>) -> Json<serde_json::Value> {
-    let r = r.lock().unwrap();
-    Json(json!({"schema": r.schemas[id as usize - 1]}))
-}
-
-async fn start_registry() -> (String, Reg) {
-    let reg: Reg = Arc::default();
-    let router = axum::Router::new()
-        .route("/subjects/{subject}/versions", post(register))
-        .route("/schemas/ids/{id}", get(by_id))
-        .with_state(reg.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (format!("http://{addr}"), reg)
-}
+use crate::registry::start_registry;
 
 #[tokio::test]
 async fn avro_mode_registers_on_first_use_and_writes_confluent_wire_format() {

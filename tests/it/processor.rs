@@ -342,10 +342,7 @@ async fn rule_violations_go_to_the_dlq_with_reasons_and_the_partition_keeps_movi
     let schema_hdr = |h: &str| by_id("r-6").header(h).map(str::to_string);
     assert_eq!(
         schema_hdr("helios-dlq-schema-subject"),
-        Some(format!(
-            "{}-value",
-            app.topology.event_topic("PaymentProcessed")
-        ))
+        Some("io.helios.events.PaymentProcessed".to_string())
     );
     assert_eq!(
         schema_hdr("helios-dlq-schema-version").as_deref(),

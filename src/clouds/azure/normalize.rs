@@ -39,6 +39,7 @@ fn cloudevent_draft(e: &serde_json::Value) -> Draft {
     d.meta("provider_source", source);
     d.meta("provider_event_id", id);
     d.meta("subject", str_field(e, "subject"));
+    d.meta("dataschema", str_field(e, "dataschema"));
     d.meta("schema", Some("cloudevents"));
     d
 }

@@ -51,6 +51,7 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
                 raw.header("x-goog-pubsub-subscription-name"),
             );
             d.meta("gcp_ordering_key", raw.header("x-goog-pubsub-ordering-key"));
+            d.meta("schema_version", raw.header("schema_version"));
             d
         });
         return single(Source::Gcp, raw, draft);
@@ -91,6 +92,10 @@ pub fn normalize(raw: &RawRecord) -> Normalized {
         d.meta("gcp_subscription", str_field(&v, "subscription"));
         d.meta("gcp_ordering_key", str_field(m, "orderingKey"));
         d.meta("gcp_publish_time", publish);
+        d.meta(
+            "schema_version",
+            attrs.and_then(|a| str_field(a, "schema_version")),
+        );
         d.meta(
             "traceparent",
             attrs.and_then(|a| str_field(a, "googclient_traceparent")),

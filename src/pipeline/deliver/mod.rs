@@ -165,6 +165,13 @@ type Refused = Vec<(usize, Refusal)>;
 
 impl Delivery {
     pub fn new(ticket: Option<Ticket>, records: Vec<RawRecord>, mut plan: BatchPlan) -> Self {
+        // An incomplete plan leaves events out of every list: delivering it would commit past
+        // them. A bug, not an input: stop here (nothing is committed) rather than lose them.
+        assert!(
+            plan.is_complete(),
+            "a batch plan still waiting for writer's schemas {:?} was delivered",
+            plan.writer_schemas
+        );
         if crate::telemetry::traces_on() {
             for p in &mut plan.events {
                 p.trace = super::plan::EventTrace::start(&p.event, records.get(p.record));

@@ -24,13 +24,13 @@ use super::commit::Ownership;
 use super::consume::RawConsumer;
 use super::deliver::{Delivered, Delivery, Outputs, Stop};
 use super::plan::{self, BatchPlan, PlanContext, ReplaySpec};
-use super::retry::Retry;
+use super::retry::{Retry, Unavailable};
 use super::sinks::kafka::{output_producer, transactional_producer};
 use super::stats::ProcessorStats;
 use super::validate::Validator;
 use crate::db::EventStore;
 use crate::limits::SizeLimits;
-use crate::model::RawRecord;
+use crate::model::{RawRecord, Sink};
 use crate::shutdown::Shutdown;
 use crate::source::Source;
 use crate::topology::Topology;
@@ -189,13 +189,17 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             tracing::info!(group = %cfg.topology.consumer_group, topics = ?topics, "processor subscribed");
         }
         let producer = output_producer(&cfg.kafka, &cfg.mode, &cfg.limits)?;
-        let schemas = super::schema::SchemaSet::load(&cfg.topology)?;
+        let mut schemas = super::schema::SchemaSet::load(&cfg.topology)?;
         let avro = match cfg
             .schema_registry_url
             .as_deref()
             .filter(|u| !u.trim().is_empty())
         {
-            Some(url) => Some(AvroFanOut::new(url)?),
+            Some(url) => {
+                let registry = super::schema::registry::Registry::new(url)?;
+                schemas = schemas.with_writers(super::schema::WriterSchemas::new(registry));
+                Some(AvroFanOut::new(url)?)
+            }
             None => None,
         };
         let sinks = Arc::new(Sinks {
@@ -286,6 +290,29 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             plan = self.prepare(records);
         }
         let sinks = self.sinks.clone();
+        while !plan.is_complete() {
+            // Some events say they were written with a schema version not fetched yet.
+            let needs: Vec<(String, u32)> = plan.writer_schemas.iter().cloned().collect();
+            let writers = self.validator.writer_schemas()?.clone();
+            let mut retry = Retry::new("schemas", &sinks.breakers);
+            loop {
+                match writers.fetch(&needs).await {
+                    Ok(()) => {
+                        retry.succeeded();
+                        break;
+                    }
+                    Err(e) => {
+                        // Refusals too (a 401, a 403): the events are fine, the registry is not.
+                        let e = Unavailable::new(Sink::SchemaRegistry, e.to_string());
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        if !retry.after_polling(&e, &mut self.consumer, shutdown).await {
+                            return None;
+                        }
+                    }
+                }
+            }
+            plan = self.prepare(records);
+        }
         let mut retry = Retry::new("plan", &sinks.breakers);
         loop {
             match plan::claim(&mut plan, &sinks.dedup, &sinks.store, sinks.replay.as_ref()).await {
