@@ -12,7 +12,9 @@
 //! the same id is processed. Events refused before the store (rules, schemas) never claim one.
 //!
 //! One implementation talks to Redis (`SET key owner NX GET EX ttl`, pipelined: one round trip
-//! per batch); the other is in memory with the same semantics, for the embedded demo.
+//! per batch), a single server or a Redis Cluster ([`RedisTarget`]; on a cluster a batch is one
+//! pipeline per hash bucket, sent at once); the other is in memory with the same semantics, for
+//! the embedded demo.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -90,30 +92,220 @@ fn classify(existing: Option<String>, owner: &MarkOwner) -> Claim {
     }
 }
 
-/// Redis-backed marks.
+/// Where the marks live: one Redis, or a Redis Cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// What `REDIS_URL` names: one server, or a cluster's seed nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    Single(String),
+    /// Seed nodes of a Redis Cluster (the client discovers the rest and follows MOVED/ASK).
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// `redis://host:port` is one server. A Redis Cluster is named by its seed nodes, comma
+    /// separated (`redis://a:6379,redis://b:6379`), or by one address with the `+cluster` scheme
+    /// (`redis+cluster://cfg-endpoint:6379`, `rediss+cluster://...`: an ElastiCache or
+    /// Memorystore configuration endpoint).
+    pub fn parse(url: &str) -> RedisTarget {
+        let parts: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.replacen("redis+cluster://", "redis://", 1).replacen(
+                    "rediss+cluster://",
+                    "rediss://",
+                    1,
+                )
+            })
+            .collect();
+        let cluster_scheme = url.trim_start().starts_with("redis+cluster://")
+            || url.trim_start().starts_with("rediss+cluster://");
+        if parts.len() > 1 || cluster_scheme {
+            RedisTarget::Cluster(parts)
+        } else {
+            RedisTarget::Single(url.trim().to_string())
+        }
+    }
+}
+
+/// Hash buckets of the marks on a Redis Cluster: a mark's key carries its bucket as a hash tag
+/// (`prefix{2a}source:id`), so a batch's commands split into at most this many pipelines, one
+/// slot each, sent at once. Part of the key format: changing it would orphan the marks.
+pub const CLUSTER_BUCKETS: u64 = 256;
+
+fn bucket(key: &str) -> u64 {
+    // FNV-1a: stable across versions and machines (the std hasher is not).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h % CLUSTER_BUCKETS
+}
+
+/// Redis-backed marks (one server or a cluster).
 #[derive(Clone)]
 pub struct RedisDedup {
-    conn: redis::aio::ConnectionManager,
+    conn: Conn,
     prefix: String,
     ttl: Duration,
 }
 
+fn redis_error(e: redis::RedisError) -> DedupError {
+    DedupError(e.to_string())
+}
+
 impl RedisDedup {
-    /// Connects (retrying in the background when Redis goes away later).
+    /// Connects (retrying in the background when Redis goes away later). On a cluster the
+    /// client follows MOVED/ASK redirections and a failover (a replica promoted) by itself;
+    /// what it cannot hide comes back as an error, and the batch is retried.
     pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> Result<Self, DedupError> {
-        let client =
-            redis::Client::open(url).map_err(|e| DedupError(format!("REDIS_URL {url}: {e}")))?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)));
-        let conn = redis::aio::ConnectionManager::new_with_config(client, cfg)
-            .await
-            .map_err(|e| DedupError(format!("cannot connect to Redis at {url}: {e}")))?;
+        let conn = match RedisTarget::parse(url) {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|e| DedupError(format!("REDIS_URL {url}: {e}")))?;
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(2)));
+                let c = redis::aio::ConnectionManager::new_with_config(client, cfg)
+                    .await
+                    .map_err(|e| DedupError(format!("cannot connect to Redis at {url}: {e}")))?;
+                Conn::Single(c)
+            }
+            RedisTarget::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(Duration::from_secs(2))
+                    .response_timeout(Duration::from_secs(2))
+                    .build()
+                    .map_err(|e| DedupError(format!("REDIS_URL {url}: {e}")))?;
+                let c = client.get_async_connection().await.map_err(|e| {
+                    DedupError(format!(
+                        "cannot connect to the Redis Cluster at {nodes:?}: {e}"
+                    ))
+                })?;
+                Conn::Cluster(c)
+            }
+        };
         Ok(RedisDedup {
             conn,
             prefix: prefix.to_string(),
             ttl,
         })
+    }
+
+    /// Asks the server (`PING`), or a cluster node whether the cluster is whole
+    /// (`CLUSTER INFO` says `cluster_state:ok`).
+    pub async fn ping(&self) -> Result<(), DedupError> {
+        match &self.conn {
+            Conn::Single(c) => redis::cmd("PING")
+                .query_async::<String>(&mut c.clone())
+                .await
+                .map(|_| ())
+                .map_err(redis_error),
+            Conn::Cluster(c) => {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c.clone())
+                    .await
+                    .map_err(redis_error)?;
+                if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                    Ok(())
+                } else {
+                    let state = info
+                        .lines()
+                        .find(|l| l.starts_with("cluster_state:"))
+                        .unwrap_or("cluster_state: unknown")
+                        .trim()
+                        .to_string();
+                    Err(DedupError(format!(
+                        "the Redis Cluster is not whole ({state})"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The Redis key of a mark.
+    fn key(&self, k: &DedupKey) -> String {
+        match self.conn {
+            Conn::Single(_) => format!("{}{}", self.prefix, k.0),
+            Conn::Cluster(_) => format!("{}{{{:02x}}}{}", self.prefix, bucket(&k.0), k.0),
+        }
+    }
+
+    /// Item indices grouped so that each group's keys share a slot (all of them on one server).
+    fn groups(&self, keys: &[DedupKey]) -> Vec<Vec<usize>> {
+        match self.conn {
+            Conn::Single(_) => vec![(0..keys.len()).collect()],
+            Conn::Cluster(_) => {
+                let mut by: std::collections::BTreeMap<u64, Vec<usize>> = Default::default();
+                for (i, k) in keys.iter().enumerate() {
+                    by.entry(bucket(&k.0)).or_default().push(i);
+                }
+                by.into_values().collect()
+            }
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, DedupError> {
+        match &self.conn {
+            Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+        }
+        .map_err(redis_error)
+    }
+
+    async fn run(&self, cmd: &redis::Cmd) -> Result<i64, DedupError> {
+        match &self.conn {
+            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+        .map_err(redis_error)
+    }
+
+    /// Runs one pipeline per group (at once), and puts the answers back in item order.
+    async fn per_group<T: redis::FromRedisValue + Default + Clone>(
+        &self,
+        keys: &[DedupKey],
+        build: impl Fn(&mut redis::Pipeline, usize),
+    ) -> Result<Vec<T>, DedupError> {
+        let groups = self.groups(keys);
+        let pipes: Vec<redis::Pipeline> = groups
+            .iter()
+            .map(|g| {
+                let mut pipe = redis::pipe();
+                for &i in g {
+                    build(&mut pipe, i);
+                }
+                pipe
+            })
+            .collect();
+        let answers: Vec<Vec<T>> =
+            futures::future::try_join_all(pipes.iter().map(|p| self.query::<Vec<T>>(p))).await?;
+        let mut out = vec![T::default(); keys.len()];
+        for (g, a) in groups.iter().zip(answers) {
+            if a.len() != g.len() {
+                return Err(DedupError(format!(
+                    "Redis answered {} of {} commands",
+                    a.len(),
+                    g.len()
+                )));
+            }
+            for (&i, v) in g.iter().zip(a) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -122,19 +314,17 @@ impl DedupStore for RedisDedup {
         if items.is_empty() {
             return Ok(vec![]);
         }
-        let mut pipe = redis::pipe();
         let opts = redis::SetOptions::default()
             .conditional_set(redis::ExistenceCheck::NX)
             .get(true)
             .with_expiration(redis::SetExpiry::EX(self.ttl.as_secs().max(1)));
-        for (key, owner) in items {
-            pipe.set_options(format!("{}{}", self.prefix, key.0), &owner.0, opts.clone());
-        }
-        let mut conn = self.conn.clone();
-        let previous: Vec<Option<String>> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| DedupError(e.to_string()))?;
+        let keys: Vec<DedupKey> = items.iter().map(|(k, _)| k.clone()).collect();
+        let previous: Vec<Option<String>> = self
+            .per_group(&keys, |pipe, i| {
+                let (key, owner) = &items[i];
+                pipe.set_options(self.key(key), &owner.0, opts.clone());
+            })
+            .await?;
         Ok(previous
             .into_iter()
             .zip(items)
@@ -147,37 +337,39 @@ impl DedupStore for RedisDedup {
             return Ok(());
         }
         // Compare-and-delete, atomically per key: never remove a mark another record owns.
+        // One script per group: a script's keys must share a slot on a cluster.
         const SCRIPT: &str = "for i, k in ipairs(KEYS) do \
                if redis.call('GET', k) == ARGV[i] then redis.call('DEL', k) end \
              end \
              return 0";
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(SCRIPT).arg(items.len());
-        for (key, _) in items {
-            cmd.arg(format!("{}{}", self.prefix, key.0));
-        }
-        for (_, owner) in items {
-            cmd.arg(&owner.0);
-        }
-        let mut conn = self.conn.clone();
-        cmd.query_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| DedupError(e.to_string()))
+        let keys: Vec<DedupKey> = items.iter().map(|(k, _)| k.clone()).collect();
+        let cmds: Vec<redis::Cmd> = self
+            .groups(&keys)
+            .into_iter()
+            .map(|g| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(SCRIPT).arg(g.len());
+                for &i in &g {
+                    cmd.arg(self.key(&items[i].0));
+                }
+                for &i in &g {
+                    cmd.arg(&items[i].1 .0);
+                }
+                cmd
+            })
+            .collect();
+        futures::future::try_join_all(cmds.iter().map(|c| self.run(c))).await?;
+        Ok(())
     }
 
     async fn peek(&self, keys: &[DedupKey]) -> Result<Vec<Option<String>>, DedupError> {
         if keys.is_empty() {
             return Ok(vec![]);
         }
-        let mut pipe = redis::pipe();
-        for k in keys {
-            pipe.get(format!("{}{}", self.prefix, k.0));
-        }
-        let mut conn = self.conn.clone();
-        pipe.query_async(&mut conn)
-            .await
-            .map_err(|e| DedupError(e.to_string()))
+        self.per_group(keys, |pipe, i| {
+            pipe.get(self.key(&keys[i]));
+        })
+        .await
     }
 }
 
@@ -240,5 +432,41 @@ impl DedupStore for MemoryDedup {
                     .map(|(o, _)| o.clone())
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_url_names_one_server_or_a_cluster() {
+        assert_eq!(
+            RedisTarget::parse("redis://127.0.0.1:6379"),
+            RedisTarget::Single("redis://127.0.0.1:6379".into())
+        );
+        assert_eq!(
+            RedisTarget::parse("redis://a:7000, redis://b:7001"),
+            RedisTarget::Cluster(vec!["redis://a:7000".into(), "redis://b:7001".into()])
+        );
+        assert_eq!(
+            RedisTarget::parse("rediss+cluster://cfg.cache.amazonaws.com:6379"),
+            RedisTarget::Cluster(vec!["rediss://cfg.cache.amazonaws.com:6379".into()])
+        );
+        assert_eq!(
+            RedisTarget::parse("redis+cluster://a:7000,redis+cluster://b:7000"),
+            RedisTarget::Cluster(vec!["redis://a:7000".into(), "redis://b:7000".into()])
+        );
+    }
+
+    #[test]
+    fn buckets_are_stable_and_spread() {
+        // Part of the key format: these values must never change.
+        assert_eq!(bucket("aws:evt-1"), bucket("aws:evt-1"));
+        assert_eq!(bucket(""), 0xcbf2_9ce4_8422_2325 % CLUSTER_BUCKETS);
+        let used: std::collections::HashSet<u64> = (0..10_000)
+            .map(|i| bucket(&format!("direct:e-{i}")))
+            .collect();
+        assert_eq!(used.len() as u64, CLUSTER_BUCKETS);
     }
 }

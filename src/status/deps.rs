@@ -83,14 +83,16 @@ pub(super) async fn postgres(
 pub(super) async fn redis(url: &str) -> Dependency {
     let t0 = Instant::now();
     let result = async {
-        let client = redis::Client::open(url)?;
-        let mut c = tokio::time::timeout(
+        // One server or a cluster, as the processor reads REDIS_URL.
+        let c = tokio::time::timeout(
             Duration::from_secs(3),
-            client.get_multiplexed_async_connection(),
+            crate::pipeline::dedup::RedisDedup::connect(url, "", Duration::from_secs(1)),
         )
         .await
         .map_err(|_| anyhow::anyhow!("no answer within 3 s"))??;
-        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        tokio::time::timeout(Duration::from_secs(3), c.ping())
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within 3 s"))??;
         anyhow::Ok(())
     }
     .await;

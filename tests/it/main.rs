@@ -26,6 +26,7 @@ mod processor;
 mod publish;
 mod pubsub_standin;
 mod reconcile;
+mod redis_cluster;
 mod registry;
 mod replay;
 mod resilience;
