@@ -7,7 +7,9 @@
 //!   steady request rate through the ingress and a processor in one process (as `helios run`).
 //! - `ingress`: requests/s and latency of the ingress against a bare HTTP server.
 //! - `reconcile`: one reconciler on a backlog of fan-out events (orders with one to three steps).
+//! - `dedup`: dedup claims on one Redis and on a Redis Cluster, side by side.
 
+mod dedup;
 mod ingress;
 mod latency;
 mod process;
@@ -90,6 +92,21 @@ enum BenchCommand {
         stores: Stores,
         /// Records per batch (default: the reconciler's).
         #[arg(long, default_value_t = helios::reconcile::run::DEFAULT_BATCH)]
+        batch_size: usize,
+    },
+    /// Dedup claims (the processor's pipelined SET NX GET) on one Redis and on a Redis Cluster.
+    Dedup {
+        /// The single Redis.
+        #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// A Redis Cluster's seed nodes (comma separated), measured in the same run.
+        #[arg(long)]
+        cluster_url: Option<String>,
+        /// Marks claimed per pass.
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        /// Marks per claim (the processor's batch).
+        #[arg(long, default_value_t = helios::pipeline::processor::DEFAULT_BATCH_RECORDS)]
         batch_size: usize,
     },
     /// Ingress throughput and latency against a bare HTTP server.
@@ -182,6 +199,19 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
             connections,
             seconds,
         } => ingress::run(&kafka, connections, seconds).await,
+        BenchCommand::Dedup {
+            redis_url,
+            cluster_url,
+            events,
+            batch_size,
+        } => {
+            let mut rows = dedup::run_once("single", &redis_url, events, batch_size).await?;
+            if let Some(c) = cluster_url {
+                rows.extend(dedup::run_once("cluster", &c, events, batch_size).await?);
+            }
+            dedup::print(batch_size, &rows);
+            Ok(())
+        }
         BenchCommand::Reconcile {
             kafka,
             records,
