@@ -1,7 +1,8 @@
 //! Failpoints for the fault-injection harness, compiled only with the `failpoints` feature (the
 //! test script turns it on; release builds have none). `HELIOS_FAILPOINTS` names them:
 //! `deliver.after_store=2*panic` panics the first 2 times the point is reached, `=panic` every
-//! time. Points: `deliver.after_store` (a delivery that has written PostgreSQL and nothing else).
+//! time, `=hang` waits there forever (a stuck await: what liveness must see). Points:
+//! `deliver.after_store` (a delivery that has written PostgreSQL and nothing else).
 
 #[cfg(feature = "failpoints")]
 mod imp {
@@ -12,6 +13,7 @@ mod imp {
     struct Point {
         times: Option<u64>,
         hits: AtomicU64,
+        hang: bool,
     }
 
     fn points() -> &'static HashMap<String, Point> {
@@ -25,12 +27,13 @@ mod imp {
                         Some((n, w)) => (n.trim().parse().ok(), w.trim()),
                         None => (None, action.trim()),
                     };
-                    (what == "panic").then(|| {
+                    (what == "panic" || what == "hang").then(|| {
                         (
                             name.trim().to_string(),
                             Point {
                                 times,
                                 hits: AtomicU64::new(0),
+                                hang: what == "hang",
                             },
                         )
                     })
@@ -39,9 +42,20 @@ mod imp {
         })
     }
 
+    /// Waits forever when `name` is configured to hang and its count is not used up.
+    pub async fn hang(name: &str) {
+        if let Some(p) = points().get(name).filter(|p| p.hang) {
+            let n = p.hits.fetch_add(1, Ordering::SeqCst);
+            if p.times.is_none_or(|t| n < t) {
+                tracing::warn!(failpoint = name, hit = n + 1, "failpoint: hanging");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Panics when `name` is configured to and its count is not used up.
     pub fn hit(name: &str) {
-        if let Some(p) = points().get(name) {
+        if let Some(p) = points().get(name).filter(|p| !p.hang) {
             let n = p.hits.fetch_add(1, Ordering::SeqCst);
             if p.times.is_none_or(|t| n < t) {
                 tracing::warn!(failpoint = name, hit = n + 1, "failpoint: panicking");
@@ -92,4 +106,11 @@ pub fn fails(_name: &str) -> bool {
 pub fn hit(_name: &str) {
     #[cfg(feature = "failpoints")]
     imp::hit(_name);
+}
+
+/// Reaches the failpoint `name` where it may hang (nothing without the `failpoints` feature).
+#[inline]
+pub async fn hang(_name: &str) {
+    #[cfg(feature = "failpoints")]
+    imp::hang(_name).await;
 }

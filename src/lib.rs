@@ -13,6 +13,7 @@ pub mod http;
 pub mod ingress;
 pub mod kafka;
 pub mod limits;
+pub mod liveness;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -96,6 +96,29 @@ pub async fn run_processor(
         .await
 }
 
+/// 200 while the process's loop waits for work or makes progress; 503 when it is stuck
+/// ([`crate::liveness`]).
+async fn live() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match crate::liveness::check(crate::liveness::stale_limit()) {
+        Ok(()) => "alive".into_response(),
+        Err(since) => {
+            tracing::error!(
+                since_progress_s = since.as_secs(),
+                "no progress and not waiting for work: reporting not alive (a supervisor restarts the process; nothing past the stuck batch was committed)"
+            );
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "stuck: no progress for {} s while not waiting for work",
+                    since.as_secs()
+                ),
+            )
+                .into_response()
+        }
+    }
+}
+
 /// Serves `/metrics` and a liveness route for a processor without an ingress.
 pub async fn serve_metrics(addr: &str, shutdown: Shutdown) -> anyhow::Result<std::net::SocketAddr> {
     let handle = crate::metrics::install();
@@ -107,10 +130,7 @@ pub async fn serve_metrics(addr: &str, shutdown: Shutdown) -> anyhow::Result<std
                 async move { h.render() }
             }),
         )
-        .route(
-            "/api/v1/health/live",
-            axum::routing::get(|| async { "alive" }),
-        )
+        .route("/api/v1/health/live", axum::routing::get(live))
         .route("/status", axum::routing::get(crate::metrics::status_page));
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -102,6 +102,8 @@ impl Retry {
     /// Counts and logs a retry after `e`; the wait before the next attempt. The stall gauge
     /// (`helios_processor_stalled_seconds`) says how long the work has been failing.
     fn note(&mut self, e: &Unavailable) -> Duration {
+        // An outage is not a hang: each attempt is progress ([`crate::liveness`]).
+        crate::liveness::progress();
         let since = *self.since.get_or_insert_with(std::time::Instant::now);
         metrics::gauge!("helios_processor_stalled_seconds").set(since.elapsed().as_secs_f64());
         let pause = self.breakers.failed(e.sink);

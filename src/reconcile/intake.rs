@@ -27,6 +27,7 @@ impl Reconciler {
             match self.check_partitions().await? {
                 None => return Ok(true),
                 Some(e) => {
+                    crate::liveness::progress();
                     tracing::warn!(error = %e, "the broker did not answer the step topics' metadata; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_wait()) => {}

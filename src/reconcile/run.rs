@@ -339,9 +339,13 @@ impl Reconciler {
         let mut write_backoff = Backoff::default();
         while !shutdown.is_triggered() {
             let polled = Instant::now();
-            let (batch, caught_up) = tokio::select! {
-                b = self.poll_batch() => b,
-                _ = shutdown.clone().wait() => break,
+            crate::liveness::progress();
+            let (batch, caught_up) = {
+                let _waiting = crate::liveness::waiting();
+                tokio::select! {
+                    b = self.poll_batch() => b,
+                    _ = shutdown.clone().wait() => break,
+                }
             };
             add_us(&self.stats.poll_us, polled);
             if let Some(why) = self.fatal.take() {
@@ -414,6 +418,7 @@ impl Reconciler {
     }
 
     fn retried(&self) {
+        crate::liveness::progress();
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("helios_reconcile_retries_total").increment(1);
     }

@@ -19,6 +19,7 @@ mod exactly_once;
 mod front_door;
 mod gcp_pubsub;
 mod kubernetes;
+mod liveness;
 mod ops;
 mod outage;
 mod poison;

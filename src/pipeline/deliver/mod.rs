@@ -256,6 +256,7 @@ impl Delivery {
         loop {
             self.store(out).await?;
             crate::failpoint::hit("deliver.after_store");
+            crate::failpoint::hang("deliver.after_store").await;
             let avro = self.avro_values(out).await?;
             let (refused, transient) = self.fanout(out, &avro, true).await?;
             self.take_back(out, refused).await?;

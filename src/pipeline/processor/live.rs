@@ -54,6 +54,8 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             }
             // Until records are waiting, a delivery in flight is settled as soon as it is done
             // (a quiet stream must not leave its last batch uncommitted).
+            // Not "waiting for work" for liveness: a delivery is in flight, and it makes progress
+            // (settles, or attempts again) or is stuck.
             while let Some(f) = in_flight.as_mut() {
                 tokio::select! {
                     r = &mut f.handle => {
@@ -74,9 +76,12 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                     _ = shutdown.clone().wait() => break 'batches,
                 }
             }
-            let batch = tokio::select! {
-                b = self.consumer.next_batch() => b,
-                _ = shutdown.clone().wait() => break,
+            let batch = {
+                let _waiting = crate::liveness::waiting();
+                tokio::select! {
+                    b = self.consumer.next_batch() => b,
+                    _ = shutdown.clone().wait() => break,
+                }
             };
             let mut batch = match batch {
                 Ok(b) => b,
@@ -202,6 +207,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         shutdown: &Shutdown,
         after_abandon: &mut Backoff,
     ) -> Vec<DedupKey> {
+        crate::liveness::progress();
         let (why, renew) = match result {
             Ok(Outcome::Delivered(mut d)) => {
                 let commit = d.resolve(seq);
