@@ -121,9 +121,23 @@ async fn side_limit(
     }
 }
 
+/// 200 while the process serves; 503 when a processor loop in the same process (`helios run`)
+/// is stuck ([`crate::liveness`]).
 async fn live() -> Response {
-    Json(serde_json::json!({"status": "alive", "version": env!("CARGO_PKG_VERSION")}))
-        .into_response()
+    match crate::liveness::check(crate::liveness::stale_limit()) {
+        Ok(()) => {
+            Json(serde_json::json!({"status": "alive", "version": env!("CARGO_PKG_VERSION")}))
+                .into_response()
+        }
+        Err(since) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                serde_json::json!({"status": "stuck", "since_progress_s": since.as_secs(),
+                "version": env!("CARGO_PKG_VERSION")}),
+            ),
+        )
+            .into_response(),
+    }
 }
 
 fn metrics_text(h: &metrics_exporter_prometheus::PrometheusHandle) -> Response {

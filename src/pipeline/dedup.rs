@@ -96,7 +96,49 @@ fn classify(existing: Option<String>, owner: &MarkOwner) -> Claim {
 #[derive(Clone)]
 enum Conn {
     Single(redis::aio::ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(std::sync::Arc<ClusterConn>),
+}
+
+/// A cluster connection that is built again from the seed nodes after a failure.
+///
+/// The client follows MOVED/ASK, but when a primary dies its connection only tries to reach
+/// that node again: nothing rebuilds the slot map until some node answers MOVED, so requests
+/// for the dead primary's slots time out even after its replica took over (seen in the
+/// failover test). A failed request therefore renews the connection (at most once a second),
+/// and the new one reads the slots from whichever seed answers.
+struct ClusterConn {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::RwLock<redis::cluster_async::ClusterConnection>,
+    renewed: std::sync::Mutex<Instant>,
+}
+
+/// How often a failing cluster connection may be built again.
+const CLUSTER_RENEW_EVERY: Duration = Duration::from_secs(1);
+
+impl ClusterConn {
+    async fn get(&self) -> redis::cluster_async::ClusterConnection {
+        self.conn.read().await.clone()
+    }
+
+    async fn renew(&self) {
+        {
+            let mut at = self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+            if at.elapsed() < CLUSTER_RENEW_EVERY {
+                return;
+            }
+            *at = Instant::now();
+        }
+        match self.client.get_async_connection().await {
+            Ok(c) => {
+                *self.conn.write().await = c;
+                metrics::counter!("helios_dedup_cluster_reconnects_total").increment(1);
+                tracing::info!("the Redis Cluster connection was built again (slots read anew)");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "building the Redis Cluster connection again failed")
+            }
+        }
+    }
 }
 
 /// What `REDIS_URL` names: one server, or a cluster's seed nodes.
@@ -190,7 +232,11 @@ impl RedisDedup {
                         "cannot connect to the Redis Cluster at {nodes:?}: {e}"
                     ))
                 })?;
-                Conn::Cluster(c)
+                Conn::Cluster(std::sync::Arc::new(ClusterConn {
+                    client,
+                    conn: tokio::sync::RwLock::new(c),
+                    renewed: std::sync::Mutex::new(Instant::now()),
+                }))
             }
         };
         Ok(RedisDedup {
@@ -212,7 +258,7 @@ impl RedisDedup {
             Conn::Cluster(c) => {
                 let info: String = redis::cmd("CLUSTER")
                     .arg("INFO")
-                    .query_async(&mut c.clone())
+                    .query_async(&mut c.get().await)
                     .await
                     .map_err(redis_error)?;
                 if info.lines().any(|l| l.trim() == "cluster_state:ok") {
@@ -260,7 +306,13 @@ impl RedisDedup {
     ) -> Result<T, DedupError> {
         match &self.conn {
             Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
-            Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => {
+                let r = pipe.query_async(&mut c.get().await).await;
+                if r.is_err() {
+                    c.renew().await;
+                }
+                r
+            }
         }
         .map_err(redis_error)
     }
@@ -268,7 +320,13 @@ impl RedisDedup {
     async fn run(&self, cmd: &redis::Cmd) -> Result<i64, DedupError> {
         match &self.conn {
             Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
-            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => {
+                let r = cmd.query_async(&mut c.get().await).await;
+                if r.is_err() {
+                    c.renew().await;
+                }
+                r
+            }
         }
         .map_err(redis_error)
     }
