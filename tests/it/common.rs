@@ -528,6 +528,28 @@ pub fn helios_process_command(
     c
 }
 
+/// A child process killed (and reaped) when the test ends, however it ends; with a log file,
+/// its last 80 lines are printed when the test fails.
+pub struct KillOnDrop(pub std::process::Child, pub Option<std::path::PathBuf>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if let Some(path) = self.1.as_ref().filter(|_| std::thread::panicking()) {
+            let log = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            eprintln!(
+                "--- {} (last {} lines)\n{}",
+                path.display(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
 /// A fresh directory under the system's temp dir, `helios-<tag>-<uuid>`.
 pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("helios-{tag}-{}", uuid::Uuid::new_v4().simple()));

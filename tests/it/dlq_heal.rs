@@ -9,15 +9,6 @@ use serde_json::json;
 
 use crate::common::*;
 
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn scalar(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
@@ -129,6 +120,7 @@ async fn a_dead_letter_heals_itself_once_its_type_is_declared_and_invalid_json_n
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("helios dlq heal --every"),
+        None,
     );
     expect_count(
         &pool,

@@ -8,16 +8,6 @@ use serde_json::json;
 
 use crate::common::*;
 
-/// Kills the child when the test ends, however it ends.
-struct Kill(std::process::Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_processor_stuck_in_a_delivery_stops_being_alive_and_an_idle_one_does_not() {
     let app = spawn_app(|_| {}).await;
@@ -31,7 +21,7 @@ async fn a_processor_stuck_in_a_delivery_stops_being_alive_and_an_idle_one_does_
     c.env("HELIOS_METRICS_ADDR", &metrics)
         .env("HELIOS_LIVENESS_STALE_SECS", "2")
         .env("HELIOS_FAILPOINTS", "deliver.after_store=hang");
-    let mut child = Kill(c.spawn().expect("spawn helios process"));
+    let mut child = KillOnDrop(c.spawn().expect("spawn helios process"), None);
     let client = reqwest::Client::new();
     let live = || async {
         match client

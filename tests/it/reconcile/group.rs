@@ -100,26 +100,6 @@ async fn stream_outcomes(pool: &sqlx::PgPool) -> BTreeSet<(String, String, Strin
 
 /// A child process killed when the test ends, passed or not; its log (stderr) is printed when
 /// the test fails.
-struct KillOnDrop(std::process::Child, std::path::PathBuf);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(80)..];
-            eprintln!(
-                "--- {} (last {} lines)\n{}",
-                self.1.display(),
-                tail.len(),
-                tail.join("\n")
-            );
-        }
-    }
-}
-
 /// Fails with what is missing and what is extra (the first 20 of each), not two whole sets.
 fn assert_same(what: &str, got: &Expected, want: &Expected) {
     if got != want {
@@ -173,7 +153,7 @@ async fn killing_the_reconciler_mid_stream_then_restarting_writes_each_outcome_o
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("helios reconcile");
-        KillOnDrop(child, log)
+        KillOnDrop(child, Some(log))
     };
     let mut first = spawn(1);
     let deadline = Instant::now() + Duration::from_secs(90);
