@@ -20,10 +20,11 @@ use crate::topology::Topology;
 #[derive(Debug, clap::Subcommand)]
 pub enum SchemasCommand {
     /// Compare schemas/ with the registry under each subject's compatibility mode; say per
-    /// field what breaks whom (exit 1 when something would be refused).
+    /// field what breaks whom (exit 1 when something would be refused, 2 when the check could
+    /// not be made).
     Check(SchemasArgs),
     /// Register every schema that passes the check (new subjects, changed schemas); refuse the
-    /// rest (exit 1 when one was refused).
+    /// rest (exit 1 when one was refused, 2 when the registry did not answer).
     Register(SchemasArgs),
 }
 
@@ -221,8 +222,20 @@ fn print_text(c: &Checked) {
     }
 }
 
-/// Runs `helios schemas ...`.
+/// Runs `helios schemas ...`: exit 0 when everything passes, 1 when the registry would refuse
+/// something, 2 when the check could not be made (the registry did not answer, a schema file is
+/// invalid), so that a pipeline tells "incompatible" from "could not tell".
 pub async fn run(cmd: SchemasCommand) -> anyhow::Result<ExitCode> {
+    match check_all(cmd).await {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+async fn check_all(cmd: SchemasCommand) -> anyhow::Result<ExitCode> {
     let (args, register) = match cmd {
         SchemasCommand::Check(a) => (a, false),
         SchemasCommand::Register(a) => (a, true),
