@@ -134,20 +134,25 @@ impl Checker {
         }
     }
 
-    /// Fetches the writer's schema versions these records' events say they were written with
-    /// (with a registry), so that [`Self::verdict`] can decide them.
-    pub async fn prefetch(&self, records: &[DlqRecord]) -> anyhow::Result<()> {
-        let Some(writers) = self.validator.writer_schemas() else {
-            return Ok(());
-        };
-        let ctx = PlanContext {
+    /// What planning reads: the current topology, rules and schemas, the broker's topics.
+    fn plan_context(&self) -> PlanContext<'_> {
+        PlanContext {
             validator: &self.validator,
             existing_topics: &self.topics,
             topology: &self.topology,
             replay: None,
             limits: &self.limits,
             avro: false,
+        }
+    }
+
+    /// Fetches the writer's schema versions these records' events say they were written with
+    /// (with a registry), so that [`Self::verdict`] can decide them.
+    pub async fn prefetch(&self, records: &[DlqRecord]) -> anyhow::Result<()> {
+        let Some(writers) = self.validator.writer_schemas() else {
+            return Ok(());
         };
+        let ctx = self.plan_context();
         let raws: Vec<RawRecord> = records.iter().map(raw_of).collect();
         let needs: Vec<(String, u32)> = prepare(&raws, &ctx).writer_schemas.into_iter().collect();
         writers
@@ -170,14 +175,7 @@ impl Checker {
             return Verdict::Refused(why.to_string());
         }
         let raw = raw_of(r);
-        let ctx = PlanContext {
-            validator: &self.validator,
-            existing_topics: &self.topics,
-            topology: &self.topology,
-            replay: None,
-            limits: &self.limits,
-            avro: false,
-        };
+        let ctx = self.plan_context();
         let plan = prepare(std::slice::from_ref(&raw), &ctx);
         if !plan.is_complete() {
             return Verdict::StillFailing(format!(

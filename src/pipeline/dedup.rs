@@ -317,20 +317,6 @@ impl RedisDedup {
         .map_err(redis_error)
     }
 
-    async fn run(&self, cmd: &redis::Cmd) -> Result<i64, DedupError> {
-        match &self.conn {
-            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
-            Conn::Cluster(c) => {
-                let r = cmd.query_async(&mut c.get().await).await;
-                if r.is_err() {
-                    c.renew().await;
-                }
-                r
-            }
-        }
-        .map_err(redis_error)
-    }
-
     /// Runs one pipeline per group (at once), and puts the answers back in item order.
     async fn per_group<T: redis::FromRedisValue + Default + Clone>(
         &self,
@@ -401,7 +387,9 @@ impl DedupStore for RedisDedup {
              end \
              return 0";
         let keys: Vec<DedupKey> = items.iter().map(|(k, _)| k.clone()).collect();
-        let cmds: Vec<redis::Cmd> = self
+        // Each script is a pipeline of its own (one slot each), sent through the same path as
+        // the claims.
+        let pipes: Vec<redis::Pipeline> = self
             .groups(&keys)
             .into_iter()
             .map(|g| {
@@ -413,10 +401,12 @@ impl DedupStore for RedisDedup {
                 for &i in &g {
                     cmd.arg(&items[i].1 .0);
                 }
-                cmd
+                let mut pipe = redis::pipe();
+                pipe.add_command(cmd);
+                pipe
             })
             .collect();
-        futures::future::try_join_all(cmds.iter().map(|c| self.run(c))).await?;
+        futures::future::try_join_all(pipes.iter().map(|p| self.query::<Vec<i64>>(p))).await?;
         Ok(())
     }
 

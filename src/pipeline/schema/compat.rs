@@ -48,6 +48,77 @@ fn record(s: &Schema) -> Option<&RecordSchema> {
     }
 }
 
+/// One direction of reading: `reader` reads data written with `writer`; a break hurts `whom`.
+struct Direction<'a> {
+    writer: &'a Schema,
+    reader: &'a Schema,
+    whom: Whom,
+}
+
+/// The whole-schema verdict of Avro resolution, for what the field walk does not name.
+fn whole(dirs: &[Direction<'_>], version: u32) -> Vec<Break> {
+    dirs.iter()
+        .filter_map(|d| {
+            SchemaCompatibility::can_read(d.writer, d.reader)
+                .err()
+                .map(|e| Break {
+                    field: None,
+                    against: version,
+                    whom: d.whom,
+                    detail: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// The reader's fields against the writer's: one missing without a default, or of a type the
+/// reader cannot read from the writer's, is a break.
+fn fields(w: &RecordSchema, r: &RecordSchema, whom: Whom, version: u32) -> Vec<Break> {
+    let find = |name: &str| {
+        w.fields
+            .iter()
+            .find(|f| f.name == name || f.aliases.iter().any(|a| a == name))
+    };
+    let mut out = vec![];
+    for f in &r.fields {
+        let detail = match find(&f.name) {
+            None if f.default.is_some() => continue,
+            None => match whom {
+                Whom::NewReaders => format!(
+                    "added without a default: consumers on the new schema cannot read events written with v{version} (they lack `{}`); give it a default, or make it optional",
+                    f.name
+                ),
+                Whom::OldReaders => format!(
+                    "removed, and v{version} has no default for it: consumers still on v{version} cannot read events written with the new schema; keep it, or give it a default in v{version} first",
+                ),
+            },
+            Some(wf) => match SchemaCompatibility::can_read(&wf.schema, &f.schema) {
+                Ok(_) => continue,
+                // Told from the old schema's type to the new one's, whoever reads.
+                Err(e) => match whom {
+                    Whom::NewReaders => format!(
+                        "type changes from {} to {}: consumers on the new schema cannot read v{version}'s values ({e})",
+                        short(&wf.schema),
+                        short(&f.schema)
+                    ),
+                    Whom::OldReaders => format!(
+                        "type changes from {} to {}: consumers still on v{version} cannot read the new values ({e})",
+                        short(&f.schema),
+                        short(&wf.schema)
+                    ),
+                },
+            },
+        };
+        out.push(Break {
+            field: Some(f.name.clone()),
+            against: version,
+            whom,
+            detail,
+        });
+    }
+    out
+}
+
 /// What `new` breaks against version `version` (`old`) in the given directions.
 pub fn explain(
     old: &Schema,
@@ -56,119 +127,52 @@ pub fn explain(
     backward: bool,
     forward: bool,
 ) -> Vec<Break> {
-    let mut out = vec![];
-    let brk = |field: Option<&str>, whom, detail: String| Break {
-        field: field.map(str::to_string),
-        against: version,
-        whom,
-        detail,
-    };
+    let mut dirs = vec![];
+    if backward {
+        dirs.push(Direction {
+            writer: old,
+            reader: new,
+            whom: Whom::NewReaders,
+        });
+    }
+    if forward {
+        dirs.push(Direction {
+            writer: new,
+            reader: old,
+            whom: Whom::OldReaders,
+        });
+    }
     let (Some(o), Some(n)) = (record(old), record(new)) else {
         // Not records (HELIOS's payload schemas always are): the whole-schema verdict only.
-        for (dir, writer, reader, whom) in [
-            (backward, old, new, Whom::NewReaders),
-            (forward, new, old, Whom::OldReaders),
-        ] {
-            if dir {
-                if let Err(e) = SchemaCompatibility::can_read(writer, reader) {
-                    out.push(brk(None, whom, e.to_string()));
-                }
-            }
-        }
-        return out;
+        return whole(&dirs, version);
     };
-    if o.name.fullname(None) != n.name.fullname(None)
+    let mut out = vec![];
+    let renamed = o.name.fullname(None) != n.name.fullname(None)
         && !n
             .aliases
             .iter()
             .flatten()
-            .any(|a| a.fullname(None) == o.name.fullname(None))
-    {
-        let detail = format!(
-            "the record is renamed from `{}` to `{}` (without an alias): Avro resolves records by name",
-            o.name.fullname(None),
-            n.name.fullname(None)
-        );
-        if backward {
-            out.push(brk(None, Whom::NewReaders, detail.clone()));
+            .any(|a| a.fullname(None) == o.name.fullname(None));
+    for d in &dirs {
+        if renamed {
+            out.push(Break {
+                field: None,
+                against: version,
+                whom: d.whom,
+                detail: format!(
+                    "the record is renamed from `{}` to `{}` (without an alias): Avro resolves records by name",
+                    o.name.fullname(None),
+                    n.name.fullname(None)
+                ),
+            });
         }
-        if forward {
-            out.push(brk(None, Whom::OldReaders, detail));
-        }
-    }
-    let find = |r: &'_ RecordSchema, name: &str| {
-        r.fields
-            .iter()
-            .find(|f| f.name == name || f.aliases.iter().any(|a| a == name))
-            .cloned()
-    };
-    if backward {
-        for f in &n.fields {
-            match find(o, &f.name) {
-                None if f.default.is_none() => out.push(brk(
-                    Some(&f.name),
-                    Whom::NewReaders,
-                    format!(
-                        "added without a default: consumers on the new schema cannot read events written with v{version} (they lack `{}`); give it a default, or make it optional",
-                        f.name
-                    ),
-                )),
-                None => {}
-                Some(of) => {
-                    if let Err(e) = SchemaCompatibility::can_read(&of.schema, &f.schema) {
-                        out.push(brk(
-                            Some(&f.name),
-                            Whom::NewReaders,
-                            format!(
-                                "type changes from {} to {}: consumers on the new schema cannot read v{version}'s values ({e})",
-                                short(&of.schema),
-                                short(&f.schema)
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    if forward {
-        for of in &o.fields {
-            match find(n, &of.name) {
-                None if of.default.is_none() => out.push(brk(
-                    Some(&of.name),
-                    Whom::OldReaders,
-                    format!(
-                        "removed, and v{version} has no default for it: consumers still on v{version} cannot read events written with the new schema; keep it, or give it a default in v{version} first",
-                    ),
-                )),
-                None => {}
-                Some(f) => {
-                    if let Err(e) = SchemaCompatibility::can_read(&f.schema, &of.schema) {
-                        out.push(brk(
-                            Some(&of.name),
-                            Whom::OldReaders,
-                            format!(
-                                "type changes from {} to {}: consumers still on v{version} cannot read the new values ({e})",
-                                short(&of.schema),
-                                short(&f.schema)
-                            ),
-                        ));
-                    }
-                }
-            }
+        if let (Some(w), Some(r)) = (record(d.writer), record(d.reader)) {
+            out.extend(fields(w, r, d.whom, version));
         }
     }
     if out.is_empty() {
         // Anything Avro refuses that the field walk did not name (nested types, enums...).
-        for (dir, writer, reader, whom) in [
-            (backward, old, new, Whom::NewReaders),
-            (forward, new, old, Whom::OldReaders),
-        ] {
-            if dir {
-                if let Err(e) = SchemaCompatibility::can_read(writer, reader) {
-                    out.push(brk(None, whom, e.to_string()));
-                }
-            }
-        }
+        out = whole(&dirs, version);
     }
     out
 }

@@ -201,6 +201,15 @@ impl Registry {
         }
     }
 
+    /// A POST carrying an Avro schema, as the register and compatibility calls take it.
+    fn post_schema(&self, url: reqwest::Url, schema: &str) -> reqwest::RequestBuilder {
+        let body = serde_json::json!({"schema": schema, "schemaType": "AVRO"});
+        self.http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(body.to_string())
+    }
+
     /// The subject's versions, oldest first (empty when the subject does not exist).
     pub async fn versions(&self, subject: &str) -> Result<Vec<u32>, Error> {
         let url = self.at(&["subjects", subject, "versions"]);
@@ -245,12 +254,7 @@ impl Registry {
         }
         let mut url = self.at(&["compatibility", "subjects", subject, "versions", "latest"]);
         url.query_pairs_mut().append_pair("verbose", "true");
-        let body = serde_json::json!({"schema": schema, "schemaType": "AVRO"});
-        let req = self
-            .http
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-            .body(body.to_string());
+        let req = self.post_schema(url, schema);
         match self.call::<Verdict>(req).await? {
             Some(v) => Ok((v.is_compatible, v.messages)),
             None => Ok((true, vec![])),
@@ -264,12 +268,7 @@ impl Registry {
             id: u32,
         }
         let url = self.at(&["subjects", subject, "versions"]);
-        let body = serde_json::json!({"schema": schema, "schemaType": "AVRO"});
-        let req = self
-            .http
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-            .body(body.to_string());
+        let req = self.post_schema(url, schema);
         match self.call::<Id>(req).await? {
             Some(i) => Ok(i.id),
             None => Err(Error::Refused {
