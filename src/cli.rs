@@ -84,6 +84,10 @@ enum Command {
         /// PostgreSQL schema for HELIOS's tables (created if missing).
         #[arg(long, env = "HELIOS_DB_SCHEMA")]
         db_schema: Option<String>,
+        /// The topology file: its `events_table:` section lays `events` out (partitioned by
+        /// `occurred_at`, retention). Default: ./topology.yaml when there is one.
+        #[arg(long, env = "HELIOS_TOPOLOGY")]
+        topology: Option<std::path::PathBuf>,
     },
     /// Check or create the topics that topology.yaml declares.
     Topology {
@@ -224,13 +228,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate {
             database_url,
             db_schema,
+            topology,
         } => {
+            let topology = match topology {
+                Some(path) => Some(Topology::load(&path)?),
+                None => {
+                    let default = std::path::Path::new("topology.yaml");
+                    default
+                        .exists()
+                        .then(|| Topology::load(default))
+                        .transpose()?
+                }
+            };
             let pool = crate::db::connect(&database_url, db_schema.as_deref()).await?;
             let applied = crate::db::migrate(&pool).await?;
             if applied.is_empty() {
                 println!("database is up to date");
             } else {
                 println!("applied migrations: {applied:?}");
+            }
+            let partitioning = topology.as_ref().and_then(|t| t.events_partitioning());
+            match crate::db::partitions::prepare(&pool, partitioning.as_ref(), true).await? {
+                Some(m) => println!(
+                    "events: partitioned {}{}: {m}",
+                    partitioning.map(|p| p.period_name()).unwrap_or_default(),
+                    partitioning
+                        .and_then(|p| p.retention)
+                        .map(|r| format!(", retention {}d", r.as_secs() / 86_400))
+                        .unwrap_or_default()
+                ),
+                None => println!("events: one unpartitioned table"),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -140,6 +140,44 @@ fn describe() {
         "helios_kafka_reachable",
         "1 when the last Kafka metadata probe succeeded, else 0"
     );
+    describe_gauge!(
+        "helios_events_partitions",
+        "Range partitions of the partitioned events table (the default partition not counted)"
+    );
+    describe_gauge!(
+        "helios_events_default_partition_rows",
+        "Rows in events_default: older than every partition or further ahead than create_ahead"
+    );
+    describe_gauge!(
+        "helios_events_oldest_partition_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest partition's lower bound; above the retention when drops fail"
+    );
+    describe_gauge!(
+        "helios_events_retention_seconds",
+        Unit::Seconds,
+        "The events table's retention (topology.yaml events_table.retention; 0: none)"
+    );
+    describe_counter!(
+        "helios_events_partitions_created_total",
+        "Partitions of events created ahead by maintenance"
+    );
+    describe_counter!(
+        "helios_events_partitions_dropped_total",
+        "Partitions of events dropped past retention"
+    );
+    describe_counter!(
+        "helios_events_default_rows_moved_total",
+        "Rows moved out of events_default into a partition created for their range"
+    );
+    describe_counter!(
+        "helios_events_default_rows_expired_total",
+        "Rows of events_default past retention, deleted"
+    );
+    describe_counter!(
+        "helios_events_partition_maintenance_failures_total",
+        "Partition maintenance runs that failed (tried again on the next run)"
+    );
 }
 
 /// Series with bounded labels exist (at 0, or their value: registering never changes it) in a running ingress, so rates and alerts
@@ -194,6 +232,24 @@ pub fn zero_processor_series() {
         metrics::counter!(name).increment(0);
     }
     metrics::gauge!("helios_processor_stalled_seconds").set(0.0);
+    // The partitioned events table's series (0 while `events` is one unpartitioned table).
+    for name in [
+        "helios_events_partitions_created_total",
+        "helios_events_partitions_dropped_total",
+        "helios_events_default_rows_moved_total",
+        "helios_events_default_rows_expired_total",
+        "helios_events_partition_maintenance_failures_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for name in [
+        "helios_events_partitions",
+        "helios_events_default_partition_rows",
+        "helios_events_oldest_partition_age_seconds",
+        "helios_events_retention_seconds",
+    ] {
+        metrics::gauge!(name).increment(0.0);
+    }
 }
 
 /// The live status page (`GET /status` on the ingress and on `helios process`'s metrics port):

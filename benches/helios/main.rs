@@ -60,6 +60,10 @@ enum BenchCommand {
         /// Records per batch (default: the processor's).
         #[arg(long, default_value_t = helios::pipeline::processor::DEFAULT_BATCH_RECORDS)]
         batch_size: usize,
+        /// Every column on a partitioned `events` table (daily, 90 days retention: 98
+        /// partitions and the default one), as topology.yaml `events_table` lays it out.
+        #[arg(long)]
+        partitioned: bool,
     },
     /// Time from the ingress receiving an event to its row in PostgreSQL, at a steady rate.
     Latency {
@@ -147,6 +151,7 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
             records,
             stores,
             batch_size,
+            partitioned,
         } => {
             let mut rows = vec![];
             for n in records {
@@ -157,11 +162,12 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
                         &stores.database_url,
                         &stores.redis_url,
                         batch_size,
+                        partitioned,
                     )
                     .await?,
                 );
             }
-            process::print(&rows);
+            process::print(&rows, partitioned);
             Ok(())
         }
         BenchCommand::Latency {
@@ -259,6 +265,18 @@ async fn scratch_stores(
     )
     .await?;
     Ok((schema, pool, dedup))
+}
+
+/// Lays a scratch schema's `events` out partitioned (daily, 90 days retention), as
+/// topology.yaml's `events_table: {partition: daily, retention: 90d}` does.
+async fn partition_events(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let p = helios::topology::Partitioning {
+        period: helios::topology::Period::Daily,
+        retention: Some(std::time::Duration::from_secs(90 * 86_400)),
+        create_ahead: 7,
+    };
+    helios::db::partitions::prepare(pool, Some(&p), true).await?;
+    Ok(())
 }
 
 /// Drops a benchmark's scratch schema.

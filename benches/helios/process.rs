@@ -343,6 +343,7 @@ pub async fn run_once(
     database_url: &str,
     redis_url: &str,
     batch_size: usize,
+    partitioned: bool,
 ) -> anyhow::Result<Row> {
     let (mut topology, settings, tag) = crate::scratch_topology(kafka)?;
     for spec in [
@@ -375,6 +376,9 @@ pub async fn run_once(
 
     eprintln!("[bench] processor ...");
     let (schema, pool, dedup) = crate::scratch_stores(database_url, redis_url, &tag).await?;
+    if partitioned {
+        crate::partition_events(&pool).await?;
+    }
     let mut cfg = ProcessorConfig::new(settings.clone(), topology.clone());
     cfg.batch.records = batch_size;
     let p = Processor::new(cfg, dedup, helios::db::PgStore::new(pool.clone()))?;
@@ -409,11 +413,26 @@ pub async fn run_once(
     crate::drop_schema(&pool, &schema).await?;
     eprintln!("[bench] PostgreSQL alone ...");
     let events = bench_events(&topology, n);
-    let pg_alone_per_s =
-        pg_alone(database_url, &schema, &events, batch_size, PgWrite::Copy).await?;
-    let pg_unnest_per_s =
-        pg_alone(database_url, &schema, &events, batch_size, PgWrite::Unnest).await?;
-    let pg_copy_ceiling_per_s = pg_copy_ceiling(database_url, &schema, &events).await?;
+    let pg_alone_per_s = pg_alone(
+        database_url,
+        &schema,
+        &events,
+        batch_size,
+        PgWrite::Copy,
+        partitioned,
+    )
+    .await?;
+    let pg_unnest_per_s = pg_alone(
+        database_url,
+        &schema,
+        &events,
+        batch_size,
+        PgWrite::Unnest,
+        partitioned,
+    )
+    .await?;
+    let pg_copy_ceiling_per_s =
+        pg_copy_ceiling(database_url, &schema, &events, partitioned).await?;
     Ok(Row {
         records: n,
         passthrough_rps,
@@ -480,10 +499,14 @@ async fn pg_alone(
     events: &[CanonicalEvent],
     batch_size: usize,
     method: PgWrite,
+    partitioned: bool,
 ) -> anyhow::Result<f64> {
     let schema = format!("{schema}_{method:?}").to_lowercase();
     let pool = helios::db::connect(database_url, Some(&schema)).await?;
     helios::db::migrate(&pool).await?;
+    if partitioned {
+        crate::partition_events(&pool).await?;
+    }
     let store = PgStore::new(pool.clone()).with_method(method);
     let (mut rows, mut spent) = (0u64, Duration::ZERO);
     for chunk in events.chunks(batch_size.max(1)) {
@@ -501,10 +524,14 @@ async fn pg_copy_ceiling(
     database_url: &str,
     schema: &str,
     events: &[CanonicalEvent],
+    partitioned: bool,
 ) -> anyhow::Result<f64> {
     let schema = format!("{schema}_copy");
     let pool = helios::db::connect(database_url, Some(&schema)).await?;
     helios::db::migrate(&pool).await?;
+    if partitioned {
+        crate::partition_events(&pool).await?;
+    }
     let refs: Vec<&CanonicalEvent> = events.iter().collect();
     let t = Instant::now();
     let mut tx = pool.begin().await?;
@@ -518,8 +545,11 @@ async fn pg_copy_ceiling(
 }
 
 /// Prints the results table.
-pub fn print(rows: &[Row]) {
+pub fn print(rows: &[Row], partitioned: bool) {
     println!("\nHELIOS processor benchmark (one instance, Tansu memory engine, PostgreSQL + Redis on loopback)");
+    if partitioned {
+        println!("events table: partitioned daily, 90 days retention (98 partitions + default)");
+    }
     println!(
         "{:>9} {:>11} {:>10} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>8} {:>9} {:>10} {:>10} {:>10}   events in = out + dup + dlq",
         "records",

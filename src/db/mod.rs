@@ -1,10 +1,12 @@
 //! The event stores: PostgreSQL in production (`pg`: the pool, the `events` sink written with
 //! binary `COPY`), SQLite for the embedded demo (`sqlite`), both behind [`EventStore`]; the
 //! migrations in `migrations/` (embedded in the binary, applied under an advisory lock so several
-//! processors can start at once); and the classification of database errors.
+//! processors can start at once); the partitioned layout of `events` and its maintenance
+//! (`partitions`); and the classification of database errors.
 
 mod copy;
 mod nodelay;
+pub mod partitions;
 mod pg;
 mod sqlite;
 

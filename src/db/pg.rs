@@ -3,9 +3,14 @@
 //! again after a crash or a rebalance), the transaction fails whole and the batch goes through a
 //! session-local staging table instead: `COPY` into it, then one `INSERT … SELECT … ON CONFLICT
 //! (source, event_id)` — `DO NOTHING` for live processing, `DO UPDATE` for a replay with dedup
-//! bypassed (replays always take this path). Measured against the earlier `INSERT … SELECT FROM
+//! bypassed (replays always take this path). The conflict target is the primary key by name,
+//! `events_pkey`, so the same statements serve the partitioned layout, whose key also holds
+//! `occurred_at` (see [`super::partitions`] and [`PgStore::write_events`]). Measured against the earlier `INSERT … SELECT FROM
 //! UNNEST(…)` statement (still available as [`PgWrite::Unnest`] for the benchmark): see the
 //! README's benchmark section.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPool;
 use sqlx::{Executor, Row};
@@ -28,7 +33,7 @@ macro_rules! pg_insert_select {
 /// The replay's conflict clause (dedup bypassed): the stored row takes this normalization.
 macro_rules! upsert_clause {
     () => {
-        " ON CONFLICT (source, event_id) DO UPDATE SET event_type = EXCLUDED.event_type,
+        " ON CONFLICT ON CONSTRAINT events_pkey DO UPDATE SET event_type = EXCLUDED.event_type,
           occurred_at = EXCLUDED.occurred_at, data = EXCLUDED.data, metadata = EXCLUDED.metadata,
           raw_topic = EXCLUDED.raw_topic, raw_partition = EXCLUDED.raw_partition,
           raw_offset = EXCLUDED.raw_offset, raw_index = EXCLUDED.raw_index,
@@ -51,14 +56,48 @@ pub enum PgWrite {
 pub struct PgStore {
     pool: PgPool,
     method: PgWrite,
+    layout: Arc<Mutex<Layout>>,
 }
+
+/// Whether `events` is partitioned, as last read from the catalog. A partitioned table stays so
+/// (HELIOS never takes partitioning back), an unpartitioned one is read again every
+/// [`LAYOUT_RECHECK`]: a take-over by `helios migrate` is seen by running processors within it
+/// (until then they skip the cross-partition lookup of events without a time of their own; see
+/// [`PgStore::write_partitioned`]).
+#[derive(Default)]
+struct Layout {
+    partitioned: Option<bool>,
+    read_at: Option<Instant>,
+}
+
+const LAYOUT_RECHECK: Duration = Duration::from_secs(10);
 
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
         PgStore {
             pool,
             method: PgWrite::default(),
+            layout: Arc::default(),
         }
+    }
+
+    /// Whether `events` is partitioned (see [`Layout`]).
+    async fn partitioned(&self) -> Result<bool, StoreError> {
+        {
+            let l = self.layout.lock().unwrap_or_else(|e| e.into_inner());
+            match (l.partitioned, l.read_at) {
+                (Some(true), _) => return Ok(true),
+                (Some(false), Some(at)) if at.elapsed() < LAYOUT_RECHECK => return Ok(false),
+                _ => {}
+            }
+        }
+        let partitioned = super::partitions::table_kind(&self.pool).await?
+            == super::partitions::TableKind::Partitioned;
+        *self.layout.lock().unwrap_or_else(|e| e.into_inner()) = Layout {
+            partitioned: Some(partitioned),
+            read_at: Some(Instant::now()),
+        };
+        Ok(partitioned)
     }
 
     /// The same store writing with `method`.
@@ -85,7 +124,7 @@ fn from_staging(upsert: bool) -> &'static str {
         "INSERT INTO events (source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, replay_id)
          SELECT source, event_id, event_type, occurred_at, ingested_at, data, metadata, raw_topic, raw_partition, raw_offset, raw_index, $1
          FROM helios_events_staging
-         ON CONFLICT (source, event_id) DO NOTHING"
+         ON CONFLICT ON CONSTRAINT events_pkey DO NOTHING"
     }
 }
 
@@ -149,6 +188,16 @@ impl PgStore {
             return Err(e.into());
         }
         copy_in.finish().await?;
+        if replay_id.is_some() && self.partitioned().await? {
+            // The key holds occurred_at: a row this replay normalizes to another occurred_at
+            // would stay beside the new one. It is replaced, as on the unpartitioned table.
+            sqlx::query(
+                "DELETE FROM events e USING helios_events_staging s
+                 WHERE e.source = s.source AND e.event_id = s.event_id AND e.occurred_at <> s.occurred_at",
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
         let r = sqlx::query(from_staging(replay_id.is_some()))
             .bind(replay_id)
             .execute(&mut *tx)
@@ -209,7 +258,7 @@ impl PgStore {
         } else {
             concat!(
                 pg_insert_select!(),
-                " ON CONFLICT (source, event_id) DO NOTHING"
+                " ON CONFLICT ON CONSTRAINT events_pkey DO NOTHING"
             )
         };
         let r = sqlx::query(sql)
@@ -234,6 +283,69 @@ impl PgStore {
             vec![]
         };
         Ok(Written { rows, foreign })
+    }
+
+    async fn write_with_method(
+        &self,
+        events: &[&CanonicalEvent],
+        replay_id: Option<&str>,
+    ) -> Result<Written, StoreError> {
+        match self.method {
+            PgWrite::Copy => self.write_copy(events, replay_id).await,
+            PgWrite::Unnest => {
+                if replay_id.is_some() && self.partitioned().await? {
+                    self.delete_retimed(events).await?;
+                }
+                self.write_unnest(events, replay_id).await
+            }
+        }
+    }
+
+    /// A live batch on the partitioned table. Its key holds `occurred_at`, which an event
+    /// with a time of its own always repeats, so the key catches those duplicates as before.
+    /// An event without one takes its raw record's receive time (`occurred_at = ingested_at`):
+    /// a cloud's redelivery in another raw record carries another, so those keys are looked up
+    /// by `(source, event_id)` across the partitions first, and one stored by another raw record
+    /// is reported a duplicate and not written.
+    async fn write_partitioned(&self, events: &[&CanonicalEvent]) -> Result<Written, StoreError> {
+        let timeless: Vec<usize> = (0..events.len())
+            .filter(|&i| events[i].occurred_at == events[i].ingested_at)
+            .collect();
+        if timeless.is_empty() {
+            return self.write_with_method(events, None).await;
+        }
+        let probe: Vec<&CanonicalEvent> = timeless.iter().map(|&i| events[i]).collect();
+        let taken: Vec<usize> = foreign_positions(&probe, &self.lineage(&probe).await?)
+            .into_iter()
+            .map(|j| timeless[j])
+            .collect();
+        if taken.is_empty() {
+            return self.write_with_method(events, None).await;
+        }
+        let keep: Vec<usize> = (0..events.len()).filter(|i| !taken.contains(i)).collect();
+        let batch: Vec<&CanonicalEvent> = keep.iter().map(|&i| events[i]).collect();
+        let mut w = self.write_with_method(&batch, None).await?;
+        w.foreign = w.foreign.iter().map(|&j| keep[j]).chain(taken).collect();
+        w.foreign.sort_unstable();
+        Ok(w)
+    }
+
+    /// Deletes the rows of these events' keys stored under another `occurred_at` (a replay
+    /// onto the partitioned table; see [`Self::copy_staged`]).
+    async fn delete_retimed(&self, events: &[&CanonicalEvent]) -> Result<u64, StoreError> {
+        let source: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
+        let id: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+        let at: Vec<chrono::DateTime<chrono::Utc>> = events.iter().map(|e| e.occurred_at).collect();
+        Ok(sqlx::query(
+            "DELETE FROM events e USING UNNEST($1::text[], $2::text[], $3::timestamptz[]) AS k(s, i, o)
+             WHERE e.source = k.s AND e.event_id = k.i AND e.occurred_at <> k.o",
+        )
+        .bind(source)
+        .bind(id)
+        .bind(at)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     /// The lineage of the stored rows of `events`.
@@ -263,10 +375,10 @@ impl EventStore for PgStore {
         if events.is_empty() {
             return Ok(Written::default());
         }
-        match self.method {
-            PgWrite::Copy => self.write_copy(events, replay_id).await,
-            PgWrite::Unnest => self.write_unnest(events, replay_id).await,
+        if replay_id.is_none() && self.partitioned().await? {
+            return self.write_partitioned(events).await;
         }
+        self.write_with_method(events, replay_id).await
     }
 
     async fn remove_events(&self, events: &[&CanonicalEvent]) -> Result<u64, StoreError> {

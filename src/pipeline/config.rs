@@ -89,6 +89,10 @@ pub struct ProcessArgs {
     /// How long a dedup mark lives.
     #[arg(long, env = "HELIOS_DEDUP_TTL_SECS", default_value_t = 86_400)]
     pub dedup_ttl_secs: u64,
+    /// How often the partitions of a partitioned `events` table are maintained (topology.yaml
+    /// `events_table`): created ahead, dropped past retention.
+    #[arg(long, env = "HELIOS_PARTITION_MAINTENANCE_SECS", default_value_t = 600)]
+    pub partition_maintenance_secs: u64,
     /// Prefix of dedup keys in Redis.
     #[arg(long, env = "HELIOS_DEDUP_PREFIX", default_value = "helios:dedup:")]
     pub dedup_prefix: String,
@@ -128,6 +132,9 @@ impl ProcessArgs {
         }
         if self.dedup_ttl_secs == 0 {
             bail!("HELIOS_DEDUP_TTL_SECS / --dedup-ttl-secs must be at least 1");
+        }
+        if self.partition_maintenance_secs == 0 {
+            bail!("HELIOS_PARTITION_MAINTENANCE_SECS / --partition-maintenance-secs must be at least 1");
         }
         Ok(())
     }

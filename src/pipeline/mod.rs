@@ -45,6 +45,20 @@ pub async fn run_processor(
         let applied = crate::db::migrate(&pool).await?;
         tracing::info!(?applied, "migrations applied");
     }
+    let partitioning = topology.events_partitioning();
+    if let Some(m) =
+        crate::db::partitions::prepare(&pool, partitioning.as_ref(), args.migrate).await?
+    {
+        tracing::info!("events partitions: {m}");
+    }
+    if let Some(p) = partitioning {
+        tokio::spawn(crate::db::partitions::maintain_every(
+            pool.clone(),
+            p,
+            Duration::from_secs(args.partition_maintenance_secs),
+            shutdown.clone(),
+        ));
+    }
     let dedup = dedup::RedisDedup::connect(
         &args.redis_url,
         &args.dedup_prefix,

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::source::Source;
 
+pub mod events_table;
 pub mod flows;
+pub use events_table::{EventsTableSpec, Partitioning, Period};
 pub use flows::{Flow, FlowSpec, FlowStep, DEFAULT_CLOCK_SKEW, DEFAULT_MAX_CLOCK_SKEW};
 
 /// Why a topology file cannot be used; every variant names the file and the key at fault.
@@ -156,6 +158,9 @@ pub struct Topology {
     /// The consumer group of `helios reconcile`.
     #[serde(default = "default_reconciler_group")]
     pub reconciler_group: String,
+    /// The layout of the PostgreSQL `events` table: partitioning by `occurred_at`, retention.
+    #[serde(default)]
+    pub events_table: EventsTableSpec,
     /// Directory of the topology file (schemas are found relative to it); none when built in.
     #[serde(skip)]
     pub base_dir: Option<std::path::PathBuf>,
@@ -379,7 +384,16 @@ impl Topology {
             ));
         }
         self.flows_in(origin)?;
+        self.events_table
+            .validate()
+            .map_err(|(key, problem)| bad(&key, problem))?;
         Ok(())
+    }
+
+    /// The partitioned layout `events_table:` asks for; `None` for one unpartitioned table.
+    pub fn events_partitioning(&self) -> Option<Partitioning> {
+        // Validated when the file was read.
+        self.events_table.validate().ok().flatten()
     }
 
     /// The validated flows, by name.
