@@ -124,6 +124,17 @@ async fn take_over_retention_the_default_partition_and_idempotent_writes() {
         "{m:?}"
     );
     assert_eq!(m.partitions, 14);
+    // An event written now but older than every partition lands in the default partition, and
+    // the next run deletes it as past retention (counted).
+    let late = event("late", days(-30), now, 12);
+    assert_eq!(store.write_events(&[&late], None).await.unwrap().rows, 1);
+    let placed = placement(&pool).await;
+    assert!(
+        placed.contains(&("late".to_string(), "events_default".to_string())),
+        "{placed:?}"
+    );
+    let m = partitions::maintain(&pool, &p, now).await.unwrap();
+    assert_eq!((m.expired_in_default, m.default_rows), (1, 1), "{m:?}");
 
     // Writes stay idempotent on the partitioned key. (A store that saw the table unpartitioned
     // reads the layout again within 10 s; this one is new, as a processor started after the
