@@ -29,3 +29,20 @@ CREATE INDEX events_occurred_at_idx ON events (occurred_at);
 -- Rows no partition takes: older than every partition, or further ahead than `create_ahead`.
 -- Watched: helios_events_default_partition_rows.
 CREATE TABLE events_default PARTITION OF events DEFAULT;
+
+-- The keys of events without a time of their own (occurred_at is then their raw record's receive
+-- time, which a redelivery in another raw record does not share): claimed here, in the same
+-- transaction as the row, by the raw record that wrote it. Narrow and unpartitioned, so one
+-- lookup per key answers "stored already?" across every partition; rows past retention are
+-- deleted by the partition maintenance.
+CREATE TABLE IF NOT EXISTS events_timeless_keys (
+    source        text        NOT NULL,
+    event_id      text        NOT NULL,
+    occurred_at   timestamptz NOT NULL,
+    raw_topic     text        NOT NULL,
+    raw_partition integer     NOT NULL,
+    raw_offset    bigint      NOT NULL,
+    raw_index     integer     NOT NULL,
+    PRIMARY KEY (source, event_id)
+);
+CREATE INDEX IF NOT EXISTS events_timeless_keys_occurred_at_idx ON events_timeless_keys (occurred_at);

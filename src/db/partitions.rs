@@ -111,6 +111,8 @@ pub struct Maintenance {
     pub moved_from_default: u64,
     /// Rows of the default partition past retention, deleted.
     pub expired_in_default: u64,
+    /// Claimed keys of events without a time of their own past retention, deleted.
+    pub expired_keys: u64,
     /// Rows left in the default partition.
     pub default_rows: i64,
     /// Partitions there are now (the default one not counted).
@@ -246,6 +248,15 @@ pub async fn take_over(
             "take-over copied {copied} of {rows} rows of events: rolled back, nothing changed"
         )));
     }
+    exec(
+        &mut tx,
+        "INSERT INTO events_timeless_keys (source, event_id, occurred_at, raw_topic, raw_partition, raw_offset, raw_index)
+         SELECT source, event_id, occurred_at, raw_topic, raw_partition, raw_offset, raw_index
+         FROM events_unpartitioned WHERE occurred_at = ingested_at
+         ON CONFLICT (source, event_id) DO NOTHING"
+            .into(),
+    )
+    .await?;
     exec(&mut tx, "DROP TABLE events_unpartitioned".into()).await?;
     tx.commit().await?;
     tracing::info!(rows, "events taken over into the partitioned layout");
@@ -408,6 +419,15 @@ async fn maintain_locked(
             format!(
                 "DELETE FROM {} WHERE occurred_at < {}",
                 ident(&default),
+                literal(cutoff)
+            ),
+        )
+        .await?;
+        // The claimed keys of events without a time of their own go with their rows.
+        m.expired_keys = exec(
+            conn,
+            format!(
+                "DELETE FROM events_timeless_keys WHERE occurred_at < {}",
                 literal(cutoff)
             ),
         )

@@ -41,6 +41,13 @@ macro_rules! upsert_clause {
     };
 }
 
+/// Claims the keys of the staged events without a time of their own (the partitioned layout's
+/// `events_timeless_keys`); a key held already is left to its first raw record.
+const GUARD_FROM_STAGING: &str = "INSERT INTO events_timeless_keys (source, event_id, occurred_at, raw_topic, raw_partition, raw_offset, raw_index)
+     SELECT source, event_id, occurred_at, raw_topic, raw_partition, raw_offset, raw_index
+     FROM helios_events_staging WHERE occurred_at = ingested_at
+     ON CONFLICT (source, event_id) DO NOTHING";
+
 /// How a batch reaches `events`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PgWrite {
@@ -62,7 +69,7 @@ pub struct PgStore {
 /// Whether `events` is partitioned, as last read from the catalog. A partitioned table stays so
 /// (HELIOS never takes partitioning back), an unpartitioned one is read again every
 /// [`LAYOUT_RECHECK`]: a take-over by `helios migrate` is seen by running processors within it
-/// (until then they skip the cross-partition lookup of events without a time of their own; see
+/// (until then they do not claim the keys of events without a time of their own; see
 /// [`PgStore::write_partitioned`]).
 #[derive(Default)]
 struct Layout {
@@ -188,15 +195,43 @@ impl PgStore {
             return Err(e.into());
         }
         copy_in.finish().await?;
-        if replay_id.is_some() && self.partitioned().await? {
-            // The key holds occurred_at: a row this replay normalizes to another occurred_at
-            // would stay beside the new one. It is replaced, as on the unpartitioned table.
-            sqlx::query(
-                "DELETE FROM events e USING helios_events_staging s
-                 WHERE e.source = s.source AND e.event_id = s.event_id AND e.occurred_at <> s.occurred_at",
-            )
-            .execute(&mut *tx)
-            .await?;
+        let partitioned = self.partitioned().await?;
+        // Keys of events without a time of their own that another raw record holds (the
+        // partitioned layout's guard): not written, reported as duplicates.
+        let mut stored: Lineage = Lineage::new();
+        if partitioned {
+            if replay_id.is_some() {
+                // The key holds occurred_at: a row this replay normalizes to another
+                // occurred_at would stay beside the new one. It is replaced, as on the
+                // unpartitioned table, and the guard follows.
+                sqlx::query(
+                    "DELETE FROM events e USING helios_events_staging s
+                     WHERE e.source = s.source AND e.event_id = s.event_id AND e.occurred_at <> s.occurred_at",
+                )
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "DELETE FROM events_timeless_keys g USING helios_events_staging s
+                     WHERE g.source = s.source AND g.event_id = s.event_id",
+                )
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(GUARD_FROM_STAGING).execute(&mut *tx).await?;
+            } else {
+                sqlx::query(GUARD_FROM_STAGING).execute(&mut *tx).await?;
+                stored = sqlx::query(
+                    "DELETE FROM helios_events_staging s USING events_timeless_keys g
+                     WHERE s.occurred_at = s.ingested_at AND g.source = s.source AND g.event_id = s.event_id
+                       AND (g.raw_topic, g.raw_partition, g.raw_offset, g.raw_index)
+                           IS DISTINCT FROM (s.raw_topic, s.raw_partition, s.raw_offset, s.raw_index)
+                     RETURNING s.source, s.event_id, g.raw_topic, g.raw_partition, g.raw_offset, g.raw_index",
+                )
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4), r.get(5))))
+                .collect();
+            }
         }
         let r = sqlx::query(from_staging(replay_id.is_some()))
             .bind(replay_id)
@@ -204,16 +239,24 @@ impl PgStore {
             .await?;
         let rows = r.rows_affected();
         let mut foreign = vec![];
-        if replay_id.is_none() && rows < events.len() as u64 {
-            let stored: Lineage = sqlx::query(
+        if replay_id.is_none() && rows + (stored.len() as u64) < events.len() as u64 {
+            // On the partitioned table a conflict is on the whole key, occurred_at included: the
+            // lookup stays in the partition of each row.
+            let sql = if partitioned {
                 "SELECT e.source, e.event_id, e.raw_topic, e.raw_partition, e.raw_offset, e.raw_index
-                 FROM events e JOIN helios_events_staging s USING (source, event_id)",
-            )
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4), r.get(5))))
-            .collect();
+                 FROM events e JOIN helios_events_staging s USING (source, event_id, occurred_at)"
+            } else {
+                "SELECT e.source, e.event_id, e.raw_topic, e.raw_partition, e.raw_offset, e.raw_index
+                 FROM events e JOIN helios_events_staging s USING (source, event_id)"
+            };
+            stored.extend(sqlx::query(sql).fetch_all(&mut *tx).await?.iter().map(|r| {
+                (
+                    (r.get(0), r.get(1)),
+                    (r.get(2), r.get(3), r.get(4), r.get(5)),
+                )
+            }));
+        }
+        if replay_id.is_none() && !stored.is_empty() {
             foreign = foreign_positions(events, &stored);
         }
         tx.commit().await?;
@@ -292,60 +335,84 @@ impl PgStore {
     ) -> Result<Written, StoreError> {
         match self.method {
             PgWrite::Copy => self.write_copy(events, replay_id).await,
-            PgWrite::Unnest => {
-                if replay_id.is_some() && self.partitioned().await? {
-                    self.delete_retimed(events).await?;
-                }
-                self.write_unnest(events, replay_id).await
+            // A replay onto the partitioned table keeps its guard in step: the staged path.
+            PgWrite::Unnest if replay_id.is_some() && self.partitioned().await? => {
+                self.copy_staged(events, copy::encode(events), replay_id)
+                    .await
             }
+            PgWrite::Unnest => self.write_unnest(events, replay_id).await,
         }
     }
 
     /// A live batch on the partitioned table. Its key holds `occurred_at`, which an event
     /// with a time of its own always repeats, so the key catches those duplicates as before.
-    /// An event without one takes its raw record's receive time (`occurred_at = ingested_at`):
-    /// a cloud's redelivery in another raw record carries another, so those keys are looked up
-    /// by `(source, event_id)` across the partitions first, and one stored by another raw record
-    /// is reported a duplicate and not written.
+    /// An event without one takes its raw record's receive time (`occurred_at = ingested_at`),
+    /// which a cloud's redelivery in another raw record does not share: its key is claimed in
+    /// `events_timeless_keys` (one narrow unpartitioned table, primary key `(source, event_id)`,
+    /// with the raw record that claimed it) in the same transaction as the row, and a key another
+    /// raw record holds is a duplicate, not written. When every such key is new (the common
+    /// case), the batch is still one binary COPY.
     async fn write_partitioned(&self, events: &[&CanonicalEvent]) -> Result<Written, StoreError> {
-        let timeless: Vec<usize> = (0..events.len())
-            .filter(|&i| events[i].occurred_at == events[i].ingested_at)
+        let timeless: Vec<&CanonicalEvent> = events
+            .iter()
+            .copied()
+            .filter(|e| e.occurred_at == e.ingested_at)
             .collect();
         if timeless.is_empty() {
             return self.write_with_method(events, None).await;
         }
-        let probe: Vec<&CanonicalEvent> = timeless.iter().map(|&i| events[i]).collect();
-        let taken: Vec<usize> = foreign_positions(&probe, &self.lineage(&probe).await?)
-            .into_iter()
-            .map(|j| timeless[j])
-            .collect();
-        if taken.is_empty() {
-            return self.write_with_method(events, None).await;
+        let data = copy::encode(events);
+        if self.method == PgWrite::Copy {
+            match self.copy_direct_claiming(&timeless, &data).await {
+                Ok(Some(rows)) => {
+                    return Ok(Written {
+                        rows,
+                        foreign: vec![],
+                    })
+                }
+                Ok(None) => {}
+                Err(e) if is_unique_violation(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        let keep: Vec<usize> = (0..events.len()).filter(|i| !taken.contains(i)).collect();
-        let batch: Vec<&CanonicalEvent> = keep.iter().map(|&i| events[i]).collect();
-        let mut w = self.write_with_method(&batch, None).await?;
-        w.foreign = w.foreign.iter().map(|&j| keep[j]).chain(taken).collect();
-        w.foreign.sort_unstable();
-        Ok(w)
+        self.copy_staged(events, data, None).await
     }
 
-    /// Deletes the rows of these events' keys stored under another `occurred_at` (a replay
-    /// onto the partitioned table; see [`Self::copy_staged`]).
-    async fn delete_retimed(&self, events: &[&CanonicalEvent]) -> Result<u64, StoreError> {
-        let source: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
-        let id: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-        let at: Vec<chrono::DateTime<chrono::Utc>> = events.iter().map(|e| e.occurred_at).collect();
-        Ok(sqlx::query(
-            "DELETE FROM events e USING UNNEST($1::text[], $2::text[], $3::timestamptz[]) AS k(s, i, o)
-             WHERE e.source = k.s AND e.event_id = k.i AND e.occurred_at <> k.o",
+    /// Claims the keys of `timeless` and COPYs the batch, in one transaction; `Ok(None)` (and
+    /// nothing written) when a key was claimed already.
+    async fn copy_direct_claiming(
+        &self,
+        timeless: &[&CanonicalEvent],
+        data: &[u8],
+    ) -> Result<Option<u64>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let claimed = sqlx::query(
+            "INSERT INTO events_timeless_keys (source, event_id, occurred_at, raw_topic, raw_partition, raw_offset, raw_index)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[], $6::int8[], $7::int4[])
+             ON CONFLICT (source, event_id) DO NOTHING",
         )
-        .bind(source)
-        .bind(id)
-        .bind(at)
-        .execute(&self.pool)
+        .bind(timeless.iter().map(|e| e.source.as_str()).collect::<Vec<_>>())
+        .bind(timeless.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())
+        .bind(timeless.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
+        .bind(timeless.iter().map(|e| e.raw.topic.as_str()).collect::<Vec<_>>())
+        .bind(timeless.iter().map(|e| e.raw.partition).collect::<Vec<_>>())
+        .bind(timeless.iter().map(|e| e.raw.offset).collect::<Vec<_>>())
+        .bind(timeless.iter().map(|e| e.raw.index as i32).collect::<Vec<_>>())
+        .execute(&mut *tx)
         .await?
-        .rows_affected())
+        .rows_affected();
+        if claimed < timeless.len() as u64 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let mut copy_in = tx.copy_in_raw(copy::COPY_INTO_EVENTS).await?;
+        if let Err(e) = copy_in.send(data).await {
+            let _ = copy_in.abort("send failed").await;
+            return Err(e);
+        }
+        let rows = copy_in.finish().await?;
+        tx.commit().await?;
+        Ok(Some(rows))
     }
 
     /// The lineage of the stored rows of `events`.
@@ -391,20 +458,41 @@ impl EventStore for PgStore {
         let partition: Vec<i32> = events.iter().map(|e| e.raw.partition).collect();
         let offset: Vec<i64> = events.iter().map(|e| e.raw.offset).collect();
         let index: Vec<i32> = events.iter().map(|e| e.raw.index as i32).collect();
+        let occurred: Vec<chrono::DateTime<chrono::Utc>> =
+            events.iter().map(|e| e.occurred_at).collect();
+        // occurred_at (the row's, since its own raw record wrote it) keeps the lookup in one
+        // partition of a partitioned table.
         let r = sqlx::query(
-            "DELETE FROM events e USING UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int4[])
-               AS k(s, i, rt, rp, ro, ri)
-             WHERE e.source = k.s AND e.event_id = k.i AND e.raw_topic = k.rt
+            "DELETE FROM events e USING UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int4[], $7::timestamptz[])
+               AS k(s, i, rt, rp, ro, ri, o)
+             WHERE e.source = k.s AND e.event_id = k.i AND e.occurred_at = k.o AND e.raw_topic = k.rt
                AND e.raw_partition = k.rp AND e.raw_offset = k.ro AND e.raw_index = k.ri",
         )
-        .bind(source)
-        .bind(id)
-        .bind(topic)
-        .bind(partition)
-        .bind(offset)
-        .bind(index)
+        .bind(&source)
+        .bind(&id)
+        .bind(&topic)
+        .bind(&partition)
+        .bind(&offset)
+        .bind(&index)
+        .bind(&occurred)
         .execute(&self.pool)
         .await?;
+        if self.partitioned().await? {
+            sqlx::query(
+                "DELETE FROM events_timeless_keys g USING UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int4[])
+                   AS k(s, i, rt, rp, ro, ri)
+                 WHERE g.source = k.s AND g.event_id = k.i AND g.raw_topic = k.rt
+                   AND g.raw_partition = k.rp AND g.raw_offset = k.ro AND g.raw_index = k.ri",
+            )
+            .bind(&source)
+            .bind(&id)
+            .bind(&topic)
+            .bind(&partition)
+            .bind(&offset)
+            .bind(&index)
+            .execute(&self.pool)
+            .await?;
+        }
         Ok(r.rows_affected())
     }
 

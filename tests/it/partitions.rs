@@ -149,7 +149,7 @@ async fn take_over_retention_the_default_partition_and_idempotent_writes() {
     let w = store.write_events(&[&again], None).await.unwrap();
     assert_eq!((w.rows, w.foreign.clone()), (0, vec![0]));
     // An event without a time of its own takes its raw record's receive time; a redelivery
-    // carries another, and is still found (by its key, across the partitions).
+    // carries another, and is still found (its key was claimed by its first raw record).
     let first = event("t-1", days(-1), days(-1), 60);
     assert_eq!(store.write_events(&[&first], None).await.unwrap().rows, 1);
     let redelivered = event(
