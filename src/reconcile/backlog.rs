@@ -39,6 +39,8 @@ pub struct View {
 pub struct Backlog {
     view: Arc<Mutex<View>>,
     stop: Arc<AtomicBool>,
+    /// The looking thread (its consumer lives as long as it does).
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Backlog {
@@ -59,7 +61,7 @@ impl Backlog {
         let stop = Arc::new(AtomicBool::new(false));
         let (v, s) = (view.clone(), stop.clone());
         metrics::gauge!("helios_reconcile_raw_backlog_records").set(0.0);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("reconcile-backlog".into())
             .spawn(move || {
                 let mut looker = Looker {
@@ -91,7 +93,20 @@ impl Backlog {
                     }
                 }
             })?;
-        Ok(Backlog { view, stop })
+        Ok(Backlog {
+            view,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops looking and waits until the thread, and with it its consumer, is gone: a caller
+    /// that stops the cluster next (the demo) sees no client outlive the reconciler.
+    pub async fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
     }
 
     pub fn view(&self) -> View {

@@ -314,6 +314,15 @@ impl Reconciler {
     /// Checks the step topics' partition counts on the broker (equal, or co-partitioning
     /// breaks), then follows the flows until shutdown.
     pub async fn run(mut self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let result = self.run_until(shutdown).await;
+        // The raw-backlog looker's consumer is gone before the reconciler returns.
+        if let Some(b) = self.backlog.take() {
+            b.stop().await;
+        }
+        result
+    }
+
+    async fn run_until(&mut self, shutdown: Shutdown) -> anyhow::Result<()> {
         let topics: Vec<String> = {
             let mut t: Vec<String> = self.by_topic.keys().cloned().collect();
             t.sort();

@@ -335,3 +335,114 @@ async fn migrate_takes_a_live_table_over_redeliveries_stay_single_and_a_replay_a
     expect_count(&pool, "SELECT count(DISTINCT event_id) FROM events", 15).await;
     expect_count(&pool, "SELECT count(*) FROM events", 15).await;
 }
+
+#[tokio::test]
+async fn helios_process_takes_the_table_over_at_start_and_keeps_the_partitions_on_schedule() {
+    let mut topology = applied_topology(|_| {}).await;
+    topology.events_table = EventsTableSpec {
+        partition: Period::Daily,
+        retention: Some("30d".into()),
+        create_ahead: Some(3),
+    };
+    let (schema, prefix, pool) = scratch_store().await;
+    helios::db::migrate(&pool).await.unwrap();
+    let file = scratch_dir("partitions").join("topology.yaml");
+    std::fs::write(&file, serde_norway::to_string(&topology).unwrap()).unwrap();
+
+    // Not allowed to migrate, a processor refuses the unpartitioned table and says what to do.
+    let mut refused = helios_process_command(&kafka_bootstrap(), &topology, &schema, &prefix)
+        .env("HELIOS_TOPOLOGY", &file)
+        .env("HELIOS_MIGRATE", "false")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = refused.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the processor did not refuse"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("helios migrate"), "{stderr}");
+    assert_eq!(
+        partitions::table_kind(&pool).await.unwrap(),
+        TableKind::Plain
+    );
+
+    // With HELIOS_MIGRATE it takes the table over, partitions ahead exist before the first write.
+    let metrics = free_addr();
+    let _child = KillOnDrop(
+        helios_process_command(&kafka_bootstrap(), &topology, &schema, &prefix)
+            .env("HELIOS_TOPOLOGY", &file)
+            .env("HELIOS_METRICS_ADDR", &metrics)
+            .env("HELIOS_PARTITION_MAINTENANCE_SECS", "1")
+            .spawn()
+            .unwrap(),
+        None,
+    );
+    let bodies: Vec<Vec<u8>> = (0..5)
+        .map(|i| json!({"event_type": "OrderPlaced", "event_id": format!("s-{i}"), "occurred_at": Utc::now().to_rfc3339(), "data": {"order_id": format!("O-{i}"), "customer_id": "C"}}).to_string().into_bytes())
+        .collect();
+    produce_direct_to(&kafka_bootstrap(), &topology, &bodies).await;
+    expect_count(&pool, "SELECT count(*) FROM events", 5).await;
+    assert_eq!(
+        partitions::table_kind(&pool).await.unwrap(),
+        TableKind::Partitioned
+    );
+    let p = topology.events_partitioning().unwrap();
+    let here = [
+        p.partition_name(p.floor(Utc::now())),
+        p.partition_name(p.step(p.floor(Utc::now()), -1)),
+    ];
+    for (id, part) in placement(&pool).await {
+        assert!(here.contains(&part), "{id} in {part}");
+    }
+    // From now − 30 days through 3 days ahead.
+    assert_eq!(
+        wait_metric(
+            &metrics,
+            "helios_events_partitions",
+            34.0,
+            Duration::from_secs(30)
+        )
+        .await,
+        34.0
+    );
+    // On its schedule: a partition ahead that goes missing is made again.
+    let newest = partitions::list(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .rfind(|x| !x.is_default)
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {}", newest.name)))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let names: Vec<String> = partitions::list(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|x| x.name)
+            .collect();
+        if names.contains(&newest.name) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} was not created again: {names:?}",
+            newest.name
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = std::fs::remove_file(&file);
+}
