@@ -169,12 +169,7 @@ impl PgStore {
 
     async fn copy_direct(&self, data: &[u8]) -> Result<u64, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let mut copy_in = tx.copy_in_raw(copy::COPY_INTO_EVENTS).await?;
-        if let Err(e) = copy_in.send(data).await {
-            let _ = copy_in.abort("send failed").await;
-            return Err(e);
-        }
-        let rows = copy_in.finish().await?;
+        let rows = copy_stream(&mut tx, copy::COPY_INTO_EVENTS, data).await?;
         tx.commit().await?;
         Ok(rows)
     }
@@ -189,12 +184,7 @@ impl PgStore {
     ) -> Result<Written, StoreError> {
         let mut tx = self.pool.begin().await?;
         (&mut *tx).execute(copy::STAGING_DDL).await?;
-        let mut copy_in = tx.copy_in_raw(copy::COPY_INTO_STAGING).await?;
-        if let Err(e) = copy_in.send(data).await {
-            let _ = copy_in.abort("send failed").await;
-            return Err(e.into());
-        }
-        copy_in.finish().await?;
+        copy_stream(&mut tx, copy::COPY_INTO_STAGING, &data).await?;
         let partitioned = self.partitioned().await?;
         // Keys of events without a time of their own that another raw record holds (the
         // partitioned layout's guard): not written, reported as duplicates.
@@ -405,12 +395,7 @@ impl PgStore {
             tx.rollback().await?;
             return Ok(None);
         }
-        let mut copy_in = tx.copy_in_raw(copy::COPY_INTO_EVENTS).await?;
-        if let Err(e) = copy_in.send(data).await {
-            let _ = copy_in.abort("send failed").await;
-            return Err(e);
-        }
-        let rows = copy_in.finish().await?;
+        let rows = copy_stream(&mut tx, copy::COPY_INTO_EVENTS, data).await?;
         tx.commit().await?;
         Ok(Some(rows))
     }
@@ -532,6 +517,21 @@ impl EventStore for PgStore {
         .await?;
         Ok(rows.iter().map(stored_row).collect())
     }
+}
+
+/// Sends one binary COPY stream (`statement`, then `data`) on `conn`; a failed send aborts the
+/// COPY. Returns the rows copied.
+async fn copy_stream(
+    conn: &mut sqlx::PgConnection,
+    statement: &str,
+    data: &[u8],
+) -> Result<u64, sqlx::Error> {
+    let mut copy_in = conn.copy_in_raw(statement).await?;
+    if let Err(e) = copy_in.send(data).await {
+        let _ = copy_in.abort("send failed").await;
+        return Err(e);
+    }
+    copy_in.finish().await
 }
 
 /// A duplicate key (SQLSTATE 23505): some of the rows are stored already.
