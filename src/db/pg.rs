@@ -446,38 +446,32 @@ impl EventStore for PgStore {
         let occurred: Vec<chrono::DateTime<chrono::Utc>> =
             events.iter().map(|e| e.occurred_at).collect();
         // occurred_at (the row's, since its own raw record wrote it) keeps the lookup in one
-        // partition of a partitioned table.
-        let r = sqlx::query(
+        // partition of a partitioned table, where the row's key claim goes with it.
+        let sql = if self.partitioned().await? {
+            "WITH k AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int4[], $7::timestamptz[])
+                          AS k(s, i, rt, rp, ro, ri, o)),
+                  claims AS (DELETE FROM events_timeless_keys g USING k
+                    WHERE g.source = k.s AND g.event_id = k.i AND g.raw_topic = k.rt
+                      AND g.raw_partition = k.rp AND g.raw_offset = k.ro AND g.raw_index = k.ri)
+             DELETE FROM events e USING k
+             WHERE e.source = k.s AND e.event_id = k.i AND e.occurred_at = k.o AND e.raw_topic = k.rt
+               AND e.raw_partition = k.rp AND e.raw_offset = k.ro AND e.raw_index = k.ri"
+        } else {
             "DELETE FROM events e USING UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int4[], $7::timestamptz[])
                AS k(s, i, rt, rp, ro, ri, o)
              WHERE e.source = k.s AND e.event_id = k.i AND e.occurred_at = k.o AND e.raw_topic = k.rt
-               AND e.raw_partition = k.rp AND e.raw_offset = k.ro AND e.raw_index = k.ri",
-        )
-        .bind(&source)
-        .bind(&id)
-        .bind(&topic)
-        .bind(&partition)
-        .bind(&offset)
-        .bind(&index)
-        .bind(&occurred)
-        .execute(&self.pool)
-        .await?;
-        if self.partitioned().await? {
-            sqlx::query(
-                "DELETE FROM events_timeless_keys g USING UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int4[])
-                   AS k(s, i, rt, rp, ro, ri)
-                 WHERE g.source = k.s AND g.event_id = k.i AND g.raw_topic = k.rt
-                   AND g.raw_partition = k.rp AND g.raw_offset = k.ro AND g.raw_index = k.ri",
-            )
-            .bind(&source)
-            .bind(&id)
-            .bind(&topic)
-            .bind(&partition)
-            .bind(&offset)
-            .bind(&index)
+               AND e.raw_partition = k.rp AND e.raw_offset = k.ro AND e.raw_index = k.ri"
+        };
+        let r = sqlx::query(sql)
+            .bind(source)
+            .bind(id)
+            .bind(topic)
+            .bind(partition)
+            .bind(offset)
+            .bind(index)
+            .bind(occurred)
             .execute(&self.pool)
             .await?;
-        }
         Ok(r.rows_affected())
     }
 

@@ -141,6 +141,16 @@ fn decode(flow: &str, key: &str, text: &str) -> Result<FlowState, StoreError> {
 
 type Keyed = HashMap<(String, String), (i32, FlowState)>;
 
+/// Loaded `(flow, key, part, state)` rows, their states read.
+fn keyed(rows: Vec<(String, String, i32, String)>) -> Result<Keyed, StoreError> {
+    rows.into_iter()
+        .map(|(f, k, part, text)| {
+            let st = decode(&f, &k, &text)?;
+            Ok(((f, k), (part, st)))
+        })
+        .collect()
+}
+
 impl ReconStore {
     /// The stored states of these (flow, key) pairs.
     pub async fn load(&self, keys: &[(String, String)]) -> Result<Keyed, StoreError> {

@@ -5,19 +5,17 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPool;
-use sqlx::Row;
 
 use super::{
-    decode, taken, Claimed, Fence, Keyed, Mark, Resolution, ResultRow, Saved, StateRow,
+    keyed, taken, Claimed, Fence, Keyed, Mark, Resolution, ResultRow, Saved, StateRow,
     StoredOutcome,
 };
 use crate::db::StoreError;
 
 pub(super) async fn load(pool: &PgPool, keys: &[(String, String)]) -> Result<Keyed, StoreError> {
-    let mut out = HashMap::new();
     let flows: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
     let ks: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-    let rows = sqlx::query(
+    let rows: Vec<(String, String, i32, String)> = sqlx::query_as(
         "SELECT s.flow, s.flow_key, s.part, s.state FROM flow_state s
          JOIN unnest($1::text[], $2::text[]) AS k(flow, flow_key)
            ON s.flow = k.flow AND s.flow_key = k.flow_key",
@@ -26,12 +24,7 @@ pub(super) async fn load(pool: &PgPool, keys: &[(String, String)]) -> Result<Key
     .bind(&ks)
     .fetch_all(pool)
     .await?;
-    for r in rows {
-        let (f, k): (String, String) = (r.get(0), r.get(1));
-        let st = decode(&f, &k, r.get::<&str, _>(3))?;
-        out.insert((f, k), (r.get(2), st));
-    }
-    Ok(out)
+    keyed(rows)
 }
 
 pub(super) async fn claim(

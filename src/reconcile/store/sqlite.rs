@@ -6,10 +6,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqlitePool;
-use sqlx::Row;
 
 use super::{
-    decode, parse_sqlite_time, sqlite_time, taken, Claimed, Fence, Keyed, Mark, Resolution,
+    keyed, parse_sqlite_time, sqlite_time, taken, Claimed, Fence, Keyed, Mark, Resolution,
     ResultRow, Saved, StateRow, StoredOutcome,
 };
 use crate::db::StoreError;
@@ -18,9 +17,8 @@ pub(super) async fn load(
     pool: &SqlitePool,
     keys: &[(String, String)],
 ) -> Result<Keyed, StoreError> {
-    let mut out = HashMap::new();
     let pairs = serde_json::to_string(&keys).unwrap_or_default();
-    let rows = sqlx::query(
+    let rows: Vec<(String, String, i32, String)> = sqlx::query_as(
         "SELECT s.flow, s.flow_key, s.part, s.state FROM flow_state s
          JOIN json_each(?1) k ON s.flow = json_extract(k.value, '$[0]')
            AND s.flow_key = json_extract(k.value, '$[1]')",
@@ -28,12 +26,7 @@ pub(super) async fn load(
     .bind(pairs)
     .fetch_all(pool)
     .await?;
-    for r in rows {
-        let (f, k): (String, String) = (r.get(0), r.get(1));
-        let st = decode(&f, &k, r.get::<&str, _>(3))?;
-        out.insert((f, k), (r.get(2), st));
-    }
-    Ok(out)
+    keyed(rows)
 }
 
 pub(super) async fn claim(
