@@ -28,6 +28,15 @@ fi
 ensure_build_deps
 ensure_tansu
 [ "$what" != ingress ] && { ensure_postgres; ensure_redis; }
+# `process --peer`: the batched Python processor (benches/peer/processor.py) in a venv of its own.
+if [ "$what" = process ] && [[ " $* " == *" --peer "* ]]; then
+  venv="${CARGO_TARGET_DIR:-target}/peer-venv"
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import confluent_kafka, redis, psycopg' 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet 'confluent-kafka==2.*' 'redis==5.*' 'psycopg[binary]==3.*'
+  fi
+  export HELIOS_BENCH_PYTHON="$venv/bin/python"
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/helios-bench.XXXXXX")
 port=$(free_port)
 broker_pid=$(start_tansu memory "$work/broker" "$port")

@@ -114,3 +114,95 @@ pub async fn hang(_name: &str) {
     #[cfg(feature = "failpoints")]
     imp::hang(_name).await;
 }
+
+/// What a held point does when released (see [`arm_hold`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Carry on.
+    Go,
+    /// Panic there (as the code at that point failing).
+    Panic,
+}
+
+#[cfg(feature = "failpoints")]
+#[derive(Default)]
+struct Hold {
+    /// Some code reached the point and is held there.
+    reached: bool,
+    release: Option<Release>,
+}
+
+#[cfg(feature = "failpoints")]
+fn holds() -> &'static std::sync::Mutex<std::collections::HashMap<String, Hold>> {
+    static H: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Hold>>> =
+        std::sync::OnceLock::new();
+    H.get_or_init(Default::default)
+}
+
+/// Arms `name` to hold the first code that reaches it ([`held`]) until [`release`]; later
+/// arrivals pass. Points: `deliver.before_fanout:<consumer group>` (a delivery that has written
+/// PostgreSQL and waited for the one before, before its fan-out).
+#[cfg(feature = "failpoints")]
+pub fn arm_hold(name: &str) {
+    holds()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), Hold::default());
+}
+
+/// True once some code is held at `name`.
+#[cfg(feature = "failpoints")]
+pub fn is_held(name: &str) -> bool {
+    holds()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(name)
+        .is_some_and(|h| h.reached)
+}
+
+/// Lets the code held at `name` go on (or panic there).
+#[cfg(feature = "failpoints")]
+pub fn release(name: &str, how: Release) {
+    if let Some(h) = holds()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_mut(name)
+    {
+        h.release = Some(how);
+    }
+}
+
+/// Reaches the point `name`: held there when armed by [`arm_hold`] and not yet taken (nothing
+/// without the `failpoints` feature).
+#[inline]
+pub async fn held(_name: &str) {
+    #[cfg(feature = "failpoints")]
+    {
+        let take = {
+            let mut h = holds().lock().unwrap_or_else(|e| e.into_inner());
+            match h.get_mut(_name) {
+                Some(hold) if !hold.reached => {
+                    hold.reached = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !take {
+            return;
+        }
+        tracing::warn!(failpoint = _name, "failpoint: held");
+        loop {
+            let how = holds()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(_name)
+                .and_then(|h| h.release);
+            match how {
+                Some(Release::Go) => return,
+                Some(Release::Panic) => panic!("failpoint {_name}: released to panic"),
+                None => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+    }
+}

@@ -60,10 +60,18 @@ enum BenchCommand {
         /// Records per batch (default: the processor's).
         #[arg(long, default_value_t = helios::pipeline::processor::DEFAULT_BATCH_RECORDS)]
         batch_size: usize,
+        /// Deliveries at once (comma-separated to compare, e.g. 1,2: one row each; default:
+        /// the processor's).
+        #[arg(long, value_delimiter = ',')]
+        in_flight: Vec<usize>,
         /// Every column on a partitioned `events` table (daily, 90 days retention: 98
         /// partitions and the default one), as topology.yaml `events_table` lays it out.
         #[arg(long)]
         partitioned: bool,
+        /// Also run the batched Python processor (`benches/peer/processor.py`: confluent-kafka,
+        /// redis-py, psycopg) on each backlog (`scripts/bench.sh` installs it into a venv).
+        #[arg(long)]
+        peer: bool,
     },
     /// Time from the ingress receiving an event to its row in PostgreSQL, at a steady rate.
     Latency {
@@ -151,21 +159,34 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
             records,
             stores,
             batch_size,
+            in_flight,
             partitioned,
+            peer,
         } => {
             let mut rows = vec![];
+            let in_flight = if in_flight.is_empty() {
+                vec![helios::pipeline::processor::DEFAULT_DELIVERIES_IN_FLIGHT]
+            } else {
+                in_flight
+            };
             for n in records {
-                rows.push(
-                    process::run_once(
-                        &kafka,
-                        n,
-                        &stores.database_url,
-                        &stores.redis_url,
-                        batch_size,
-                        partitioned,
-                    )
-                    .await?,
-                );
+                for depth in &in_flight {
+                    rows.push(
+                        process::run_once(
+                            &kafka,
+                            n,
+                            &stores.database_url,
+                            &stores.redis_url,
+                            process::RunOptions {
+                                batch_size,
+                                in_flight: *depth,
+                                partitioned,
+                                peer,
+                            },
+                        )
+                        .await?,
+                    );
+                }
             }
             process::print(&rows, partitioned);
             Ok(())

@@ -26,6 +26,8 @@ use helios::topology::Topology;
 #[derive(Debug, Clone)]
 pub struct Row {
     pub records: usize,
+    /// Deliveries at once.
+    pub in_flight: usize,
     pub passthrough_rps: f64,
     pub events_per_s: f64,
     pub cpu_us_per_event: f64,
@@ -43,6 +45,77 @@ pub struct Row {
     pub pg_unnest_per_s: f64,
     /// The same rows, plain binary COPY into `events` in one transaction: PostgreSQL's ceiling.
     pub pg_copy_ceiling_per_s: f64,
+    /// The batched Python processor on the same backlog (`--peer`).
+    pub peer: Option<Peer>,
+}
+
+/// What `benches/peer/processor.py` printed.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Peer {
+    pub records: u64,
+    pub seconds: f64,
+    pub cpu_seconds: f64,
+    pub peak_rss_mib: f64,
+    pub stored: u64,
+    pub duplicates: u64,
+    pub dlq: u64,
+}
+
+impl Peer {
+    pub fn per_s(&self) -> f64 {
+        self.records as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Runs the Python peer (`HELIOS_BENCH_PYTHON`, default `python3`, with confluent-kafka,
+/// redis and psycopg: `scripts/bench.sh process --peer` installs them) on the backlog, with a
+/// consumer group, schema and Redis prefix of its own.
+async fn run_peer(
+    settings: &KafkaSettings,
+    topology: &Topology,
+    n: usize,
+    database_url: &str,
+    redis_url: &str,
+    tag: &str,
+    partitioned: bool,
+) -> anyhow::Result<Peer> {
+    let peer_tag = format!("{tag}peer");
+    let (schema, pool, _dedup) = crate::scratch_stores(database_url, redis_url, &peer_tag).await?;
+    if partitioned {
+        crate::partition_events(&pool).await?;
+    }
+    let raw: Vec<String> = Source::ALL.iter().map(|s| topology.raw_topic(*s)).collect();
+    let event_topic = topology.event_topic("OrderPlaced");
+    let prefix = event_topic
+        .strip_suffix("OrderPlaced")
+        .unwrap_or(&event_topic)
+        .to_string();
+    let python = std::env::var("HELIOS_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/peer/processor.py"
+    ))
+    .args(["--bootstrap", &settings.bootstrap_servers])
+    .args(["--raw-topics", &raw.join(",")])
+    .args(["--dlq-topic", &topology.dlq_topic()])
+    .args(["--event-topic-prefix", &prefix])
+    .args(["--group", &format!("{}peer", topology.topic_prefix)])
+    .args(["--database-url", database_url])
+    .args(["--schema", &schema])
+    .args(["--redis-url", redis_url])
+    .args(["--redis-prefix", &format!("bench:{peer_tag}:")])
+    .args(["--records", &n.to_string()])
+    .stderr(std::process::Stdio::inherit());
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+    crate::drop_schema(&pool, &schema).await?;
+    if !out.status.success() {
+        anyhow::bail!("the Python peer failed ({})", out.status);
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let peer: Peer = serde_json::from_str(line.trim().lines().last().unwrap_or_default())
+        .map_err(|e| anyhow::anyhow!("the Python peer printed `{}`: {e}", line.trim()))?;
+    Ok(peer)
 }
 
 /// (utime + stime) of this process in microseconds, from /proc.
@@ -337,14 +410,30 @@ async fn passthrough(
 }
 
 /// One backlog size: fresh topics, pass-through, then the processor.
+/// How one processor run is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub batch_size: usize,
+    /// Deliveries at once.
+    pub in_flight: usize,
+    pub partitioned: bool,
+    /// Also run the Python peer on the backlog.
+    pub peer: bool,
+}
+
 pub async fn run_once(
     kafka: &KafkaArgs,
     n: usize,
     database_url: &str,
     redis_url: &str,
-    batch_size: usize,
-    partitioned: bool,
+    o: RunOptions,
 ) -> anyhow::Result<Row> {
+    let RunOptions {
+        batch_size,
+        in_flight,
+        partitioned,
+        peer,
+    } = o;
     let (mut topology, settings, tag) = crate::scratch_topology(kafka)?;
     for spec in [
         &mut topology.raw_topics.aws,
@@ -381,6 +470,7 @@ pub async fn run_once(
     }
     let mut cfg = ProcessorConfig::new(settings.clone(), topology.clone());
     cfg.batch.records = batch_size;
+    cfg.deliveries_in_flight = in_flight;
     let p = Processor::new(cfg, dedup, helios::db::PgStore::new(pool.clone()))?;
     let stats = p.stats();
     let (stop, shutdown) = Shutdown::new();
@@ -411,6 +501,23 @@ pub async fn run_once(
     let (_, units, out, dups, dlq) = stats.snapshot();
     let shared_us_per_event = shared1.per_event_since(&shared0, units);
     crate::drop_schema(&pool, &schema).await?;
+    let peer = if peer {
+        eprintln!("[bench] the Python peer ...");
+        Some(
+            run_peer(
+                &settings,
+                &topology,
+                n,
+                database_url,
+                redis_url,
+                &tag,
+                partitioned,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     eprintln!("[bench] PostgreSQL alone ...");
     let events = bench_events(&topology, n);
     let pg_alone_per_s = pg_alone(
@@ -435,6 +542,7 @@ pub async fn run_once(
         pg_copy_ceiling(database_url, &schema, &events, partitioned).await?;
     Ok(Row {
         records: n,
+        in_flight,
         passthrough_rps,
         events_per_s: units as f64 / elapsed.as_secs_f64(),
         cpu_us_per_event: cpu as f64 / units.max(1) as f64,
@@ -446,6 +554,7 @@ pub async fn run_once(
         pg_alone_per_s,
         pg_unnest_per_s,
         pg_copy_ceiling_per_s,
+        peer,
     })
 }
 
@@ -551,8 +660,9 @@ pub fn print(rows: &[Row], partitioned: bool) {
         println!("events table: partitioned daily, 90 days retention (98 partitions + default)");
     }
     println!(
-        "{:>9} {:>11} {:>10} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>8} {:>9} {:>10} {:>10} {:>10}   events in = out + dup + dlq",
+        "{:>9} {:>3} {:>11} {:>10} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>8} {:>9} {:>10} {:>10} {:>10}   events in = out + dup + dlq",
         "records",
+        "fly",
         "passthru/s",
         "events/s",
         "% pass",
@@ -569,8 +679,9 @@ pub fn print(rows: &[Row], partitioned: bool) {
     );
     for r in rows {
         println!(
-            "{:>9} {:>11.0} {:>10.0} {:>6.1}% {:>8.1} {:>8.1} {:>6.1} {:>6.1} {:>6.1} {:>8.1} {:>9.1} {:>10.0} {:>10.0} {:>10.0}   {} = {} + {} + {}",
+            "{:>9} {:>3} {:>11.0} {:>10.0} {:>6.1}% {:>8.1} {:>8.1} {:>6.1} {:>6.1} {:>6.1} {:>8.1} {:>9.1} {:>10.0} {:>10.0} {:>10.0}   {} = {} + {} + {}",
             r.records,
+            r.in_flight,
             r.passthrough_rps,
             r.events_per_s,
             100.0 * r.events_per_s / r.passthrough_rps.max(1e-9),
@@ -589,5 +700,29 @@ pub fn print(rows: &[Row], partitioned: bool) {
             r.outcome.2,
             r.outcome.3
         );
+    }
+    if rows.iter().any(|r| r.peer.is_some()) {
+        println!("\nThe batched Python peer (benches/peer/processor.py) on the same backlogs, right after each processor run:");
+        println!(
+            "{:>9} {:>3} {:>10} {:>10} {:>9} {:>8} {:>9}   stored + dup + dlq",
+            "records", "fly", "events/s", "peer/s", "HELIOS x", "CPU us/ev", "peak MiB"
+        );
+        for r in rows {
+            if let Some(p) = &r.peer {
+                println!(
+                    "{:>9} {:>3} {:>10.0} {:>10.0} {:>8.2}x {:>8.1} {:>9.1}   {} + {} + {}",
+                    r.records,
+                    r.in_flight,
+                    r.events_per_s,
+                    p.per_s(),
+                    r.events_per_s / p.per_s().max(1e-9),
+                    1e6 * p.cpu_seconds / p.records.max(1) as f64,
+                    p.peak_rss_mib,
+                    p.stored,
+                    p.duplicates,
+                    p.dlq
+                );
+            }
+        }
     }
 }

@@ -14,6 +14,11 @@ use crate::topology::Topology;
 pub const DEFAULT_BATCH_RECORDS: usize = 2000;
 /// Default most bytes per batch (`HELIOS_BATCH_MAX_BYTES`).
 pub const DEFAULT_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Default deliveries running at once (`HELIOS_DELIVERIES_IN_FLIGHT`): batch N+1 writes
+/// PostgreSQL while batch N fans out.
+pub const DEFAULT_DELIVERIES_IN_FLIGHT: usize = 2;
+/// Most deliveries running at once.
+pub const MAX_DELIVERIES_IN_FLIGHT: usize = 8;
 
 /// How batches are cut.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +50,9 @@ pub struct ProcessorConfig {
     pub topology: Topology,
     /// How batches are cut (records, bytes, linger).
     pub batch: BatchLimits,
+    /// Deliveries running at once, each batch's fan-out after the one before's (at least once;
+    /// exactly-once runs one at a time: one transaction per producer).
+    pub deliveries_in_flight: usize,
     /// At least once, or Kafka transactions around fan-out, DLQ and offsets.
     pub mode: DeliveryMode,
     /// Avro fan-out through this Confluent-compatible schema registry; `None`: JSON values.
@@ -64,6 +72,7 @@ impl ProcessorConfig {
                 bytes: DEFAULT_BATCH_BYTES,
                 linger: Duration::ZERO,
             },
+            deliveries_in_flight: DEFAULT_DELIVERIES_IN_FLIGHT,
             mode: DeliveryMode::AtLeastOnce,
             schema_registry_url: None,
             limits: SizeLimits::default(),
@@ -106,6 +115,11 @@ pub struct ProcessArgs {
     /// more is waiting (a quiet stream is written at once, a busy one in large batches).
     #[arg(long, env = "HELIOS_BATCH_LINGER_MS", default_value_t = 0)]
     pub batch_linger_ms: u64,
+    /// Batches delivered at once (1–8): batch N+1 is written to PostgreSQL while batch N fans
+    /// out, and fans out only after it (per key order and in-order commits kept); 1 delivers one
+    /// batch at a time. Exactly-once mode always runs one.
+    #[arg(long, env = "HELIOS_DELIVERIES_IN_FLIGHT", default_value_t = DEFAULT_DELIVERIES_IN_FLIGHT)]
+    pub deliveries_in_flight: usize,
     /// Exactly-once fan-out: Kafka transactions around fan-out, DLQ and offsets (needs a broker
     /// with transactions; Tansu 0.6.0 has none).
     #[arg(long, env = "HELIOS_EXACTLY_ONCE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -126,6 +140,12 @@ impl ProcessArgs {
     pub fn check(&self) -> anyhow::Result<()> {
         if self.batch_size == 0 {
             bail!("HELIOS_BATCH_SIZE / --batch-size must be at least 1");
+        }
+        if !(1..=MAX_DELIVERIES_IN_FLIGHT).contains(&self.deliveries_in_flight) {
+            bail!(
+                "HELIOS_DELIVERIES_IN_FLIGHT / --deliveries-in-flight must be 1 to {MAX_DELIVERIES_IN_FLIGHT}, not {}",
+                self.deliveries_in_flight
+            );
         }
         if self.batch_max_bytes == 0 {
             bail!("HELIOS_BATCH_MAX_BYTES / --batch-max-bytes must be at least 1");

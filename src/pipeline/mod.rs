@@ -103,6 +103,7 @@ pub async fn run_processor(
         linger: Duration::from_millis(args.batch_linger_ms),
     };
     cfg.mode = mode;
+    cfg.deliveries_in_flight = args.deliveries_in_flight;
     cfg.schema_registry_url = args.schema_registry_url.clone();
     cfg.limits = limits;
     processor::Processor::new(cfg, dedup, crate::db::PgStore::new(pool))?

@@ -22,6 +22,7 @@ mod kubernetes;
 mod liveness;
 mod ops;
 mod outage;
+mod overlap;
 mod partitions;
 mod poison;
 mod processor;

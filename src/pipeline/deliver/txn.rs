@@ -15,6 +15,9 @@ impl Delivery {
     ) -> Result<(), Stop> {
         loop {
             self.store(out).await?;
+            if self.follow_prior(out).await? {
+                continue;
+            }
             let avro = self.avro_values(out).await?;
             ks::begin(&out.producer).await.map_err(txn_stop)?;
             for p in &mut self.progress {

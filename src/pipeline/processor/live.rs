@@ -2,26 +2,33 @@
 //! [`CommitSequencer`] allows.
 //!
 //! Pipelined: while batch N is being delivered (a task of its own), batch N+1 is polled and
-//! planned; N+1's delivery starts once N's has ended. Whatever N's delivery ends with, the
-//! in-order rule is the sequencer's, not this loop's statement order:
+//! planned, and its delivery starts at once (up to `deliveries_in_flight` at a time, 2 by
+//! default): N+1 writes PostgreSQL while N fans out, and fans out only when N's delivery has
+//! ended ([`gate`](super::super::deliver::gate)). Deliveries are settled in the order they were
+//! spawned. Whatever N's delivery ends with, the in-order rule is the sequencer's, not this
+//! loop's statement order:
 //! - every record of N resolved → its ranges resolve, and the leading resolved run of each
 //!   partition is committed (fenced by the epoch each offset was allowed in);
 //! - N is given up (shutdown during a retry, its partitions revoked, its producer failed for
 //!   good) or its task panicked → its ranges block every later commit on their partitions, and
 //!   each partition still owned is sought back to N's first record in a new epoch: N+1's records
-//!   of those partitions are stale and dropped before delivery, and N is read and delivered
-//!   again. Nothing past N is committed in between, even at shutdown.
+//!   of those partitions are stale and dropped before delivery (or, when N+1's delivery had
+//!   started, it is given up at its gate), and N is read and delivered again. Nothing past N is
+//!   committed in between, even at shutdown.
 //!
 //! A rebalance drops only the revoked partitions' work: under cooperative or KIP-848 rebalancing
 //! the kept partitions' epochs do not change and their batches carry on.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::super::commit::{CommitSequencer, TicketId};
+use super::super::config::DeliveryMode;
 use super::super::consume::Batch;
 use super::super::dedup::{DedupKey, DedupStore};
+use super::super::deliver::gate::{self, Gate};
 use super::super::deliver::Delivery;
 use super::super::plan::BatchPlan;
 use super::super::retry::Backoff;
@@ -35,6 +42,8 @@ struct InFlight {
     handle: tokio::task::JoinHandle<Outcome>,
     ticket: Option<TicketId>,
     started: Instant,
+    /// How this delivery ends, for the one spawned after it (taken by that one).
+    next: Option<Gate>,
 }
 
 impl<D: DedupStore, S: EventStore> Processor<D, S> {
@@ -46,7 +55,13 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         self.report_missing_topics();
         let ownership = self.consumer.ownership();
         let mut seq = CommitSequencer::new(ownership.clone());
-        let mut in_flight: Option<InFlight> = None;
+        // Oldest first; settled in this order.
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let depth = match self.cfg.mode {
+            DeliveryMode::AtLeastOnce => self.cfg.deliveries_in_flight.max(1),
+            // One transaction at a time per producer.
+            DeliveryMode::Transactional { .. } => 1,
+        };
         let mut after_abandon = Backoff::default();
         'batches: loop {
             if let Some(f) = self.consumer.fatal() {
@@ -56,10 +71,10 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             // (a quiet stream must not leave its last batch uncommitted).
             // Not "waiting for work" for liveness: a delivery is in flight, and it makes progress
             // (settles, or attempts again) or is stuck.
-            while let Some(f) = in_flight.as_mut() {
+            while let Some(f) = in_flight.front_mut() {
                 tokio::select! {
                     r = &mut f.handle => {
-                        let f = in_flight.take().expect("in flight");
+                        let f = in_flight.pop_front().expect("in flight");
                         self.settle(&mut seq, f, r, &shutdown, &mut after_abandon).await;
                     }
                     w = self.consumer.wait_for_record() => {
@@ -99,19 +114,20 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                 continue;
             }
             let started = Instant::now();
-            if in_flight.is_some() {
+            if !in_flight.is_empty() {
                 self.stats.overlapped.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("helios_processor_batches_overlapped_total").increment(1);
             }
             let plan = self.plan(&batch.records, &shutdown).await;
-            // The previous delivery ends (and is settled) before this one starts.
-            let released = match in_flight.take() {
-                Some(f) => {
+            // At most `depth` deliveries at once: the oldest ends (and is settled) first.
+            let mut released = vec![];
+            while in_flight.len() >= depth {
+                let f = in_flight.pop_front().expect("in flight");
+                released.extend(
                     self.finish(&mut seq, f, &shutdown, &mut after_abandon)
-                        .await
-                }
-                None => vec![],
-            };
+                        .await,
+                );
+            }
             let Some(mut plan) = plan else {
                 break;
             };
@@ -134,9 +150,12 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             let Some(plan) = self.reclaim(plan, &released, &shutdown).await else {
                 break;
             };
-            in_flight = Some(self.spawn_delivery(&mut seq, batch, plan, started, &shutdown));
+            // Overlapping the newest delivery still running: its fan-out waits for that one.
+            let after = in_flight.back_mut().and_then(|f| f.next.take());
+            let f = self.spawn_delivery(&mut seq, batch, plan, after, started, &shutdown);
+            in_flight.push_back(f);
         }
-        if let Some(f) = in_flight.take() {
+        while let Some(f) = in_flight.pop_front() {
             self.finish(&mut seq, f, &shutdown, &mut after_abandon)
                 .await;
         }
@@ -155,23 +174,30 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         seq: &mut CommitSequencer,
         batch: Batch,
         plan: BatchPlan,
+        after: Option<Gate>,
         started: Instant,
         shutdown: &Shutdown,
     ) -> InFlight {
-        let delivery = Delivery::new(Some(seq.submit(batch.spans)), batch.records, plan);
+        let mut delivery = Delivery::new(Some(seq.submit(batch.spans)), batch.records, plan);
+        if let Some(g) = after {
+            delivery = delivery.after(g);
+        }
         let ticket = delivery.ticket_id();
         let group = self.consumer.group_metadata().map(Arc::new);
+        let (ended, next) = gate::pair();
         let handle = tokio::spawn(deliver_task(
             self.sinks.clone(),
             delivery,
             group,
             Some(self.consumer.ownership()),
             shutdown.clone(),
+            Some(ended),
         ));
         InFlight {
             handle,
             ticket,
             started,
+            next: Some(next),
         }
     }
 

@@ -22,6 +22,7 @@ use rdkafka::producer::FutureProducer;
 use super::avro::AvroFanOut;
 use super::commit::Ownership;
 use super::consume::RawConsumer;
+use super::deliver::gate::{Ended, Prior};
 use super::deliver::{Delivered, Delivery, Outputs, Stop};
 use super::plan::{self, BatchPlan, PlanContext, ReplaySpec};
 use super::retry::{Retry, Unavailable};
@@ -37,6 +38,7 @@ use crate::topology::Topology;
 
 pub use super::config::{
     BatchLimits, DeliveryMode, ProcessorConfig, DEFAULT_BATCH_BYTES, DEFAULT_BATCH_RECORDS,
+    DEFAULT_DELIVERIES_IN_FLIGHT,
 };
 use super::dedup::{DedupKey, DedupStore};
 use crate::config::KafkaSettings;
@@ -464,7 +466,30 @@ fn check_group_protocol(kafka: &KafkaSettings) -> anyhow::Result<()> {
 /// unavailable; ends when every record resolved, or when the batch is given up: shutdown came
 /// first, every partition of it was revoked or rewound meanwhile, or (exactly-once) the
 /// transactional producer failed for good.
+///
+/// `ended` tells the delivery that follows (it may have started already: see
+/// [`super::deliver::gate`]) how this one ended.
 async fn deliver_task<D: DedupStore, S: EventStore>(
+    sinks: Arc<Sinks<D, S>>,
+    delivery: Delivery,
+    group: Option<Arc<rdkafka::consumer::ConsumerGroupMetadata>>,
+    ownership: Option<Arc<Ownership>>,
+    shutdown: Shutdown,
+    ended: Option<Ended>,
+) -> Outcome {
+    let outcome = deliver_retrying(sinks, delivery, group, ownership, shutdown).await;
+    if let Some(ended) = ended {
+        ended.send(match &outcome {
+            Outcome::Delivered(d) => Prior::Delivered {
+                released: d.released.clone(),
+            },
+            Outcome::Abandoned { .. } => Prior::GivenUp,
+        });
+    }
+    outcome
+}
+
+async fn deliver_retrying<D: DedupStore, S: EventStore>(
     sinks: Arc<Sinks<D, S>>,
     mut delivery: Delivery,
     group: Option<Arc<rdkafka::consumer::ConsumerGroupMetadata>>,
@@ -508,6 +533,11 @@ async fn deliver_task<D: DedupStore, S: EventStore>(
                     renew: false,
                 }
             }
+            Stop::PriorGivenUp => return Outcome::Abandoned {
+                why: "the batch before it, which it overlapped, was given up (both are read again)"
+                    .into(),
+                renew: false,
+            },
             Stop::Fatal(e) => {
                 tracing::error!(error = %e, "exactly-once: the transactional producer failed for good");
                 return Outcome::Abandoned {

@@ -64,7 +64,15 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                 self.stats.add(&batch, &plan);
             } else {
                 let delivery = Delivery::new(None, batch, plan);
-                match deliver_task(self.sinks.clone(), delivery, None, None, shutdown.clone()).await
+                match deliver_task(
+                    self.sinks.clone(),
+                    delivery,
+                    None,
+                    None,
+                    shutdown.clone(),
+                    None,
+                )
+                .await
                 {
                     Outcome::Delivered(d) => {
                         record_metrics(&d.records, &d.plan, d.rows_inserted);
