@@ -108,7 +108,8 @@ pub struct ProcessArgs {
     /// Most raw records per batch.
     #[arg(long, env = "HELIOS_BATCH_SIZE", default_value_t = DEFAULT_BATCH_RECORDS)]
     pub batch_size: usize,
-    /// Most bytes (values, keys, headers) per batch; a single larger record is a batch alone.
+    /// Most bytes (values, keys, headers) per batch, and of the deliveries in flight together;
+    /// a single larger record is a batch alone.
     #[arg(long, env = "HELIOS_BATCH_MAX_BYTES", default_value_t = DEFAULT_BATCH_BYTES)]
     pub batch_max_bytes: usize,
     /// How long a batch waits to fill after its first record; 0: it closes as soon as nothing

@@ -44,6 +44,8 @@ struct InFlight {
     started: Instant,
     /// How this delivery ends, for the one spawned after it (taken by that one).
     next: Option<Gate>,
+    /// The batch's record bytes (the byte budget counts every delivery in flight).
+    bytes: usize,
 }
 
 impl<D: DedupStore, S: EventStore> Processor<D, S> {
@@ -119,9 +121,16 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                 metrics::counter!("helios_processor_batches_overlapped_total").increment(1);
             }
             let plan = self.plan(&batch.records, &shutdown).await;
-            // At most `depth` deliveries at once: the oldest ends (and is settled) first.
+            // At most `depth` deliveries at once, and together within one batch's byte budget
+            // (`HELIOS_BATCH_MAX_BYTES`): else the oldest ends (and is settled) first. Large
+            // records so overlap no more than before; batches of small ones do.
+            let bytes: usize = batch.records.iter().map(|r| r.size()).sum();
             let mut released = vec![];
-            while in_flight.len() >= depth {
+            while !in_flight.is_empty()
+                && (in_flight.len() >= depth
+                    || in_flight.iter().map(|f| f.bytes).sum::<usize>() + bytes
+                        > self.cfg.batch.bytes)
+            {
                 let f = in_flight.pop_front().expect("in flight");
                 released.extend(
                     self.finish(&mut seq, f, &shutdown, &mut after_abandon)
@@ -183,6 +192,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             delivery = delivery.after(g);
         }
         let ticket = delivery.ticket_id();
+        let bytes = delivery.records().iter().map(|r| r.size()).sum();
         let group = self.consumer.group_metadata().map(Arc::new);
         let (ended, next) = gate::pair();
         let handle = tokio::spawn(deliver_task(
@@ -198,6 +208,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             ticket,
             started,
             next: Some(next),
+            bytes,
         }
     }
 
