@@ -72,6 +72,10 @@ enum BenchCommand {
         /// redis-py, psycopg) on each backlog (`scripts/bench.sh` installs it into a venv).
         #[arg(long)]
         peer: bool,
+        /// Leave out the PostgreSQL-alone columns (printed as 0): the processor's own numbers
+        /// in a third of the time, e.g. to compare memory settings.
+        #[arg(long)]
+        no_pg_columns: bool,
     },
     /// Time from the ingress receiving an event to its row in PostgreSQL, at a steady rate.
     Latency {
@@ -162,6 +166,7 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
             in_flight,
             partitioned,
             peer,
+            no_pg_columns,
         } => {
             let mut rows = vec![];
             let in_flight = if in_flight.is_empty() {
@@ -182,6 +187,7 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
                                 in_flight: *depth,
                                 partitioned,
                                 peer,
+                                pg_columns: !no_pg_columns,
                             },
                         )
                         .await?,

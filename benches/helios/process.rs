@@ -419,6 +419,8 @@ pub struct RunOptions {
     pub partitioned: bool,
     /// Also run the Python peer on the backlog.
     pub peer: bool,
+    /// Measure PostgreSQL alone (the PG columns); off: the processor's own numbers only.
+    pub pg_columns: bool,
 }
 
 pub async fn run_once(
@@ -433,6 +435,7 @@ pub async fn run_once(
         in_flight,
         partitioned,
         peer,
+        ..
     } = o;
     let (mut topology, settings, tag) = crate::scratch_topology(kafka)?;
     for spec in [
@@ -518,6 +521,24 @@ pub async fn run_once(
     } else {
         None
     };
+    if !o.pg_columns {
+        return Ok(Row {
+            records: n,
+            in_flight,
+            passthrough_rps,
+            events_per_s: units as f64 / elapsed.as_secs_f64(),
+            cpu_us_per_event: cpu as f64 / units.max(1) as f64,
+            box_us_per_event: box_cpu as f64 / units.max(1) as f64,
+            shared_us_per_event,
+            rss_before_mb,
+            rss_peak_mb,
+            outcome: (units, out, dups, dlq),
+            pg_alone_per_s: 0.0,
+            pg_unnest_per_s: 0.0,
+            pg_copy_ceiling_per_s: 0.0,
+            peer,
+        });
+    }
     eprintln!("[bench] PostgreSQL alone ...");
     let events = bench_events(&topology, n);
     let pg_alone_per_s = pg_alone(

@@ -21,7 +21,6 @@ It prints one JSON line: {"records": N, "seconds": s, "cpu_seconds": c, "peak_rs
 import argparse
 import base64
 import json
-import resource
 import sys
 import time
 
@@ -47,6 +46,16 @@ def normalize(source, value):
             out.append((e["id"], etype, e["eventTime"], e["data"]))
         return out
     return [(body["event_id"], body["event_type"], None, body["data"])]
+
+
+def peak_rss_mib():
+    """VmHWM: this process's peak resident memory (ru_maxrss would carry the forking parent's
+    across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
 
 
 def field(data, snake, camel):
@@ -154,7 +163,7 @@ def main():
     consumer.close()
     print(json.dumps({
         "records": seen, "seconds": elapsed, "cpu_seconds": cpu,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mib": peak_rss_mib(),
         "stored": stored, "duplicates": dups, "dlq": dlq,
     }))
 
