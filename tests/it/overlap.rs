@@ -129,6 +129,16 @@ fn assert_in_order_once(out: &[Record], tag: &str) {
     }
 }
 
+/// The processor's counts once all 100 raw records are counted (raw, units, out, dup, dlq).
+async fn counted(p: &TestProcessor) -> (u64, u64, u64, u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.stats.snapshot().0 < 100 {
+        assert!(Instant::now() < deadline, "not every record was counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.stats.snapshot()
+}
+
 #[tokio::test]
 async fn a_batch_is_written_while_the_one_before_fans_out_and_takes_over_its_refused_event() {
     let topology = applied_topology(|_| {}).await;
@@ -155,12 +165,7 @@ async fn a_batch_is_written_while_the_one_before_fans_out_and_takes_over_its_ref
     assert_in_order_once(&out, "ov");
     let dlq = read_exactly(&kafka_bootstrap(), &topology.dlq_topic(), 1).await;
     assert_eq!(dlq[0].header("helios-dlq-sink-code"), Some("23514"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while p.stats.snapshot().0 < 100 {
-        assert!(Instant::now() < deadline, "not every record was counted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(p.stats.snapshot(), (100, 100, 99, 0, 1));
+    assert_eq!(counted(&p).await, (100, 100, 99, 0, 1));
     p.stop().await;
 }
 
@@ -184,12 +189,7 @@ async fn a_batch_overlapping_one_that_fails_is_given_up_with_it_and_both_are_del
     .await;
     assert_in_order_once(&out, "ovf");
     expect_count(&p.pool, "SELECT count(*) FROM events", 100).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
     // Counted once each: a batch given up counts nothing (its records are read again).
-    while p.stats.snapshot().0 < 100 {
-        assert!(Instant::now() < deadline, "not every record was counted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(p.stats.snapshot(), (100, 100, 100, 0, 0));
+    assert_eq!(counted(&p).await, (100, 100, 100, 0, 0));
     p.stop().await;
 }
