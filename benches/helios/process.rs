@@ -521,46 +521,11 @@ pub async fn run_once(
     } else {
         None
     };
-    if !o.pg_columns {
-        return Ok(Row {
-            records: n,
-            in_flight,
-            passthrough_rps,
-            events_per_s: units as f64 / elapsed.as_secs_f64(),
-            cpu_us_per_event: cpu as f64 / units.max(1) as f64,
-            box_us_per_event: box_cpu as f64 / units.max(1) as f64,
-            shared_us_per_event,
-            rss_before_mb,
-            rss_peak_mb,
-            outcome: (units, out, dups, dlq),
-            pg_alone_per_s: 0.0,
-            pg_unnest_per_s: 0.0,
-            pg_copy_ceiling_per_s: 0.0,
-            peer,
-        });
-    }
-    eprintln!("[bench] PostgreSQL alone ...");
-    let events = bench_events(&topology, n);
-    let pg_alone_per_s = pg_alone(
-        database_url,
-        &schema,
-        &events,
-        batch_size,
-        PgWrite::Copy,
-        partitioned,
-    )
-    .await?;
-    let pg_unnest_per_s = pg_alone(
-        database_url,
-        &schema,
-        &events,
-        batch_size,
-        PgWrite::Unnest,
-        partitioned,
-    )
-    .await?;
-    let pg_copy_ceiling_per_s =
-        pg_copy_ceiling(database_url, &schema, &events, partitioned).await?;
+    let (pg_alone_per_s, pg_unnest_per_s, pg_copy_ceiling_per_s) = if o.pg_columns {
+        pg_columns(database_url, &schema, &topology, n, batch_size, partitioned).await?
+    } else {
+        (0.0, 0.0, 0.0)
+    };
     Ok(Row {
         records: n,
         in_flight,
@@ -577,6 +542,40 @@ pub async fn run_once(
         pg_copy_ceiling_per_s,
         peer,
     })
+}
+
+/// PostgreSQL alone on the backlog's events: the processor's write path, the UNNEST statement,
+/// the one-transaction COPY ceiling (rows/s each).
+async fn pg_columns(
+    database_url: &str,
+    schema: &str,
+    topology: &Topology,
+    n: usize,
+    batch_size: usize,
+    partitioned: bool,
+) -> anyhow::Result<(f64, f64, f64)> {
+    eprintln!("[bench] PostgreSQL alone ...");
+    let events = bench_events(topology, n);
+    let copy = pg_alone(
+        database_url,
+        schema,
+        &events,
+        batch_size,
+        PgWrite::Copy,
+        partitioned,
+    )
+    .await?;
+    let unnest = pg_alone(
+        database_url,
+        schema,
+        &events,
+        batch_size,
+        PgWrite::Unnest,
+        partitioned,
+    )
+    .await?;
+    let ceiling = pg_copy_ceiling(database_url, schema, &events, partitioned).await?;
+    Ok((copy, unnest, ceiling))
 }
 
 /// The backlog's events as the processor would store them: normalized, duplicates and invalid

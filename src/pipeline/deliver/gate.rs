@@ -14,9 +14,13 @@
 //!   (same lineage: not duplicates) and fanned out then, as after any batch given up between its
 //!   PostgreSQL write and its fan-out.
 
+use std::collections::HashSet;
+
 use tokio::sync::oneshot;
 
-use crate::pipeline::dedup::DedupKey;
+use super::{Delivery, Outputs, Progress, Stop};
+use crate::pipeline::dedup::{DedupKey, DedupStore};
+use crate::pipeline::plan;
 
 /// How the delivery before ended.
 #[derive(Debug)]
@@ -53,6 +57,56 @@ impl Gate {
     /// the runtime is going down) counts as given up.
     pub async fn wait(self) -> Prior {
         self.0.await.unwrap_or(Prior::GivenUp)
+    }
+}
+
+/// Where a delivery stands with the one before it.
+#[derive(Debug)]
+pub(super) enum Before {
+    /// None was running when it started, or its end was followed.
+    None,
+    /// Still running when this one started: waited for before this one's fan-out.
+    Running(Gate),
+    /// Delivered, having released these marks: not yet claimed for this batch's held duplicates.
+    Released(HashSet<DedupKey>),
+    /// Given up: so is this one, however often it is resumed.
+    GivenUp,
+}
+
+impl Delivery {
+    /// Waits (once) for the delivery before to end, then claims the marks it released for the
+    /// duplicates this batch held aside because of them. True when some of those became events
+    /// (they are stored before anything is fanned out).
+    pub(super) async fn follow_prior<S, D: DedupStore>(
+        &mut self,
+        out: &Outputs<'_, S, D>,
+    ) -> Result<bool, Stop> {
+        self.prior = match std::mem::replace(&mut self.prior, Before::None) {
+            Before::Running(g) => match g.wait().await {
+                Prior::GivenUp => Before::GivenUp,
+                Prior::Delivered { released } if released.is_empty() => Before::None,
+                Prior::Delivered { released } => Before::Released(released.into_iter().collect()),
+            },
+            other => other,
+        };
+        let released = match &self.prior {
+            Before::Released(keys) => keys,
+            Before::GivenUp => return Err(Stop::PriorGivenUp),
+            Before::None | Before::Running(_) => return Ok(false),
+        };
+        let before = self.plan.events.len();
+        plan::reclaim(&mut self.plan, released, out.dedup).await?;
+        self.prior = Before::None;
+        let added = self.plan.events.len() - before;
+        self.progress
+            .extend(std::iter::repeat_n(Progress::default(), added));
+        if added > 0 {
+            tracing::info!(
+                events = added,
+                "the batch before dead-lettered events this one held duplicates of: those go through instead"
+            );
+        }
+        Ok(added > 0)
     }
 }
 

@@ -36,7 +36,7 @@ use super::avro::AvroFanOut;
 use super::commit::{Commit, CommitSequencer, Ownership, Ticket, TicketId};
 use super::config::DeliveryMode;
 use super::dedup::{Claim, DedupKey, DedupStore, MarkOwner};
-use super::plan::{self as planning, BatchPlan, DedupPolicy, PlannedEvent, ReplaySpec};
+use super::plan::{BatchPlan, DedupPolicy, PlannedEvent, ReplaySpec};
 use super::sinks::dlq::{self, DlqForm, DlqItem};
 use super::sinks::kafka::{self as ks, Sends, TxnError};
 use super::sinks::{fanout, store};
@@ -51,7 +51,7 @@ use crate::topology::Topology;
 pub mod gate;
 mod txn;
 
-use gate::{Gate, Prior};
+use gate::Gate;
 
 /// What a delivery writes to.
 pub struct Outputs<'a, S, D> {
@@ -145,13 +145,9 @@ pub struct Delivery {
     released: usize,
     /// How many of `to_release` were looked at for in-batch duplicates.
     reclaim_checked: usize,
-    /// The delivery before this one, still running when this one started: its end is waited for
-    /// between this one's PostgreSQL write and its fan-out (see [`gate`]).
-    gate: Option<Gate>,
-    /// Marks the delivery before released, not yet claimed for this batch's held duplicates.
-    prior_released: HashSet<DedupKey>,
-    /// The delivery before was given up: so is this one, however often it is resumed.
-    prior_given_up: bool,
+    /// The delivery before this one, when it was still running as this one started (see
+    /// [`gate`]).
+    prior: gate::Before,
 }
 
 /// A batch whose every record resolved: the holder of its ticket, so the only way to its offsets.
@@ -205,15 +201,13 @@ impl Delivery {
             to_release: vec![],
             released: 0,
             reclaim_checked: 0,
-            gate: None,
-            prior_released: HashSet::new(),
-            prior_given_up: false,
+            prior: gate::Before::None,
         }
     }
 
     /// This delivery overlaps the one `gate` comes from: its fan-out waits for that one's end.
     pub fn after(mut self, gate: Gate) -> Self {
-        self.gate = Some(gate);
+        self.prior = gate::Before::Running(gate);
         self
     }
 
@@ -341,43 +335,6 @@ impl Delivery {
         let foreign: Vec<usize> = w.foreign.into_iter().map(|j| todo[j]).collect();
         self.remove(refused, foreign);
         Ok(())
-    }
-
-    /// Waits (once) for the delivery before to end, then claims the marks it released for the
-    /// duplicates this batch held aside because of them. True when some of those became events
-    /// (they are stored before anything is fanned out).
-    async fn follow_prior<S, D: DedupStore>(
-        &mut self,
-        out: &Outputs<'_, S, D>,
-    ) -> Result<bool, Stop> {
-        if self.prior_given_up {
-            return Err(Stop::PriorGivenUp);
-        }
-        if let Some(gate) = self.gate.take() {
-            match gate.wait().await {
-                Prior::GivenUp => {
-                    self.prior_given_up = true;
-                    return Err(Stop::PriorGivenUp);
-                }
-                Prior::Delivered { released } => self.prior_released.extend(released),
-            }
-        }
-        if self.prior_released.is_empty() {
-            return Ok(false);
-        }
-        let before = self.plan.events.len();
-        planning::reclaim(&mut self.plan, &self.prior_released, out.dedup).await?;
-        self.prior_released.clear();
-        let added = self.plan.events.len() - before;
-        self.progress
-            .extend(std::iter::repeat_n(Progress::default(), added));
-        if added > 0 {
-            tracing::info!(
-                events = added,
-                "the batch before dead-lettered events this one held duplicates of: those go through instead"
-            );
-        }
-        Ok(added > 0)
     }
 
     /// Avro mode: the encoded values of the events not yet fanned out, by position (asked

@@ -161,7 +161,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             };
             // Overlapping the newest delivery still running: its fan-out waits for that one.
             let after = in_flight.back_mut().and_then(|f| f.next.take());
-            let f = self.spawn_delivery(&mut seq, batch, plan, after, started, &shutdown);
+            let f = self.spawn_delivery(&mut seq, (batch, bytes), plan, after, started, &shutdown);
             in_flight.push_back(f);
         }
         while let Some(f) = in_flight.pop_front() {
@@ -178,10 +178,12 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         Ok(())
     }
 
+    /// Spawns a batch's delivery; `bytes` (its records' bytes as polled) counts against the
+    /// byte budget while it is in flight.
     fn spawn_delivery(
         &self,
         seq: &mut CommitSequencer,
-        batch: Batch,
+        (batch, bytes): (Batch, usize),
         plan: BatchPlan,
         after: Option<Gate>,
         started: Instant,
@@ -192,7 +194,6 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             delivery = delivery.after(g);
         }
         let ticket = delivery.ticket_id();
-        let bytes = delivery.records().iter().map(|r| r.size()).sum();
         let group = self.consumer.group_metadata().map(Arc::new);
         let (ended, next) = gate::pair();
         let handle = tokio::spawn(deliver_task(
