@@ -37,6 +37,9 @@ export HELIOS_TEST_MOTO_URL="http://127.0.0.1:$moto_port"
 export TANSU_BIN
 export CHECKOV_BIN
 export RUST_LOG="${RUST_LOG:-warn}"
+# The chaos tests panic on purpose (failpoints); their backtraces would bury the message of a
+# test that fails. HELIOS_TEST_BACKTRACE=1 brings them back.
+export RUST_BACKTRACE="${HELIOS_TEST_BACKTRACE:-0}"
 
 # The failpoints feature compiles the fault-injection points the chaos tests use (src/failpoint.rs).
 cargo test --locked --features failpoints "$@"

@@ -141,6 +141,23 @@ async fn killing_the_processor_with_two_batches_in_flight_loses_and_doubles_noth
     second.wait().unwrap();
 }
 
+/// The ids `what` holds are exactly `valid`; when not, says how many are missing and extra, with
+/// a few of each (a whole set of 900 ids would bury the message).
+fn assert_same_ids(got: &HashSet<String>, valid: &HashSet<String>, what: &str) {
+    let missing: Vec<&String> = valid.difference(got).collect();
+    let extra: Vec<&String> = got.difference(valid).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: {} of {} valid events, {} missing (e.g. {:?}), {} not valid (e.g. {:?})",
+        got.len() - extra.len(),
+        valid.len(),
+        missing.len(),
+        &missing[..missing.len().min(5)],
+        extra.len(),
+        &extra[..extra.len().min(5)],
+    );
+}
+
 /// After a crash: a restarted processor finishes the stream; every valid event is exactly once
 /// in PostgreSQL and at least once on its topic, every invalid record in the DLQ, and the
 /// invariant holds over the whole stream.
@@ -169,7 +186,7 @@ async fn assert_stream_complete(
         .unwrap()
         .into_iter()
         .collect();
-    assert_eq!(&ids, valid);
+    assert_same_ids(&ids, valid, "PostgreSQL");
 
     // Fan-out: every event at least once.
     // Tansu's sqlite engine reads records with headers slowly, and more slowly the more the
@@ -189,7 +206,11 @@ async fn assert_stream_complete(
         .iter()
         .map(|r| r.header("ce_id").unwrap().to_string())
         .collect();
-    assert_eq!(&out_ids, valid, "fan-out holds every event (at least once)");
+    assert_same_ids(
+        &out_ids,
+        valid,
+        &format!("the fan-out (at least once; {} records read)", out.len()),
+    );
     // DLQ: every invalid raw record at least once, and nothing else.
     let dlq = read_until(
         &kafka_bootstrap(),
@@ -218,7 +239,12 @@ async fn assert_stream_complete(
             )
         })
         .collect();
-    assert_eq!(dlq_raw.len(), invalid);
+    assert_eq!(
+        dlq_raw.len(),
+        invalid,
+        "invalid raw records in the DLQ ({} DLQ records read)",
+        dlq.len()
+    );
     assert!(dlq
         .iter()
         .all(|r| String::from_utf8_lossy(&r.value).contains("bad-")));
