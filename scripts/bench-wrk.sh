@@ -53,12 +53,13 @@ wrk -t2 -c"$connections" -d3s -s benches/wrk/eventbridge.lua "$url" -- "$delay" 
 log "wrk: $connections connections, $seconds s, ${delay} ms between a connection's requests"
 wrk -t2 -c"$connections" -d"${seconds}s" -s benches/wrk/eventbridge.lua "$url" -- "$delay" run | tee "$work/wrk.txt"
 sent=$(grep -oE '^ +[0-9]+ requests' "$work/wrk.txt" | grep -oE '[0-9]+')
-count="SELECT count(*) FROM $tag.events WHERE event_id LIKE 'wrk-run-%'"
+measured="FROM $tag.events WHERE event_id LIKE 'wrk-run-%'"
 for _ in $(seq 1 120); do
-  stored=$(psql_ -c "$count")
+  stored=$(psql_ -c "SELECT count(*) $measured")
   [ "$stored" -ge "$sent" ] && break
   sleep 1
 done
+[ "$stored" -ge "$sent" ] || log "only $stored of $sent answered requests stored after 120 s: see $work/run.log"
 # wrk counts the answers it read: a request still in flight at the end is stored, not counted.
 echo "answered by the ingress: $sent; stored: $stored"
 psql -h 127.0.0.1 -U postgres -c "SELECT count(*) AS events,
@@ -67,4 +68,4 @@ psql -h 127.0.0.1 -U postgres -c "SELECT count(*) AS events,
   round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) AS p99_ms,
   round(max(ms)::numeric, 1) AS max_ms
   FROM (SELECT extract(epoch FROM processed_at - ingested_at) * 1000 AS ms
-        FROM $tag.events WHERE event_id LIKE 'wrk-run-%') t"
+        $measured) t"

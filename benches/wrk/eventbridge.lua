@@ -7,7 +7,7 @@ function setup(thread)
   thread_id = thread_id + 1
 end
 function init(args)
-  delay_ms = tonumber(args[1] or "3")
+  delay_ms = tonumber(args[1] or "0")
   run = args[2] or "x"
 end
 function delay() return delay_ms end
