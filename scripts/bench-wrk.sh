@@ -59,7 +59,7 @@ for _ in $(seq 1 120); do
   [ "$stored" -ge "$sent" ] && break
   sleep 1
 done
-[ "$stored" -ge "$sent" ] || log "only $stored of $sent answered requests stored after 120 s: see $work/run.log"
+[ "$stored" -ge "$sent" ] || { log "only $stored of $sent answered requests stored after 120 s; the end of helios run's log:"; tail -20 "$work/run.log" >&2; }
 # wrk counts the answers it read: a request still in flight at the end is stored, not counted.
 echo "answered by the ingress: $sent; stored: $stored"
 psql -h 127.0.0.1 -U postgres -c "SELECT count(*) AS events,
