@@ -370,10 +370,12 @@ impl RawConsumer {
         }
     }
 
-    /// The next batch: up to `limits.records` records and `limits.bytes` bytes, closed when
-    /// nothing more is waiting (or after `limits.linger`); only records whose partition is still
-    /// owned in the epoch they were polled in. May be empty (everything polled went stale).
-    pub async fn next_batch(&mut self) -> anyhow::Result<Batch> {
+    /// The next batch: up to `limits.records` records and `limits.bytes` bytes (fewer when `room`
+    /// is less; the first record is taken whatever its size), closed when nothing more is
+    /// waiting (or after `limits.linger`); only records whose partition is still owned in the
+    /// epoch they were polled in. May be empty (everything polled went stale).
+    pub async fn next_batch(&mut self, room: usize) -> anyhow::Result<Batch> {
+        let max_bytes = self.limits.bytes.min(room);
         self.resume();
         let first = self.next_record().await?;
         let mut bytes = first.1.size();
@@ -395,7 +397,7 @@ impl RawConsumer {
             let Some(next) = next else {
                 break;
             };
-            if bytes + next.1.size() > self.limits.bytes {
+            if bytes + next.1.size() > max_bytes {
                 self.stash.push_front(next);
                 break;
             }

@@ -48,6 +48,11 @@ struct InFlight {
     bytes: usize,
 }
 
+/// The record bytes of the deliveries in flight.
+fn in_flight_bytes(in_flight: &VecDeque<InFlight>) -> usize {
+    in_flight.iter().map(|f| f.bytes).sum()
+}
+
 impl<D: DedupStore, S: EventStore> Processor<D, S> {
     /// Runs until shutdown: the batch being delivered is finished (or given up) first, and only
     /// what the sequencer allows is committed.
@@ -68,6 +73,15 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         'batches: loop {
             if let Some(f) = self.consumer.fatal() {
                 return Err(anyhow::anyhow!("{f}. {}", fatal_hint(&f.0)));
+            }
+            // Deliveries in flight holding more than half the byte budget end first: the next
+            // batch is polled (and planned, its bodies parsed) only into what is left, so large
+            // records are held no more at once than without the overlap. What they release needs
+            // no reclaim: the next batch is planned after it.
+            while in_flight_bytes(&in_flight) > self.cfg.batch.bytes / 2 {
+                let f = in_flight.pop_front().expect("in flight");
+                self.finish(&mut seq, f, &shutdown, &mut after_abandon)
+                    .await;
             }
             // Until records are waiting, a delivery in flight is settled as soon as it is done
             // (a quiet stream must not leave its last batch uncommitted).
@@ -93,10 +107,15 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
                     _ = shutdown.clone().wait() => break 'batches,
                 }
             }
+            let room = self
+                .cfg
+                .batch
+                .bytes
+                .saturating_sub(in_flight_bytes(&in_flight));
             let batch = {
                 let _waiting = crate::liveness::waiting();
                 tokio::select! {
-                    b = self.consumer.next_batch() => b,
+                    b = self.consumer.next_batch(room) => b,
                     _ = shutdown.clone().wait() => break,
                 }
             };
@@ -122,14 +141,13 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
             }
             let plan = self.plan(&batch.records, &shutdown).await;
             // At most `depth` deliveries at once, and together within one batch's byte budget
-            // (`HELIOS_BATCH_MAX_BYTES`): else the oldest ends (and is settled) first. Large
-            // records so overlap no more than before; batches of small ones do.
+            // (`HELIOS_BATCH_MAX_BYTES`): else the oldest ends (and is settled) first (a batch's
+            // first record is taken whatever its size, so it may not fit in the room left).
             let bytes: usize = batch.records.iter().map(|r| r.size()).sum();
             let mut released = vec![];
             while !in_flight.is_empty()
                 && (in_flight.len() >= depth
-                    || in_flight.iter().map(|f| f.bytes).sum::<usize>() + bytes
-                        > self.cfg.batch.bytes)
+                    || in_flight_bytes(&in_flight) + bytes > self.cfg.batch.bytes)
             {
                 let f = in_flight.pop_front().expect("in flight");
                 released.extend(

@@ -46,7 +46,7 @@ impl<D: DedupStore, S: EventStore> Processor<D, S> {
         let dry_run = self.sinks.replay.as_ref().is_some_and(|r| r.dry_run);
         while !remaining.is_empty() {
             let batch = tokio::select! {
-                b = tokio::time::timeout(Duration::from_secs(60), self.consumer.next_batch()) => match b {
+                b = tokio::time::timeout(Duration::from_secs(60), self.consumer.next_batch(usize::MAX)) => match b {
                     Ok(b) => b?.records,
                     Err(_) => anyhow::bail!("no records arrived for 60 s with {} partition(s) unfinished", remaining.len()),
                 },
