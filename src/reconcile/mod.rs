@@ -11,6 +11,7 @@
 //! fan-out records, [`store`] keeps `flow_state` and the results, [`run`] is the consumer-group
 //! loop, [`report`] reads the results back.
 
+pub mod absorb;
 pub mod backlog;
 pub mod clock;
 pub mod dlq_hint;
