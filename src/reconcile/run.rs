@@ -1,13 +1,13 @@
-//! The reconciler loop: a consumer-group member over the flows' fan-out topics, co-partitioned
-//! (the range assignor gives one member partition p of every step topic, since they have equal
-//! partition counts). Per batch: count the events into their instances' states and fire the
-//! deadlines the watermarks passed. What was counted is written (see [`super::write`]) while
-//! the next batches are read: the outcomes sent to `helios.reconciliation` and acknowledged,
-//! then states, results and resolutions in one transaction (fenced by the instance's claims,
-//! with how far event time had come on each topic-partition, which a restarted or newly
-//! assigned instance takes over), and only then the offsets committed. A crash before the
-//! transaction re-does the work (its outcome records may be sent twice; the rows are written
-//! once); a crash after it finds every event already counted and changes nothing.
+//! The reconciler loop: a consumer-group member over the flows' fan-out topics, co-partitioned (the
+//! range assignor gives one member partition p of every step topic, since they have equal partition
+//! counts). Per batch: count the events into their instances' states and fire the deadlines the
+//! watermarks passed (see [`super::absorb`]). What was counted is written (see [`super::write`])
+//! while the next batches are read: the outcomes sent to `helios.reconciliation` and acknowledged,
+//! then states, results and resolutions in one transaction (fenced by the instance's claims, with
+//! how far event time had come on each topic-partition, which a restarted or newly assigned
+//! instance takes over), and only then the offsets committed. A crash before the transaction
+//! re-does the work (its outcome records may be sent twice; the rows are written once); a crash
+//! after it finds every event already counted and changes nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
