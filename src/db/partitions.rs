@@ -20,8 +20,11 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 use super::StoreError;
 use crate::topology::Partitioning;
 
-/// The advisory lock of partition maintenance and of the take-over.
-const LOCK_KEY: i64 = 7_246_123_592;
+/// The advisory lock of partition maintenance and of the take-over, per schema: deployments in
+/// other schemas of the same database (staging beside production, the tests) maintain their own
+/// tables without waiting for each other (one key for the whole database made a take-over report
+/// "another instance is maintaining" when another schema's processor was maintaining its own).
+const LOCK_KEY: &str = "hashtext('helios partitions'), hashtext(current_schema())";
 /// How long one step waits for a table lock before it gives up until the next run.
 const LOCK_TIMEOUT: &str = "5s";
 /// The stored columns (the generated ones, `order_id` and `customer_id`, are computed again).
@@ -185,10 +188,7 @@ pub async fn take_over(
 ) -> Result<Option<u64>, StoreError> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(LOCK_KEY)
-        .execute(&mut *tx)
-        .await?;
+    exec(&mut tx, format!("SELECT pg_advisory_xact_lock({LOCK_KEY})")).await?;
     if kind_on(&mut tx).await? != TableKind::Plain {
         return Ok(None);
     }
@@ -294,10 +294,11 @@ pub async fn maintain(
     now: DateTime<Utc>,
 ) -> Result<Maintenance, StoreError> {
     let mut conn = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(LOCK_KEY)
-        .fetch_one(&mut *conn)
-        .await?;
+    let locked: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT pg_try_advisory_lock({LOCK_KEY})"
+    )))
+    .fetch_one(&mut *conn)
+    .await?;
     if !locked {
         return Ok(Maintenance {
             skipped: true,
@@ -305,10 +306,11 @@ pub async fn maintain(
         });
     }
     let result = maintain_locked(&mut conn, p, now).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(LOCK_KEY)
-        .execute(&mut *conn)
-        .await;
+    let _ = sqlx::query(AssertSqlSafe(format!(
+        "SELECT pg_advisory_unlock({LOCK_KEY})"
+    )))
+    .execute(&mut *conn)
+    .await;
     let m = result?;
     record(&m, p, now);
     Ok(m)
