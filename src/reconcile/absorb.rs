@@ -7,7 +7,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
@@ -153,11 +153,7 @@ impl Reconciler {
         }
         // The watermarks with this batch's event times, and the stored instances they make due.
         for (_, s) in &seen {
-            let skew = self
-                .skew_by_topic
-                .get(&s.sighting.topic)
-                .copied()
-                .unwrap_or(crate::topology::DEFAULT_MAX_CLOCK_SKEW);
+            let skew = skew_of(&self.skew_by_topic, &s.sighting.topic);
             clock.record(
                 &s.sighting.topic,
                 s.sighting.partition,
@@ -350,12 +346,9 @@ impl Reconciler {
             p.work.entry(k).or_insert(w);
         }
         for (_, s) in &seen {
-            let skew = self
-                .skew_by_topic
-                .get(&s.sighting.topic)
-                .copied()
-                .unwrap_or(crate::topology::DEFAULT_MAX_CLOCK_SKEW);
-            let at = s.trust(skew).occurred_at;
+            let at = s
+                .trust(skew_of(&self.skew_by_topic, &s.sighting.topic))
+                .occurred_at;
             p.newest
                 .entry((s.sighting.topic.clone(), s.sighting.partition))
                 .or_default()
@@ -427,6 +420,14 @@ impl Reconciler {
         }
         Ok(())
     }
+}
+
+/// The clock skew a topic's events are trusted within (the tightest of the flows reading it).
+fn skew_of(skew_by_topic: &HashMap<String, Duration>, topic: &str) -> Duration {
+    skew_by_topic
+        .get(topic)
+        .copied()
+        .unwrap_or(crate::topology::DEFAULT_MAX_CLOCK_SKEW)
 }
 
 fn collect(
