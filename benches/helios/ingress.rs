@@ -97,24 +97,51 @@ pub async fn load(
     }
 }
 
-fn print_row(name: &str, r: &LoadResult) {
-    println!(
-        "{name:<28} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8}",
-        r.rps(),
-        r.p50_ms,
-        r.p90_ms,
-        r.p99_ms,
-        r.max_ms,
-        r.errors
-    );
+/// One target measured at one connection count: the load's result and what the CPU did
+/// meanwhile (this process holds the load generator and the server under test).
+struct Row {
+    target: &'static str,
+    connections: usize,
+    load: LoadResult,
+    /// Share of both cores busy (every process), %.
+    busy_pct: f64,
+    /// CPU µs per request: the whole machine, this process (load generator and server), the broker.
+    box_us: f64,
+    self_us: f64,
+    broker_us: f64,
 }
 
-/// The ingress against a bare HTTP server, `connections` at a time for `seconds` each.
-pub async fn run(kafka: &KafkaArgs, connections: usize, seconds: u64) -> anyhow::Result<()> {
+/// Runs the load against `url` and reads the CPU spent meanwhile, from /proc.
+async fn measure(target: &'static str, url: &str, connections: usize, duration: Duration) -> Row {
+    let (box0, self0, shared0) = (
+        crate::process::machine_cpu_micros(),
+        crate::process::cpu_micros(),
+        crate::process::SharedCpu::now(),
+    );
+    let load = load(url, SAMPLE, connections, duration).await;
+    let n = load.requests.max(1) as f64;
+    let box_us = crate::process::machine_cpu_micros().saturating_sub(box0) as f64;
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
+    Row {
+        target,
+        connections,
+        busy_pct: 100.0 * box_us / (load.elapsed.as_micros() as f64 * cores),
+        box_us: box_us / n,
+        self_us: crate::process::cpu_micros().saturating_sub(self0) as f64 / n,
+        broker_us: crate::process::SharedCpu::now()
+            .per_event_since(&shared0, load.requests)
+            .broker,
+        load,
+    }
+}
+
+/// The ingress against a bare HTTP server, at each of `connections` for `seconds` each.
+pub async fn run(kafka: &KafkaArgs, connections: &[usize], seconds: u64) -> anyhow::Result<()> {
     let (topology, settings, _) = crate::scratch_topology(kafka)?;
     helios::kafka::apply_topology(&settings, &topology, false).await?;
     let duration = Duration::from_secs(seconds);
     let warmup = Duration::from_secs(2);
+    let mut rows = vec![];
 
     // The ceiling: a server that reads the body and answers, nothing else.
     let bare = axum::Router::new().route(
@@ -132,8 +159,10 @@ pub async fn run(kafka: &KafkaArgs, connections: usize, seconds: u64) -> anyhow:
             .await
     });
     let bare_url = format!("http://{bare_addr}/bare");
-    load(&bare_url, SAMPLE, connections, warmup).await;
-    let bare_r = load(&bare_url, SAMPLE, connections, duration).await;
+    for &c in connections {
+        load(&bare_url, SAMPLE, c, warmup).await;
+        rows.push(measure("bare HTTP server (ceiling)", &bare_url, c, duration).await);
+    }
     bare_stop.trigger();
     let _ = bare_task.await;
 
@@ -153,25 +182,52 @@ pub async fn run(kafka: &KafkaArgs, connections: usize, seconds: u64) -> anyhow:
             break;
         }
     }
-    load(&url, SAMPLE, connections, warmup).await;
-    let ing = load(&url, SAMPLE, connections, duration).await;
+    for &c in connections {
+        load(&url, SAMPLE, c, warmup).await;
+        rows.push(measure("helios ingress -> Kafka", &url, c, duration).await);
+    }
     stop.trigger();
     running.wait().await?;
 
     println!(
-                "\nHELIOS ingress benchmark: {connections} connections, {seconds} s per target, {}-byte EventBridge event, acks=all to {}",
-                SAMPLE.len(),
-                settings.bootstrap_servers
-            );
-    println!(
-        "{:<28} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8}",
-        "target", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"
+        "\nHELIOS ingress benchmark: {seconds} s per target and connection count, {}-byte EventBridge event, acks=all to {}",
+        SAMPLE.len(),
+        settings.bootstrap_servers
     );
-    print_row("bare HTTP server (ceiling)", &bare_r);
-    print_row("helios ingress -> Kafka", &ing);
     println!(
-        "ingress / ceiling: {:.1} %",
-        100.0 * ing.rps() / bare_r.rps().max(1e-9)
+        "{:<28} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>7} {:>7} {:>7}",
+        "target",
+        "conns",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "busy%",
+        "box us",
+        "self us",
+        "broker"
     );
+    for r in &rows {
+        let l = &r.load;
+        println!(
+            "{:<28} {:>5} {:>8.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>6.0} {:>7.1} {:>7.1} {:>7.1}",
+            r.target, r.connections, l.rps(), l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.errors,
+            r.busy_pct, r.box_us, r.self_us, r.broker_us
+        );
+    }
+    for &c in connections {
+        let rps = |t: &str| {
+            rows.iter()
+                .find(|r| r.connections == c && r.target.starts_with(t))
+                .map_or(f64::NAN, |r| r.load.rps())
+        };
+        println!(
+            "ingress / ceiling at {c} connections: {:.1} %",
+            100.0 * rps("helios") / rps("bare").max(1e-9)
+        );
+    }
+    println!("(busy%: both cores, every process; box/self/broker us: CPU per request of the whole machine, of this process — load generator and server — and of the broker)");
     Ok(())
 }

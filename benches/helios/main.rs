@@ -129,9 +129,9 @@ enum BenchCommand {
     Ingress {
         #[command(flatten)]
         kafka: KafkaArgs,
-        /// Concurrent connections.
-        #[arg(long, default_value_t = 64)]
-        connections: usize,
+        /// Concurrent connections; a list runs each (both targets) in turn.
+        #[arg(long, value_delimiter = ',', default_value = "64")]
+        connections: Vec<usize>,
         /// Seconds of load per target (after a 2 s warm-up).
         #[arg(long, default_value_t = 15)]
         seconds: u64,
@@ -231,7 +231,7 @@ async fn run(what: BenchCommand) -> anyhow::Result<()> {
             kafka,
             connections,
             seconds,
-        } => ingress::run(&kafka, connections, seconds).await,
+        } => ingress::run(&kafka, &connections, seconds).await,
         BenchCommand::Dedup {
             redis_url,
             cluster_url,

@@ -67,6 +67,22 @@ enum Fault {
     PanicDelivery,
 }
 
+impl Fault {
+    /// Its name in `HELIOS_CHAOS_FAULTS` (scripts/chaos.sh `--faults`).
+    fn name(self) -> &'static str {
+        match self {
+            Fault::KillProcessor => "kill-processor",
+            Fault::TermProcessor => "term-processor",
+            Fault::TermDuringPgOutage => "term-during-pg-outage",
+            Fault::RestartBroker => "restart-broker",
+            Fault::RestartRedis => "restart-redis",
+            Fault::JoinAndLeave => "join-and-leave",
+            Fault::KillIngress => "kill-ingress",
+            Fault::PanicDelivery => "panic-delivery",
+        }
+    }
+}
+
 const ALL_FAULTS: [Fault; 8] = [
     Fault::KillProcessor,
     Fault::TermProcessor,
@@ -86,6 +102,8 @@ struct Scenario {
     seconds: u64,
     /// Events a second.
     rate: f64,
+    /// The menu of faults (all of them unless `HELIOS_CHAOS_FAULTS` names some).
+    faults: Vec<Fault>,
 }
 
 impl Scenario {
@@ -108,6 +126,21 @@ impl Scenario {
             rate: env("HELIOS_CHAOS_RATE")
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(30.0),
+            faults: match env("HELIOS_CHAOS_FAULTS") {
+                None => ALL_FAULTS.to_vec(),
+                Some(names) => {
+                    names
+                        .split(',')
+                        .map(|n| {
+                            let n = n.trim();
+                            *ALL_FAULTS.iter().find(|f| f.name() == n).unwrap_or_else(|| {
+                            let known: Vec<_> = ALL_FAULTS.iter().map(|f| f.name()).collect();
+                            panic!("HELIOS_CHAOS_FAULTS: unknown fault {n:?} (known: {known:?})")
+                        })
+                        })
+                        .collect()
+                }
+            },
         }
     }
 }
@@ -188,9 +221,15 @@ async fn run(default_strategy: &str) {
     crate::common::init_logs();
     let sc = Scenario::from_env(default_strategy);
     let mut rng = Rng::new(sc.seed);
+    let menu: Vec<_> = sc.faults.iter().map(|f| f.name()).collect();
+    let menu = menu.join(",");
+    let reproduce = format!(
+        "bash scripts/chaos.sh --seed {} --strategy {} --seconds {} --rate {} --faults {menu}",
+        sc.seed, sc.strategy, sc.seconds, sc.rate
+    );
     eprintln!(
-        "chaos: seed {} strategy {} for {} s at {} events/s (reproduce: HELIOS_CHAOS_SEED={} HELIOS_CHAOS_STRATEGY={} HELIOS_CHAOS_SECONDS={} scripts/chaos.sh)",
-        sc.seed, sc.strategy, sc.seconds, sc.rate, sc.seed, sc.strategy, sc.seconds
+        "chaos: seed {} strategy {} for {} s at {} events/s, faults {menu} (reproduce: {reproduce})",
+        sc.seed, sc.strategy, sc.seconds, sc.rate
     );
     let mut rig = Rig::start(&format!("{:x}", sc.seed & 0xffff), 2, 1, &sc.strategy).await;
     let ledger = Arc::new(Mutex::new(load::Ledger::default()));
@@ -212,11 +251,11 @@ async fn run(default_strategy: &str) {
     // Steady.
     sample_for(&rig, Duration::from_secs(8), &mut samples).await;
     // Every fault of the menu once, in the seed's order; then more rounds while the load runs.
-    let mut faults = ALL_FAULTS.to_vec();
+    let mut faults = sc.faults.clone();
     rng.shuffle(&mut faults);
     while !faults.is_empty() || Instant::now() + Duration::from_secs(12) < stop_load {
         if faults.is_empty() {
-            faults = ALL_FAULTS.to_vec();
+            faults = sc.faults.clone();
             rng.shuffle(&mut faults);
         }
         let fault = faults.remove(0);
@@ -235,8 +274,7 @@ async fn run(default_strategy: &str) {
             }
             assert!(
                 healed.elapsed() < Duration::from_secs(120),
-                "no progress for 120 s after: {what} (seed {})",
-                sc.seed
+                "no progress for 120 s after: {what} (reproduce: {reproduce})"
             );
         }
         let moved = healed.elapsed().as_secs_f32();
@@ -261,7 +299,7 @@ async fn run(default_strategy: &str) {
             sc.seed, sc.strategy, timeline.len(), o.sent, o.acked, retried, unacked, o.rows, o.fanout_records, o.fanout_copies, o.order_pairs_checked, o.commit_samples
         ),
         Err(e) => panic!(
-            "chaos: seed {} strategy {} FAILED: {e}\ntimeline:\n  {}",
+            "chaos: seed {} strategy {} FAILED: {e}\ntimeline:\n  {}\nreproduce: {reproduce}",
             sc.seed,
             sc.strategy,
             timeline.join("\n  ")
