@@ -51,9 +51,14 @@ impl RawProducer {
         // default): a retried raw record is a duplicate the processor's dedup absorbs, and
         // Tansu 0.6.0 panics on an idempotent producer that outlives a broker restart.
         // Set KAFKA_ENABLE_IDEMPOTENCE=true on a real Kafka cluster if you want it.
+        // linger.ms 1: each request waits for its record's ack, so the linger is latency every
+        // request pays, and at 16–64 connections the rate is bound by it, not by CPU (the
+        // machine 45–60 % busy). Measured (`scripts/bench.sh ingress`, README "Ingress"): 1 ms
+        // gave +43–52 % req/s over 2 ms at the same CPU per request; 0 ms sends a produce
+        // request per record (the broker's CPU per request ×12) and is slower.
         for (k, v) in [
             ("client.id", "helios-ingress"),
-            ("linger.ms", "2"),
+            ("linger.ms", "1"),
             ("compression.type", "lz4"),
             ("enable.idempotence", "false"),
         ] {
