@@ -344,11 +344,16 @@ async fn redis_and_postgres_outages_pause_processing_and_lose_nothing() {
             .unwrap();
         assert_eq!(during, before, "{name} down: processing must pause");
         proxy.set_down(false);
+        // Up to 120 s: under the rest of the suite the shared broker can leave a heartbeat
+        // unanswered past the session timeout (seen once: "Consumer group session timed out …
+        // last error was Success"); Tansu 0.6.0 may then leave the member out of the new
+        // assignment, and the processor's own safety net joins again after 45 s (three session
+        // timeouts, `kafka::group`). Still resumed by itself, with nothing done by hand.
         let after = wait_count(
             &direct_pool,
             "SELECT count(*) FROM events",
             before + 20,
-            Duration::from_secs(60),
+            Duration::from_secs(120),
         )
         .await;
         assert_eq!(
