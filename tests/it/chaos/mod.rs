@@ -68,6 +68,18 @@ enum Fault {
 }
 
 impl Fault {
+    /// The faults named in `names` (comma separated, as [`Fault::name`] spells them).
+    fn menu(names: &str) -> Vec<Fault> {
+        let known: Vec<_> = ALL_FAULTS.iter().map(|f| f.name()).collect();
+        names
+            .split(',')
+            .map(|n| match ALL_FAULTS.iter().find(|f| f.name() == n.trim()) {
+                Some(f) => *f,
+                None => panic!("HELIOS_CHAOS_FAULTS: unknown fault {n:?} (known: {known:?})"),
+            })
+            .collect()
+    }
+
     /// Its name in `HELIOS_CHAOS_FAULTS` (scripts/chaos.sh `--faults`).
     fn name(self) -> &'static str {
         match self {
@@ -126,21 +138,7 @@ impl Scenario {
             rate: env("HELIOS_CHAOS_RATE")
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(30.0),
-            faults: match env("HELIOS_CHAOS_FAULTS") {
-                None => ALL_FAULTS.to_vec(),
-                Some(names) => {
-                    names
-                        .split(',')
-                        .map(|n| {
-                            let n = n.trim();
-                            *ALL_FAULTS.iter().find(|f| f.name() == n).unwrap_or_else(|| {
-                            let known: Vec<_> = ALL_FAULTS.iter().map(|f| f.name()).collect();
-                            panic!("HELIOS_CHAOS_FAULTS: unknown fault {n:?} (known: {known:?})")
-                        })
-                        })
-                        .collect()
-                }
-            },
+            faults: env("HELIOS_CHAOS_FAULTS").map_or(ALL_FAULTS.to_vec(), |n| Fault::menu(&n)),
         }
     }
 }
