@@ -97,10 +97,26 @@ pub async fn load(
     }
 }
 
+/// What a row measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Bare,
+    Ingress,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Bare => "bare HTTP server (ceiling)",
+            Target::Ingress => "helios ingress -> Kafka",
+        }
+    }
+}
+
 /// One target measured at one connection count: the load's result and what the CPU did
 /// meanwhile (this process holds the load generator and the server under test).
 struct Row {
-    target: &'static str,
+    target: Target,
     connections: usize,
     load: LoadResult,
     /// Share of both cores busy (every process), %.
@@ -112,7 +128,7 @@ struct Row {
 }
 
 /// Runs the load against `url` and reads the CPU spent meanwhile, from /proc.
-async fn measure(target: &'static str, url: &str, connections: usize, duration: Duration) -> Row {
+async fn measure(target: Target, url: &str, connections: usize, duration: Duration) -> Row {
     let (box0, self0, shared0) = (
         crate::process::machine_cpu_micros(),
         crate::process::cpu_micros(),
@@ -161,7 +177,7 @@ pub async fn run(kafka: &KafkaArgs, connections: &[usize], seconds: u64) -> anyh
     let bare_url = format!("http://{bare_addr}/bare");
     for &c in connections {
         load(&bare_url, SAMPLE, c, warmup).await;
-        rows.push(measure("bare HTTP server (ceiling)", &bare_url, c, duration).await);
+        rows.push(measure(Target::Bare, &bare_url, c, duration).await);
     }
     bare_stop.trigger();
     let _ = bare_task.await;
@@ -184,7 +200,7 @@ pub async fn run(kafka: &KafkaArgs, connections: &[usize], seconds: u64) -> anyh
     }
     for &c in connections {
         load(&url, SAMPLE, c, warmup).await;
-        rows.push(measure("helios ingress -> Kafka", &url, c, duration).await);
+        rows.push(measure(Target::Ingress, &url, c, duration).await);
     }
     stop.trigger();
     running.wait().await?;
@@ -213,19 +229,19 @@ pub async fn run(kafka: &KafkaArgs, connections: &[usize], seconds: u64) -> anyh
         let l = &r.load;
         println!(
             "{:<28} {:>5} {:>8.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>6.0} {:>7.1} {:>7.1} {:>7.1}",
-            r.target, r.connections, l.rps(), l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.errors,
+            r.target.label(), r.connections, l.rps(), l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.errors,
             r.busy_pct, r.box_us, r.self_us, r.broker_us
         );
     }
     for &c in connections {
-        let rps = |t: &str| {
+        let rps = |t: Target| {
             rows.iter()
-                .find(|r| r.connections == c && r.target.starts_with(t))
+                .find(|r| r.connections == c && r.target == t)
                 .map_or(f64::NAN, |r| r.load.rps())
         };
         println!(
             "ingress / ceiling at {c} connections: {:.1} %",
-            100.0 * rps("helios") / rps("bare").max(1e-9)
+            100.0 * rps(Target::Ingress) / rps(Target::Bare).max(1e-9)
         );
     }
     println!("(busy%: both cores, every process; box/self/broker us: CPU per request of the whole machine, of this process — load generator and server — and of the broker)");
