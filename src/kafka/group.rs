@@ -8,27 +8,31 @@ use crate::config::KafkaSettings;
 /// When a group member left without partitions should leave its group and join it again.
 ///
 /// A stretch without partitions starts when the group has answered with an assignment (not
-/// while joining); after `wait` of it the member rejoins, once for as long as the stretch
-/// lasts, and the next stretch waits twice as long (up to an hour: two members in excess
-/// cannot keep taking one partition from each other). On Kafka that is one more rebalance for
-/// a member in excess of the partitions; on Tansu 0.6.0 it is what gets a member its
-/// partitions when the broker formed the group with an empty assignment (a dead leader
-/// expiring between a new member's JoinGroup and SyncGroup: README, Reconciliation, Scaling).
+/// while joining); after `wait` of it the member rejoins, and each rejoin doubles the wait (up
+/// to an hour) before the next one, within the stretch and in the next stretch alike: a member
+/// the broker leaves out again gets another try (45 s, then 90 s, 180 s… later), and two
+/// members in excess cannot keep taking one partition from each other. On Kafka that is one
+/// more rebalance for a member in excess of the partitions, less and less often; on Tansu
+/// 0.6.0 it is what gets a member its partitions when the broker formed the group with an
+/// empty assignment (a dead leader expiring between a new member's JoinGroup and SyncGroup:
+/// README, Reconciliation, Scaling).
 #[derive(Debug, Clone)]
 pub struct RejoinWatch {
-    since: Option<std::time::Instant>,
-    rejoined: bool,
+    /// Start of the stretch without partitions, and when the next rejoin is due.
+    stretch: Option<(std::time::Instant, std::time::Instant)>,
     wait: Duration,
 }
 
 /// Three session timeouts (HELIOS's consumers use 15 s): a member that died is expired by then.
 pub const DEFAULT_REJOIN_AFTER: Duration = Duration::from_secs(45);
 
+/// The longest wait between two rejoins.
+const MAX_REJOIN_WAIT: Duration = Duration::from_secs(3600);
+
 impl RejoinWatch {
     pub fn new(wait: Duration) -> Self {
         RejoinWatch {
-            since: None,
-            rejoined: false,
+            stretch: None,
             wait,
         }
     }
@@ -40,6 +44,11 @@ impl RejoinWatch {
         self.observe_at(none, answered, std::time::Instant::now())
     }
 
+    /// How long the next rejoin will wait.
+    pub fn next_wait(&self) -> Duration {
+        self.wait
+    }
+
     fn observe_at(
         &mut self,
         none: bool,
@@ -47,19 +56,17 @@ impl RejoinWatch {
         now: std::time::Instant,
     ) -> Option<Duration> {
         if !none {
-            self.since = None;
-            self.rejoined = false;
+            self.stretch = None;
             return None;
         }
-        match self.since {
+        match self.stretch {
             None if answered => {
-                self.since = Some(now);
-                self.rejoined = false;
+                self.stretch = Some((now, now + self.wait));
                 None
             }
-            Some(since) if !self.rejoined && now.duration_since(since) >= self.wait => {
-                self.rejoined = true;
-                self.wait = (self.wait * 2).min(Duration::from_secs(3600));
+            Some((since, due)) if now >= due => {
+                self.wait = (self.wait * 2).min(MAX_REJOIN_WAIT);
+                self.stretch = Some((since, now + self.wait));
                 Some(now.duration_since(since))
             }
             _ => None,
@@ -74,14 +81,17 @@ pub fn rejoin_group<C: rdkafka::consumer::ConsumerContext + 'static>(
     topics: &[&str],
     role: &str,
     after: Duration,
+    next: Duration,
 ) {
     use rdkafka::consumer::Consumer;
     tracing::warn!(
         role,
         seconds = after.as_secs(),
-        "no partition assigned to this instance: joining its consumer group again (once). \
-         Either there are more instances than partitions, or the group coordinator left this \
-         member out (seen on Tansu 0.6.0 after an instance was killed)"
+        next_try_seconds = next.as_secs(),
+        "no partition assigned to this instance: joining its consumer group again (and again \
+         after next_try_seconds if it still owns none). Either there are more instances than \
+         partitions, or the group coordinator left this member out (seen on Tansu 0.6.0 after \
+         an instance was killed)"
     );
     let mut topics = topics.to_vec();
     topics.sort_unstable();
@@ -169,7 +179,7 @@ mod rejoin_tests {
     use std::time::Instant;
 
     #[test]
-    fn a_member_rejoins_once_per_stretch_without_partitions_and_waits_longer_each_time() {
+    fn a_member_rejoins_less_and_less_often_while_it_owns_nothing() {
         let s = Duration::from_secs;
         let t = Instant::now();
         let mut w = RejoinWatch::new(s(45));
@@ -180,20 +190,23 @@ mod rejoin_tests {
         assert_eq!(w.observe_at(true, true, t + s(100)), None);
         assert_eq!(w.observe_at(true, true, t + s(144)), None);
         assert_eq!(w.observe_at(true, true, t + s(145)), Some(s(45)));
-        // Once per stretch.
-        assert_eq!(w.observe_at(true, true, t + s(500)), None);
-        // Partitions, then none again: a new stretch, twice as long.
-        assert_eq!(w.observe_at(false, true, t + s(501)), None);
-        assert_eq!(w.observe_at(true, true, t + s(502)), None);
-        assert_eq!(w.observe_at(true, true, t + s(502 + 89)), None);
-        assert_eq!(w.observe_at(true, true, t + s(502 + 90)), Some(s(90)));
+        assert_eq!(w.next_wait(), s(90));
+        // Left out again: another try 90 s after the first, then 180 s after that.
+        assert_eq!(w.observe_at(true, true, t + s(145 + 89)), None);
+        assert_eq!(w.observe_at(true, true, t + s(145 + 90)), Some(s(135)));
+        assert_eq!(w.observe_at(true, true, t + s(235 + 179)), None);
+        assert_eq!(w.observe_at(true, true, t + s(235 + 180)), Some(s(315)));
+        // Partitions, then none again: a new stretch waits as long as the last wait grew to.
+        assert_eq!(w.observe_at(false, true, t + s(500)), None);
+        assert_eq!(w.observe_at(true, true, t + s(501)), None);
+        assert_eq!(w.observe_at(true, true, t + s(501 + 359)), None);
+        assert_eq!(w.observe_at(true, true, t + s(501 + 360)), Some(s(360)));
         // Capped at an hour.
         let mut w = RejoinWatch::new(s(3000));
         w.observe_at(true, true, t);
         assert!(w.observe_at(true, true, t + s(3000)).is_some());
-        w.observe_at(false, true, t + s(3001));
-        w.observe_at(true, true, t + s(3002));
-        assert_eq!(w.observe_at(true, true, t + s(3002 + 3599)), None);
-        assert_eq!(w.observe_at(true, true, t + s(3002 + 3600)), Some(s(3600)));
+        assert_eq!(w.observe_at(true, true, t + s(3000 + 3599)), None);
+        assert!(w.observe_at(true, true, t + s(3000 + 3600)).is_some());
+        assert_eq!(w.next_wait(), s(3600));
     }
 }

@@ -251,7 +251,7 @@ impl RawConsumer {
                 if let Some(after) = watch.observe(none, answered) {
                     metrics::counter!("helios_processor_rejoins_total").increment(1);
                     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-                    crate::kafka::rejoin_group(&c, &refs, "processor", after);
+                    crate::kafka::rejoin_group(&c, &refs, "processor", after, watch.next_wait());
                 }
             }
         });

@@ -225,7 +225,13 @@ impl Reconciler {
         self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("helios_reconcile_rejoins_total").increment(1);
         let topics: Vec<&str> = self.by_topic.keys().map(String::as_str).collect();
-        crate::kafka::rejoin_group(&self.consumer, &topics, "reconciler", after);
+        crate::kafka::rejoin_group(
+            &self.consumer,
+            &topics,
+            "reconciler",
+            after,
+            self.unassigned.next_wait(),
+        );
     }
 
     /// A write found these topic-partitions claimed by another instance since: the work

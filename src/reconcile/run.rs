@@ -44,7 +44,7 @@ pub struct ReconcilerConfig {
     /// Instances unchanged for this long are deleted (keep it ≥ the raw topics' retention, so
     /// a replay always finds the events it re-emits already counted).
     pub state_retention: Duration,
-    /// An instance with no partition for this long joins its group again, once (see
+    /// An instance with no partition for this long joins its group again, then less and less often (see
     /// `watch_unassigned`); [`DEFAULT_REJOIN_AFTER`] unless a test needs it sooner.
     pub rejoin_after: Duration,
     /// How often the processor group's raw backlog is looked at ([`DEFAULT_BACKLOG_EVERY`]).

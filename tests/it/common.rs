@@ -425,6 +425,82 @@ pub async fn wait_count(pool: &sqlx::PgPool, sql: &'static str, n: i64, timeout:
     }
 }
 
+/// What the broker says of consumer group `group` now: its state and each member with the
+/// partitions assigned to it (for a failure message: a stalled test says whether the group
+/// left its member without partitions).
+pub fn group_state(bootstrap: &str, group: &str) -> String {
+    let consumer: BaseConsumer = match ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{group}-inspector"))
+        .create()
+    {
+        Ok(c) => c,
+        Err(e) => return format!("(no client: {e})"),
+    };
+    let list = match consumer.fetch_group_list(Some(group), Duration::from_secs(10)) {
+        Ok(l) => l,
+        Err(e) => return format!("(group {group} not described: {e})"),
+    };
+    let mut out = String::new();
+    for g in list.groups() {
+        out.push_str(&format!(
+            "group {} state {} protocol {}:",
+            g.name(),
+            g.state(),
+            g.protocol()
+        ));
+        for m in g.members() {
+            out.push_str(&format!(
+                " [{} from {} owns {}]",
+                m.id(),
+                m.client_host(),
+                decode_assignment(m.assignment().unwrap_or_default())
+            ));
+        }
+        if g.members().is_empty() {
+            out.push_str(" no members");
+        }
+    }
+    out
+}
+
+/// The consumer protocol's Assignment (version, then topics with their partitions) as text.
+fn decode_assignment(b: &[u8]) -> String {
+    fn i16_at(b: &[u8], at: usize) -> Option<i16> {
+        Some(i16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+    }
+    fn i32_at(b: &[u8], at: usize) -> Option<i32> {
+        Some(i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    }
+    let decode = || -> Option<String> {
+        let mut at = 2; // version
+        let topics = i32_at(b, at)?;
+        at += 4;
+        let mut parts = vec![];
+        for _ in 0..topics.max(0) {
+            let len = i16_at(b, at)?.max(0) as usize;
+            at += 2;
+            let topic = String::from_utf8_lossy(b.get(at..at + len)?).into_owned();
+            at += len;
+            let n = i32_at(b, at)?;
+            at += 4;
+            for _ in 0..n.max(0) {
+                parts.push(format!("{topic}[{}]", i32_at(b, at)?));
+                at += 4;
+            }
+        }
+        Some(if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join(",")
+        })
+    };
+    if b.is_empty() {
+        return "nothing".into();
+    }
+    decode().unwrap_or_else(|| format!("({} bytes not decoded)", b.len()))
+}
+
 /// Direct-ingest raw records (as the ingress lands them) into the topology's direct raw topic.
 pub async fn produce_direct_to(bootstrap: &str, topology: &Topology, bodies: &[Vec<u8>]) {
     produce_raw_to(

@@ -507,12 +507,13 @@ async fn a_reconciler_joining_mid_stream_takes_its_partitions_over_without_loss_
 }
 
 #[tokio::test]
-async fn an_instance_left_without_partitions_joins_its_group_again_once() {
+async fn an_instance_left_without_partitions_joins_its_group_again_less_and_less_often() {
     // One partition, two instances: the second (its member id sorts after the first's, so the
     // range assignor never gives it the partition) has nothing to read. After its
-    // rejoin_after it leaves the group and joins again, once for as long as it stays without
-    // partitions (what gets a member its partitions when Tansu formed the group with an empty
-    // assignment); the first instance keeps the partition and the flow goes through.
+    // rejoin_after it leaves the group and joins again, and while it stays without partitions
+    // again after twice the wait each time (what gets a member its partitions when Tansu formed
+    // the group with an empty assignment, or left the member out again); the first instance
+    // keeps the partition and the flow goes through.
     let topology = flow_topology(1).await;
     let schema = unique_schema();
     let load = |r: &TestReconciler| {
@@ -546,10 +547,20 @@ async fn an_instance_left_without_partitions_joins_its_group_again_once() {
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(90);
-    while !(load(&b).1 >= 1 && load(&a).0 == 3) {
+    while load(&b).1 < 1 {
         assert!(
             Instant::now() < deadline,
-            "no rejoin, or the partitions never came back: {:?} and {:?} (assigned, rejoins)",
+            "no rejoin: {:?} and {:?} (assigned, rejoins)",
+            load(&a),
+            load(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first_rejoin = Instant::now();
+    while load(&a).0 != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions never came back: {:?} and {:?} (assigned, rejoins)",
             load(&a),
             load(&b)
         );
@@ -561,8 +572,30 @@ async fn an_instance_left_without_partitions_joins_its_group_again_once() {
     advance_past_every_deadline(&topology, t0).await;
     wait_for_markers(&a.pool).await;
     assert_same("outcome rows", &stream_outcomes(&a.pool).await, &expected);
-    // Seconds later (well past its 2 s), still without partitions: no second rejoin.
-    assert_eq!(load(&b), (0, 1), "the second instance: (assigned, rejoins)");
+    // Still without partitions: another try, 4 s (twice its 2 s) or more after the first.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while load(&b).1 < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second rejoin: {:?} (assigned, rejoins)",
+            load(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second_rejoin = first_rejoin.elapsed();
+    assert!(
+        second_rejoin >= Duration::from_millis(3800),
+        "the second rejoin came {second_rejoin:?} after the first, not twice the wait"
+    );
+    // Rejoin k comes 4·(2^(k-1) − 1) s after the first (waits of 4, 8, 16 s…): at most that many.
+    let since = first_rejoin.elapsed().as_secs_f64();
+    let most = 1 + (since / 4.0 + 1.0).log2().floor() as u64;
+    let (assigned, rejoins) = load(&b);
+    assert_eq!(assigned, 0, "the second instance got a partition");
+    assert!(
+        rejoins <= most,
+        "{rejoins} rejoins in {since:.1} s since the first: not less and less often (at most {most})"
+    );
     assert_eq!(
         load(&a).1,
         a_rejoins,
