@@ -175,14 +175,6 @@ async fn assert_stream_complete(
         Duration::from_secs(180),
     )
     .await;
-    if n < valid.len() as i64 {
-        // A stall (fewer rows, not more): say what the group looks like.
-        panic!(
-            "every valid event exactly once in PostgreSQL: {n} of {} rows after 180 s; {}",
-            valid.len(),
-            group_state(&kafka_bootstrap(), &topology.consumer_group)
-        );
-    }
     assert_eq!(
         n,
         valid.len() as i64,
