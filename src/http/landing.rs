@@ -39,6 +39,10 @@ pub fn event_record_headers(
     })
 }
 
+fn source_index(source: Source) -> usize {
+    Source::ALL.iter().position(|s| *s == source).unwrap_or(0)
+}
+
 /// Prefixes of the cloud delivery headers that the processor needs later.
 const FORWARDED_PREFIXES: &[&str] = &["x-amz-sns-", "aeg-", "ce-", "x-goog-"];
 
@@ -94,11 +98,34 @@ pub enum RecordKind {
     Handshake(&'static str),
 }
 
+/// The series one landed record updates, registered once per source (a labelled macro call
+/// looks its series up by name and labels on every request).
+struct SourceMetrics {
+    produce_duration: metrics::Histogram,
+    events: metrics::Counter,
+    handshakes: metrics::Counter,
+    bytes: metrics::Counter,
+}
+
+impl SourceMetrics {
+    fn new(source: Source) -> SourceMetrics {
+        let s = source.as_str();
+        SourceMetrics {
+            produce_duration: metrics::histogram!("helios_ingress_produce_duration_seconds", "source" => s),
+            events: metrics::counter!("helios_ingress_raw_records_total", "source" => s, "kind" => "event"),
+            handshakes: metrics::counter!("helios_ingress_raw_records_total", "source" => s, "kind" => "handshake"),
+            bytes: metrics::counter!("helios_ingress_raw_bytes_total", "source" => s),
+        }
+    }
+}
+
 /// Lands deliveries in their source's raw topic.
 #[derive(Clone)]
 pub struct Landing {
     producer: RawProducer,
     topics: [String; 4],
+    /// Per source, in `Source::ALL` order.
+    metrics: std::sync::Arc<[SourceMetrics; 4]>,
     /// Header names carrying secrets (configured per deployment): never copied.
     secret_headers: Vec<String>,
     /// The broker probe: an acknowledged record proves Kafka reachable (see
@@ -108,9 +135,12 @@ pub struct Landing {
 
 impl Landing {
     pub fn new(producer: RawProducer, topology: &Topology, secret_headers: Vec<String>) -> Self {
+        // The recorder first (idempotent): series registered before it would count nowhere.
+        crate::metrics::install();
         Landing {
             producer,
             topics: Source::ALL.map(|s| topology.raw_topic(s)),
+            metrics: std::sync::Arc::new(Source::ALL.map(SourceMetrics::new)),
             secret_headers: secret_headers
                 .into_iter()
                 .map(|h| h.to_ascii_lowercase())
@@ -127,7 +157,7 @@ impl Landing {
 
     /// The raw topic of a source.
     pub fn topic(&self, source: Source) -> &str {
-        &self.topics[Source::ALL.iter().position(|s| *s == source).unwrap_or(0)]
+        &self.topics[source_index(source)]
     }
 
     /// Produces the delivery and waits for Kafka's acknowledgement.
@@ -155,21 +185,18 @@ impl Landing {
         let hdrs = self.record_headers(d, kind, extra_attribute_headers, own_trace.as_deref());
         let started = Instant::now();
         let result = self.producer.send(topic, None, d.body, hdrs).await;
-        metrics::histogram!("helios_ingress_produce_duration_seconds", "source" => source)
-            .record(started.elapsed().as_secs_f64());
+        let m = &self.metrics[source_index(d.source)];
+        m.produce_duration.record(started.elapsed().as_secs_f64());
         match result {
             Ok((partition, offset)) => {
                 if let Some(h) = &self.health {
                     h.acknowledged();
                 }
-                let kind_label = match kind {
-                    RecordKind::Event => "event",
-                    RecordKind::Handshake(_) => "handshake",
-                };
-                metrics::counter!("helios_ingress_raw_records_total", "source" => source, "kind" => kind_label)
-                    .increment(1);
-                metrics::counter!("helios_ingress_raw_bytes_total", "source" => source)
-                    .increment(d.body.len() as u64);
+                match kind {
+                    RecordKind::Event => m.events.increment(1),
+                    RecordKind::Handshake(_) => m.handshakes.increment(1),
+                }
+                m.bytes.increment(d.body.len() as u64);
                 tracing::debug!(request_id = %d.request_id, topic, partition, offset, "landed raw record");
                 span.record("messaging.kafka.partition", partition);
                 span.record("messaging.kafka.offset", offset);

@@ -237,7 +237,7 @@ fn refuse(
 pub fn refused(source: Source, endpoint: &'static str, e: IngressError) -> Response {
     metrics::counter!("helios_ingress_requests_total", "source" => source.as_str(), "endpoint" => endpoint, "status" => e.status().as_u16().to_string())
         .increment(1);
-    e.into_response_with_id(&uuid::Uuid::now_v7().to_string())
+    e.into_response_with_id(&super::request_id::new())
 }
 
 /// The peer of a request, when the server recorded it.
