@@ -28,6 +28,11 @@ impl Source {
         }
     }
 
+    /// Its place in [`Source::ALL`] (for tables with one entry per source).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Parses the lower-case name.
     pub fn parse(s: &str) -> Option<Source> {
         Source::ALL.into_iter().find(|x| x.as_str() == s)
@@ -37,5 +42,15 @@ impl Source {
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn index_is_the_place_in_all() {
+        for (i, s) in super::Source::ALL.into_iter().enumerate() {
+            assert_eq!(s.index(), i, "{s}");
+        }
     }
 }

@@ -39,10 +39,6 @@ pub fn event_record_headers(
     })
 }
 
-fn source_index(source: Source) -> usize {
-    Source::ALL.iter().position(|s| *s == source).unwrap_or(0)
-}
-
 /// Prefixes of the cloud delivery headers that the processor needs later.
 const FORWARDED_PREFIXES: &[&str] = &["x-amz-sns-", "aeg-", "ce-", "x-goog-"];
 
@@ -98,19 +94,21 @@ pub enum RecordKind {
     Handshake(&'static str),
 }
 
-/// The series one landed record updates, registered once per source (a labelled macro call
-/// looks its series up by name and labels on every request).
-struct SourceMetrics {
+/// A source's raw topic and the series one landed record updates, registered once (a labelled
+/// macro call looks its series up by name and labels on every request).
+struct PerSource {
+    topic: String,
     produce_duration: metrics::Histogram,
     events: metrics::Counter,
     handshakes: metrics::Counter,
     bytes: metrics::Counter,
 }
 
-impl SourceMetrics {
-    fn new(source: Source) -> SourceMetrics {
+impl PerSource {
+    fn new(source: Source, topology: &Topology) -> PerSource {
         let s = source.as_str();
-        SourceMetrics {
+        PerSource {
+            topic: topology.raw_topic(source),
             produce_duration: metrics::histogram!("helios_ingress_produce_duration_seconds", "source" => s),
             events: metrics::counter!("helios_ingress_raw_records_total", "source" => s, "kind" => "event"),
             handshakes: metrics::counter!("helios_ingress_raw_records_total", "source" => s, "kind" => "handshake"),
@@ -123,9 +121,8 @@ impl SourceMetrics {
 #[derive(Clone)]
 pub struct Landing {
     producer: RawProducer,
-    topics: [String; 4],
     /// Per source, in `Source::ALL` order.
-    metrics: std::sync::Arc<[SourceMetrics; 4]>,
+    sources: std::sync::Arc<[PerSource; 4]>,
     /// Header names carrying secrets (configured per deployment): never copied.
     secret_headers: Vec<String>,
     /// The broker probe: an acknowledged record proves Kafka reachable (see
@@ -139,8 +136,7 @@ impl Landing {
         crate::metrics::install();
         Landing {
             producer,
-            topics: Source::ALL.map(|s| topology.raw_topic(s)),
-            metrics: std::sync::Arc::new(Source::ALL.map(SourceMetrics::new)),
+            sources: std::sync::Arc::new(Source::ALL.map(|s| PerSource::new(s, topology))),
             secret_headers: secret_headers
                 .into_iter()
                 .map(|h| h.to_ascii_lowercase())
@@ -157,7 +153,7 @@ impl Landing {
 
     /// The raw topic of a source.
     pub fn topic(&self, source: Source) -> &str {
-        &self.topics[source_index(source)]
+        &self.sources[source.index()].topic
     }
 
     /// Produces the delivery and waits for Kafka's acknowledgement.
@@ -185,7 +181,7 @@ impl Landing {
         let hdrs = self.record_headers(d, kind, extra_attribute_headers, own_trace.as_deref());
         let started = Instant::now();
         let result = self.producer.send(topic, None, d.body, hdrs).await;
-        let m = &self.metrics[source_index(d.source)];
+        let m = &self.sources[d.source.index()];
         m.produce_duration.record(started.elapsed().as_secs_f64());
         match result {
             Ok((partition, offset)) => {

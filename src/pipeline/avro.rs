@@ -13,7 +13,6 @@ use schema_registry_converter::schema_registry_common::{
 
 use super::schema::CANONICAL_EVENT;
 use crate::model::CanonicalEvent;
-use crate::source::Source;
 
 /// Encodes canonical events for the fan-out topics.
 pub struct AvroFanOut {
@@ -63,7 +62,7 @@ fn opt(s: &Option<String>) -> Value {
 
 /// The canonical event as an Avro record of `schemas/CanonicalEvent.avsc`.
 pub fn to_value(e: &CanonicalEvent) -> Value {
-    let source_index = Source::ALL.iter().position(|s| *s == e.source).unwrap_or(0) as u32;
+    let source_index = e.source.index() as u32;
     Value::Record(vec![
         ("event_id".into(), Value::String(e.event_id.clone())),
         ("event_type".into(), Value::String(e.event_type.clone())),
